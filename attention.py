@@ -1,0 +1,194 @@
+"""Attention pieces of the SANA-WM DiT: RMSNorm, the 3-axis RoPE, the UCPE camera transform, the softmax
+self-attention with its camera branch, and text cross-attention.
+
+Spec: shared/reference/dit.md §3.4 (RoPE), §5 (self-attention skeleton), §6.6 (UCPE), §7 (softmax blocks),
+§8.1 (cross-attention), §10 (precision islands); camera.md §7. The GDN variant of the self-attention lives in
+gdn.py and shares the parameter layout defined here (`CameraSelfAttention`).
+
+Layouts: tokens (B, N, C) frame-major (n = (t*h + i)*w + j); per-head tensors (B, N, H, D); RoPE tables
+(N, D/2) complex64; per-token camera matrices (B, N, 4, 4).
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class RMSNorm(nn.Module):
+    """v / sqrt(mean(v^2) + eps) * weight over the last dim; the statistic is taken in fp32 (dit.md §10)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)  # promoted to fp32
+        return x.to(self.weight.dtype) * self.weight
+
+
+# --------------------------------------------------------------------------------------------------------------
+# RoPE (dit.md §3.4): complex pairs split over (time, row, column); interleaved-pair convention.
+
+def rope_table(head_dim: int, thw: tuple[int, int, int], device=None, theta: float = 10000.0) -> torch.Tensor:
+    """(N, head_dim/2) complex64 table: per token (t, i, j) the angles [t*inv_t | i*inv_h | j*inv_w]."""
+    n_hw = head_dim // 6
+    n_t = head_dim // 2 - 2 * n_hw
+
+    def axis(n_pairs: int, length: int) -> torch.Tensor:
+        # Built on the CPU in fp32 like the reference's precomputed table, then moved: identical bits everywhere.
+        inv = 1.0 / theta ** (torch.arange(0, 2 * n_pairs, 2, dtype=torch.float32) / (2 * n_pairs))
+        angles = torch.outer(torch.arange(length), inv)
+        return torch.polar(torch.ones_like(angles), angles).to(device)
+
+    T, h, w = thw
+    parts = (axis(n_t, T).view(T, 1, 1, -1).expand(T, h, w, -1),
+             axis(n_hw, h).view(1, h, 1, -1).expand(T, h, w, -1),
+             axis(n_hw, w).view(1, 1, w, -1).expand(T, h, w, -1))
+    return torch.cat(parts, dim=-1).reshape(T * h * w, -1)
+
+
+def camera_rope_table(table: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The RoPE for the second half of a camera head (D/4 pairs): the first frequencies of each axis section
+    of the full table, in the same (time, row, column) split for rope dim D/2 (dit.md §3.4)."""
+    n_hw, r = head_dim // 6, head_dim // 2
+    n_t = head_dim // 2 - 2 * n_hw
+    m_hw = r // 6
+    m_t = r // 2 - 2 * m_hw
+    return torch.cat([table[:, :m_t], table[:, n_t:n_t + m_hw], table[:, n_t + n_hw:n_t + n_hw + m_hw]], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, table: torch.Tensor, conjugate: bool = False) -> torch.Tensor:
+    """Rotate channel pairs (2p, 2p+1) of x (B, N, H, 2P) by table (N, P); in fp32, cast back (dit.md §10)."""
+    z = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2)))
+    freqs = table.conj() if conjugate else table
+    return torch.view_as_real(z * freqs[:, None]).flatten(-2).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# UCPE (dit.md §6.6, camera.md §7): per head, the first half of the channels is a stack of 4-vectors multiplied by
+# the token's 4x4 ray matrix, the second half is rotated by the camera RoPE.
+
+def ucpe(x: torch.Tensor, M: torch.Tensor, rope_cam: torch.Tensor, conjugate: bool = False) -> torch.Tensor:
+    """x (B, N, H, D), M (B, N, 4, 4), rope_cam (N, D/4) -> [M a_g for each 4-group a_g of x[..., :D/2] |
+    RoPE(x[..., D/2:])]. Decoding uses M = P and the conjugate rotation."""
+    B, N, H, D = x.shape
+    a, b = x.split(D // 2, dim=-1)
+    a = (a.reshape(B, N, H * D // 8, 4) @ M.transpose(-1, -2)).view(B, N, H, D // 2)  # rows: (M a_g)^T
+    return torch.cat([a, apply_rope(b, rope_cam, conjugate)], dim=-1)
+
+
+def rms_cap(reference: torch.Tensor, x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Scale x down (never up) so that its per-token, per-head RMS over D does not exceed the reference's."""
+    ref_rms = reference.square().mean(-1, keepdim=True).add(eps).sqrt()
+    x_rms = x.square().mean(-1, keepdim=True).add(eps).sqrt()
+    return x * (ref_rms / x_rms.clamp_min(eps)).clamp(max=1.0)
+
+
+def block_causal_sdpa(q, k, v, num_frames: int, chunk_size: int | None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v over (B, H, N, d) tensors. With chunk_size, the queries of frame chunk c only
+    see the keys of chunks <= c: one SDPA call per chunk on a key prefix, so no N x N mask is ever built."""
+    if chunk_size is None:
+        return F.scaled_dot_product_attention(q, k, v)
+    S = q.shape[2] // num_frames
+    outs = []
+    for start in range(0, num_frames, chunk_size):
+        end = min(start + chunk_size, num_frames)
+        outs.append(F.scaled_dot_product_attention(q[:, :, start * S:end * S], k[:, :, :end * S], v[:, :, :end * S]))
+    return torch.cat(outs, dim=2)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Self-attention with a camera branch (dit.md §5). One parameter layout for the softmax and the GDN variants.
+
+class CameraSelfAttention(nn.Module):
+    """Parameters shared by both self-attention variants, in the checkpoint's order, and the shared output:
+    proj((main + out_proj_cam(camera)) * SiLU(output_gate(u))). The GDN gates (A_log, dt_bias, recall_gate,
+    beta_proj, gate_proj) exist in softmax blocks too (loaded, never read); `conv_kernel > 0` adds the GDN
+    blocks' temporal short convolutions on K (weights (C, 1, K), applied by gdn.short_conv)."""
+
+    def __init__(self, dim: int, head_dim: int, conv_kernel: int = 0):
+        super().__init__()
+        self.heads, self.head_dim = dim // head_dim, head_dim
+        self.A_log = nn.Parameter(torch.zeros(self.heads))
+        self.dt_bias = nn.Parameter(torch.zeros(self.heads))
+        self.register_buffer("recall_gate", torch.zeros(1))  # unused by the model, part of the checkpoint
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim)
+        self.q_norm, self.k_norm = RMSNorm(dim, 1e-5), RMSNorm(dim, 1e-5)
+        self.beta_proj = nn.Linear(dim, self.heads)
+        self.gate_proj = nn.Linear(dim, self.heads)
+        self.output_gate = nn.Linear(dim, dim)
+        if conv_kernel:
+            self.conv_k = nn.Conv1d(dim, dim, conv_kernel, groups=dim, bias=False)
+        self.q_proj_cam, self.k_proj_cam = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.v_proj_cam, self.out_proj_cam = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.q_norm_cam, self.k_norm_cam = RMSNorm(dim, 1e-5), RMSNorm(dim, 1e-5)
+        if conv_kernel:
+            self.conv_k_cam = nn.Conv1d(dim, dim, conv_kernel, groups=dim, bias=False)
+
+    def output(self, u: torch.Tensor, main: torch.Tensor, camera: torch.Tensor | None) -> torch.Tensor:
+        """Both branches (B, N, C) share one output gate computed from the block input u, in fp32 (dit.md §10)."""
+        if camera is not None:
+            main = main + self.out_proj_cam(camera)
+        return self.proj((main * F.silu(self.output_gate(u).float())).to(u.dtype))
+
+
+class SoftmaxSelfAttention(CameraSelfAttention):
+    """Softmax self-attention over all N tokens with RoPE, plus a softmax UCPE camera branch (dit.md §7).
+
+    forward(u (B, N, C), thw, rope (N, D/2), camera=(P, P^T, P^-1, rope_cam) or None, chunk_size) -> (B, N, C).
+    """
+
+    def forward(self, u, thw, rope, camera=None, chunk_size=None):
+        B, N, C = u.shape
+        H, D = self.heads, self.head_dim
+        q, k, v = self.qkv(u).view(B, N, 3, H, D).unbind(2)
+        q = apply_rope(self.q_norm(q.reshape(B, N, C)).view(B, N, H, D), rope)
+        k = apply_rope(self.k_norm(k.reshape(B, N, C)).view(B, N, H, D), rope)
+        # The reference runs this SDPA in bf16 even in an fp32 model (dit.md §7.1, §10).
+        sdpa_dtype = torch.bfloat16 if u.dtype == torch.float32 else u.dtype
+        q, k, v = (t.transpose(1, 2).to(sdpa_dtype) for t in (q, k, v))
+        main = block_causal_sdpa(q, k, v, thw[0], chunk_size).transpose(1, 2).reshape(B, N, C).to(u.dtype)
+
+        cam = None
+        if camera is not None:
+            P, P_T, P_inv, rope_cam = camera
+            qc = self.q_norm_cam(self.q_proj_cam(u)).view(B, N, H, D)
+            kc = self.k_norm_cam(self.k_proj_cam(u)).view(B, N, H, D)
+            vc = self.v_proj_cam(u).view(B, N, H, D)
+            # Queries with P^T, keys and values with P^-1, each capped to its pre-transform RMS (dit.md §7.2).
+            qh = rms_cap(qc, ucpe(qc, P_T, rope_cam))
+            kh = rms_cap(kc, ucpe(kc, P_inv, rope_cam))
+            vh = rms_cap(vc, ucpe(vc, P_inv, rope_cam))
+            # Always bf16, zero-padded to a flash-attention width (112 -> 128); the default SDPA scale then is
+            # 1/sqrt(padded width), which the released weights were trained with (dit.md §7.2).
+            width = D if D in (32, 64, 128) or D >= 256 else (128 if D < 128 else 256)
+            qh, kh, vh = (F.pad(t.transpose(1, 2).to(torch.bfloat16), (0, width - D)) for t in (qh, kh, vh))
+            oc = block_causal_sdpa(qh, kh, vh, thw[0], chunk_size)[..., :D].transpose(1, 2).to(u.dtype)
+            cam = ucpe(oc, P, rope_cam, conjugate=True).reshape(B, N, C)
+        return self.output(u, main, cam)
+
+
+class CrossAttention(nn.Module):
+    """Image tokens attend to the text tokens; RMSNorm (eps 1e-6, over C) on q and k, no RoPE (dit.md §8.1).
+
+    forward(x (B, N, C), y (B, L, C), mask (B, L) bool, True = keep) -> (B, N, C), in the model dtype.
+    """
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q_linear = nn.Linear(dim, dim)
+        self.kv_linear = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.q_norm, self.k_norm = RMSNorm(dim, 1e-6), RMSNorm(dim, 1e-6)
+
+    def forward(self, x, y, mask):
+        B, N, C = x.shape
+        L, H = y.shape[1], self.heads
+        q = self.q_norm(self.q_linear(x)).view(B, N, H, C // H).transpose(1, 2)
+        k, v = self.kv_linear(y).view(B, L, 2, C).unbind(2)
+        k = self.k_norm(k).view(B, L, H, C // H).transpose(1, 2)
+        v = v.reshape(B, L, H, C // H).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))

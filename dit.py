@@ -1,0 +1,369 @@
+"""The SANA-WM DiT (stage 1): a hybrid GDN / softmax diffusion transformer with dual-branch camera control.
+
+20 blocks (every 4th softmax self-attention, the others frame-wise bidirectional GDN), each with a UCPE camera
+branch, a Plücker injection after self-attention, text cross-attention and a GLUMBConv FFN with a temporal conv;
+per-frame timestep AdaLN. Paper: arXiv 2605.15178. Spec: shared/reference/dit.md §1-§4, §9, §12; camera.md §5-§8.
+State-dict keys and shapes equal the official checkpoint's (dit_state_dict_full.txt), so it loads strictly.
+
+`chunk_size` (frames) turns the bidirectional model into a chunk-causal one: frames of chunk c only see frames
+of chunks <= c, in every temporal operator (GDN backward scan, softmax attention, the temporal convolutions).
+"""
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+
+from attention import CrossAttention, RMSNorm, SoftmaxSelfAttention, camera_rope_table, rope_table
+from camera import ray_matrices, se3_inverse
+from gdn import GDNSelfAttention
+from quantize import nvfp4_layer_names, quantize_model
+
+
+@dataclass
+class DiTConfig:
+    """Defaults = the released SANA-WM_bidirectional transformer (dit.md §1.1)."""
+    in_channels: int = 128
+    num_layers: int = 20
+    hidden_size: int = 2240
+    num_attention_heads: int = 20           # cross-attention heads
+    softmax_every_n: int = 4                # block i is softmax iff n > 0 and (i+1) % n == 0
+    linear_head_dim: int = 112              # self-attention (and RoPE, camera) head dim
+    t_kernel_size: int = 3                  # FFN temporal conv
+    conv_kernel_size: int = 4               # GDN short conv on K (a symmetric 2K-1 tap filter in time)
+    chunk_plucker_channels: int = 48
+    chunk_plucker_post_attn_blocks: int = 20  # blocks i < this get plucker_proj (negative: all)
+    caption_channels: int = 2304
+    mlp_ratio: float = 3.0
+
+    # Keys of the official config.json whose only supported value is the release's, and keys with no effect.
+    _FIXED = {"patch_size": [1, 1, 1], "ffn_type": "GLUMBConvTemp", "k_conv_only": True, "pos_embed_type": "wan_rope",
+              "qk_norm": True, "cross_norm": True, "y_norm": True, "cam_attn_compress": 1, "use_pe": True,
+              "use_chunk_plucker_post_attn": True, "mlp_acts": ["silu", "silu", None], "pred_sigma": False}
+    _NO_EFFECT = {"init_cam_from_base", "fp32_attention", "image_size", "learn_sigma", "mixed_precision"}
+
+    def __post_init__(self):
+        C, D = self.hidden_size, self.linear_head_dim
+        if C % D or D % 8:
+            raise ValueError(f"linear_head_dim: expected a multiple of 8 dividing hidden_size={C}, got {D}")
+        if C % self.num_attention_heads:
+            raise ValueError(f"num_attention_heads: expected a divisor of hidden_size={C}, "
+                             f"got {self.num_attention_heads}")
+        if self.t_kernel_size % 2 == 0 or self.conv_kernel_size < 1:
+            raise ValueError(f"t_kernel_size/conv_kernel_size: expected odd / >= 1, "
+                             f"got {self.t_kernel_size}/{self.conv_kernel_size}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DiTConfig":
+        """From the diffusers-format config.json of the transformer; `_`-prefixed bookkeeping keys are ignored."""
+        own = {f.name for f in fields(cls)}
+        kwargs = {}
+        for key, value in d.items():
+            if key.startswith("_") or key in cls._NO_EFFECT:
+                continue
+            if key in cls._FIXED:
+                if (list(value) if isinstance(value, (list, tuple)) else value) != cls._FIXED[key]:
+                    raise ValueError(f"config {key}: only {cls._FIXED[key]!r} is supported, got {value!r}")
+            elif key in own:
+                kwargs[key] = value
+            else:
+                raise ValueError(f"config: unknown key {key!r}")
+        return cls(**kwargs)
+
+    def is_softmax(self, i: int) -> bool:
+        return self.softmax_every_n > 0 and (i + 1) % self.softmax_every_n == 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Embedders (dit.md §3.2-§3.3)
+
+def timestep_sinusoid(t: torch.Tensor, dim: int = 256) -> torch.Tensor:
+    """[cos(t f_k) | sin(t f_k)], f_k = 10000^(-k/(dim/2)), in fp32 (dit.md §3.3)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    angles = t[:, None].float() * freqs[None]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, dim: int, freq_dim: int = 256):
+        super().__init__()
+        self.linear_1, self.linear_2 = nn.Linear(freq_dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, sinusoid):
+        return self.linear_2(F.silu(self.linear_1(sinusoid)))
+
+
+class PatchEmbed(nn.Module):
+    """A per-voxel linear map (Conv3d with kernel = stride = (1,1,1)) from (B, c, T, h, w) to tokens (B, N, C)."""
+
+    def __init__(self, in_channels: int, dim: int):
+        super().__init__()
+        self.proj = nn.Conv3d(in_channels, dim, kernel_size=1)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class CaptionMlp(nn.Module):
+    def __init__(self, in_channels: int, dim: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(in_channels, dim), nn.Linear(dim, dim)
+
+    def forward(self, y):
+        return self.fc2(F.gelu(self.fc1(y), approximate="tanh"))
+
+
+class CaptionEmbedder(nn.Module):
+    def __init__(self, in_channels: int, dim: int):
+        super().__init__()
+        self.y_proj = CaptionMlp(in_channels, dim)  # the extra level mirrors the checkpoint's key names
+
+    def forward(self, y):
+        return self.y_proj(y)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# FFN (dit.md §9)
+
+def temporal_conv(x: torch.Tensor, weight: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
+    """Zero-padded 'same' conv over T of x (B, C, T, S) with weight (C, C, K, 1), K odd. With chunk_size each
+    chunk is convolved as if the video ended with it (earlier frames still seen), so nothing leaks backwards."""
+    p = weight.shape[2] // 2
+    if chunk_size is None:
+        return F.conv2d(x, weight, padding=(p, 0))
+    T, outs = x.shape[2], []
+    for start in range(0, T, chunk_size):
+        end, lo = min(start + chunk_size, T), max(0, start - p)
+        outs.append(F.conv2d(F.pad(x[:, :, lo:end], (0, 0, p - (start - lo), p)), weight))
+    return torch.cat(outs, dim=2)
+
+
+def _conv(*args, **kwargs) -> nn.Module:
+    return nn.ModuleDict({"conv": nn.Conv2d(*args, **kwargs)})  # `.conv` mirrors the checkpoint's key names
+
+
+class GLUMBConvTemp(nn.Module):
+    """Per frame: 1x1 conv (C -> 2F) + SiLU, 3x3 depthwise conv, GLU (value * SiLU(gate)), 1x1 conv (F -> C);
+    then a residual full C -> C temporal conv: z + t_conv(z)."""
+
+    MAX_CONV_ELEMENTS = 1 << 30  # larger convs are split over frames (32-bit indexing inside conv kernels)
+
+    def __init__(self, dim: int, hidden: int, t_kernel: int):
+        super().__init__()
+        self.inverted_conv = _conv(dim, 2 * hidden, 1)
+        self.depth_conv = _conv(2 * hidden, 2 * hidden, 3, padding=1, groups=2 * hidden)
+        self.point_conv = _conv(hidden, dim, 1, bias=False)
+        self.t_conv = nn.Conv2d(dim, dim, (t_kernel, 1), padding=(t_kernel // 2, 0), bias=False)
+
+    def forward(self, m, thw, chunk_size=None):
+        B, N, C = m.shape
+        T, h, w = thw
+        z = m.reshape(B * T, h, w, C).permute(0, 3, 1, 2)
+        frames_per_call = max(1, self.MAX_CONV_ELEMENTS // (self.inverted_conv.conv.out_channels * h * w))
+        outs = []
+        for part in z.split(frames_per_call):
+            value, gate = self.depth_conv.conv(F.silu(self.inverted_conv.conv(part))).chunk(2, dim=1)
+            outs.append(self.point_conv.conv(value * F.silu(gate)))
+        z = (outs[0] if len(outs) == 1 else torch.cat(outs)).view(B, T, C, h * w).permute(0, 2, 1, 3)
+        z = z + temporal_conv(z, self.t_conv.weight, chunk_size)
+        return z.permute(0, 2, 3, 1).reshape(B, N, C)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Block and final layer (dit.md §4, §3.5)
+
+def _modulate(x, shift, scale, T):
+    """Per-frame AdaLN: LN(x) (no affine, eps 1e-6) * (1 + scale) + shift, with shift/scale (B, T, 1, C)."""
+    B, N, C = x.shape
+    return (F.layer_norm(x, (C,), eps=1e-6).view(B, T, N // T, C) * (1 + scale) + shift).view(B, N, C)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: DiTConfig, softmax: bool, plucker: bool):
+        super().__init__()
+        C = cfg.hidden_size
+        self.scale_shift_table = nn.Parameter(torch.zeros(6, C))
+        if plucker:
+            self.plucker_proj = nn.Linear(C, C)
+        if softmax:
+            self.attn = SoftmaxSelfAttention(C, cfg.linear_head_dim)
+        else:
+            self.attn = GDNSelfAttention(C, cfg.linear_head_dim, cfg.conv_kernel_size)
+        self.cross_attn = CrossAttention(C, cfg.num_attention_heads)
+        self.mlp = GLUMBConvTemp(C, int(C * cfg.mlp_ratio), cfg.t_kernel_size)
+
+    def forward(self, x, y, text_mask, t6, thw, rope, camera=None, plucker=None, chunk_size=None):
+        B, N, C = x.shape
+        T = thw[0]
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (self.scale_shift_table + t6).chunk(6, 2)
+        a = self.attn(_modulate(x, shift_msa, scale_msa, T), thw, rope, camera, chunk_size)
+        x = x + (gate_msa * a.view(B, T, N // T, C)).view(B, N, C)
+        if plucker is not None and hasattr(self, "plucker_proj"):
+            x = x + self.plucker_proj(plucker)  # ungated (dit.md §4, camera.md §8)
+        x = x + self.cross_attn(x, y, text_mask)  # no norm / modulation before cross-attention (dit.md §12.4)
+        m = self.mlp(_modulate(x, shift_mlp, scale_mlp, T), thw, chunk_size)
+        return x + (gate_mlp * m.view(B, T, N // T, C)).view(B, N, C)
+
+
+class FinalLayer(nn.Module):
+    """Per-frame modulation by the timestep embedding (not SiLU'd, table rows [shift, scale]), then Linear."""
+
+    def __init__(self, dim: int, out_channels: int):
+        super().__init__()
+        self.scale_shift_table = nn.Parameter(torch.zeros(2, dim))
+        self.linear = nn.Linear(dim, out_channels)
+
+    def forward(self, x, temb):  # temb (B, T, 1, C)
+        shift, scale = (self.scale_shift_table + temb).chunk(2, dim=2)
+        return self.linear(_modulate(x, shift, scale, temb.shape[1]))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The model
+
+class DiT(nn.Module):
+    """Embed latents, text, timesteps and camera; run the blocks; project back to a velocity per latent voxel.
+    Weights: `DiT.from_pretrained(path)`; `DiT(cfg)` alone has placeholder initial values."""
+
+    def __init__(self, cfg: DiTConfig | None = None):
+        super().__init__()
+        self.config = cfg = cfg or DiTConfig()
+        C = cfg.hidden_size
+        self.t_embedder = TimestepEmbedder(C)
+        self.attention_y_norm = RMSNorm(C, 1e-5)
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
+        self.x_embedder = PatchEmbed(cfg.in_channels, C)
+        self.y_embedder = CaptionEmbedder(cfg.caption_channels, C)
+        self.plucker_embedder = PatchEmbed(cfg.chunk_plucker_channels, C)
+        self.raymap_embedder = PatchEmbed(3, C)  # dead in the released config (camera.md §6.4); kept for loading
+        n_pl = cfg.chunk_plucker_post_attn_blocks
+        self.blocks = nn.ModuleList(Block(cfg, cfg.is_softmax(i), n_pl < 0 or i < n_pl)
+                                    for i in range(cfg.num_layers))
+        self.final_layer = FinalLayer(C, cfg.in_channels)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x_embedder.proj.weight.dtype
+
+    def forward(self, x, timestep, text, text_mask, raymap=None, plucker=None, chunk_size=None):
+        """Flow velocity (B, 128, T, h, w) for noisy latents x (B, 128, T, h, w).
+
+        timestep (B, T) per frame in [0, 1000]; text (B, L, 2304) Gemma-2 hidden states; text_mask (B, L),
+        nonzero = keep; raymap (B, T, 20) and plucker (B, 48, T, h, w) from camera.prepare_camera (each optional);
+        chunk_size: frames per causal chunk, None = the released bidirectional model.
+        """
+        cfg, dtype = self.config, self.dtype
+        B, T, h, w = _check_inputs(cfg, x, timestep, text, text_mask, raymap, plucker, chunk_size)
+        thw, C = (T, h, w), cfg.hidden_size
+        x = self.x_embedder(x.to(dtype))
+        # The reference truncates timesteps to integers before the sinusoid (dit.md §12.1): 998.26 -> 998.
+        temb = self.t_embedder(timestep_sinusoid(timestep.long().float().flatten()).to(dtype))  # (B*T, C)
+        t6 = self.t_block(temb).view(B, T, 6, C)
+        y = self.attention_y_norm(self.y_embedder(text.to(dtype)))
+        rope = rope_table(cfg.linear_head_dim, thw, x.device)
+
+        camera = None
+        if raymap is not None:
+            # The pipeline hands the camera to the model in the model dtype; the geometry runs in it (camera.md §9.2).
+            P = ray_matrices(raymap.to(dtype), thw)
+            camera = (P, P.transpose(-1, -2), se3_inverse(P), camera_rope_table(rope, cfg.linear_head_dim))
+        pl = self.plucker_embedder(plucker.to(dtype)) if plucker is not None else None
+
+        mask = text_mask != 0
+        for block in self.blocks:
+            x = block(x, y, mask, t6, thw, rope, camera, pl, chunk_size)
+        x = self.final_layer(x, temb.view(B, T, 1, C))
+        return x.view(B, T, h, w, -1).permute(0, 4, 1, 2, 3)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype = torch.bfloat16, device="cpu",
+                        config: DiTConfig | None = None) -> "DiT":
+        """Load the native release file (one .safetensors, with an unused `pos_embed`) or a diffusers-format
+        directory (config.json + *.safetensors, sharded with an index). A single file or a directory without
+        config.json uses `config` (default: the release). Built on the meta device; tensors are assigned.
+        An NVFP4 file written by quantize.py loads too: its quantised layers become NVFP4 modules first."""
+        cfg_dict, files = find_checkpoint(path)
+        cfg = DiTConfig.from_dict(cfg_dict) if cfg_dict is not None else (config or DiTConfig())
+        state = read_safetensors(files, dtype, device, drop={"pos_embed"})
+        with torch.device("meta"):
+            model = cls(cfg)
+            nvfp4_layers = nvfp4_layer_names(state)
+            if nvfp4_layers:
+                quantize_model(model, include=nvfp4_layers, exclude=())
+        load_strict(model, state)
+        return model.eval()
+
+
+def _check_inputs(cfg, x, timestep, text, text_mask, raymap, plucker, chunk_size):
+    if x.dim() != 5 or x.shape[1] != cfg.in_channels:
+        raise ValueError(f"x: expected (B, {cfg.in_channels}, T, h, w), got {tuple(x.shape)}")
+    B, _, T, h, w = x.shape
+    expected = {"timestep": (timestep, (B, T)), "text": (text, (B, None, cfg.caption_channels)),
+                "text_mask": (text_mask, (B, text.shape[1] if text.dim() == 3 else None)),
+                "raymap": (raymap, (B, T, 20)), "plucker": (plucker, (B, cfg.chunk_plucker_channels, T, h, w))}
+    for name, (t, shape) in expected.items():
+        if t is not None and (t.dim() != len(shape) or any(s not in (None, n) for s, n in zip(shape, t.shape))):
+            raise ValueError(f"{name}: expected shape {tuple('L' if s is None else s for s in shape)}, "
+                             f"got {tuple(t.shape)}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size: expected None or a positive int (frames), got {chunk_size!r}")
+    return B, T, h, w
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading: plain functions so other formats (e.g. quantized weights) can hook in.
+
+def find_checkpoint(path) -> tuple[dict | None, list[Path]]:
+    """(config.json contents or None, safetensors files) of a single file or a directory."""
+    path = Path(path)
+    if path.is_file():
+        return None, [path]
+    if not path.is_dir():
+        raise ValueError(f"path: no such file or directory: {path}")
+    config = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else None
+    index = sorted(path.glob("*.safetensors.index.json"))
+    if index:
+        weight_map = json.loads(index[0].read_text())["weight_map"]
+        files = [path / name for name in sorted(set(weight_map.values()))]
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"path: no .safetensors file in {path}")
+    return config, files
+
+
+def read_safetensors(files, dtype, device, drop=()) -> dict:
+    """All tensors of the files, each cast to dtype on device as it is read (never two copies of the model).
+    The packed parts of NVFP4 layers (uint8 values, float8 block scales, fp32 `weight_scale_2`) keep their dtype."""
+    state = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt", device=str(device)) as f:
+                for key in f.keys():
+                    if key not in drop:
+                        t = f.get_tensor(key)
+                        packed = t.dtype in (torch.uint8, torch.float8_e4m3fn) or key.endswith(".weight_scale_2")
+                        state[key] = t if packed else t.to(dtype)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"checkpoint: {file} is not a readable safetensors file ({e})") from None
+    return state
+
+
+def load_strict(model: nn.Module, state: dict) -> None:
+    """load_state_dict(strict=True, assign=True), after a check that lists every key and shape problem."""
+    expected = model.state_dict()
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        raise ValueError("checkpoint does not match the model:" +
+                         "".join(f"\n  {title} ({len(items)}): {', '.join(items[:20])}{' ...' * (len(items) > 20)}"
+                                 for title, items in (("missing", missing), ("unexpected", unexpected),
+                                                      ("wrong shape", shapes)) if items))
+    model.load_state_dict(state, strict=True, assign=True)

@@ -1,0 +1,697 @@
+"""Image + prompt + camera path -> video: SANA-WM (arXiv 2605.15178) end to end, stage 1 then the stage-2 refiner.
+
+Specs: dit.md §11 (text recipe, first-frame conditioning, sampler), camera.md §1-§4 (camera inputs), refiner.md
+§7-§8 and §10 (stage 2, the hand-off, the memory plan).
+
+    python generate.py --demo                                   # tiny random-weight models on CPU: the plumbing
+    python generate.py --weights RELEASE --image in.png --prompt "a desert road" --action "w-80,jw-40,w-40"
+
+Reading order: text encoding (Gemma-2 with the chi prefix), the sampler (`schedule` + `sample`), `generate` (the
+whole pipeline as one function: stage 1, the refiner, decoding), then model loading (the release, or tiny random
+models for the demo), the mp4 writer and the command line (`main`).
+
+The release folder (`--weights`) holds `dit/`, `vae/`, the stage-1 text encoder Gemma-2-2b-it as a transformers
+folder `text_encoder/` (config.json + *.safetensors) with its tokenizer files either inside it or in a sibling
+`tokenizer/` (the diffusers release layout), and `refiner/` (transformer/, connectors/, text_encoder/ = Gemma-3,
+tokenizer/). With `refiner/` present the refiner runs unless `--no_refiner` is given.
+"""
+import argparse
+import gc
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+import camera
+from dit import DiT, DiTConfig
+from refiner import ConnectorsConfig, PromptEncoder, Refiner, RefinerConfig, TextConnectors, refine
+from vae import VAE, VAEConfig
+
+HEIGHT, WIDTH = 704, 1280  # the release was trained at this one resolution (dit.md §11.1)
+TEXT_LENGTH = 300  # text tokens the DiT cross-attends to (dit.md §11.2)
+DEFAULT_FOV_DEG = 60.0  # horizontal field of view assumed when no intrinsics are given
+
+# The release's prompt prefix ("chi prompt"): SANA-WM was trained with these lines, joined by "\n", in front of
+# every user prompt. They are data of the release and must stay exactly as they are, the trailing space included.
+CHI_PROMPT = "\n".join([
+    'Given a user prompt, generate an "Enhanced prompt" that provides detailed visual descriptions suitable for image generation. Evaluate the level of detail in the user prompt:',  # noqa: E501
+    "- If the prompt is simple, focus on adding specifics about colors, shapes, sizes, textures, and spatial relationships to create vivid and concrete scenes.",  # noqa: E501
+    "- If the prompt is already detailed, refine and enhance the existing details slightly without overcomplicating.",
+    "Here are examples of how to transform or refine prompts:",
+    "- User Prompt: A cat sleeping -> Enhanced: A small, fluffy white cat curled up in a round shape, sleeping peacefully on a warm sunny windowsill, surrounded by pots of blooming red flowers.",  # noqa: E501
+    "- User Prompt: A busy city street -> Enhanced: A bustling city street scene at dusk, featuring glowing street lamps, a diverse crowd of people in colorful clothing, and a double-decker bus passing by towering glass skyscrapers.",  # noqa: E501
+    "Please generate only the enhanced description for the prompt below and avoid including any additional commentary or evaluations:",  # noqa: E501
+    "User Prompt: ",
+])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Text: Gemma-2-2b-it hidden states (dit.md §11.2)
+
+def _gemma(tokenizer, text_encoder, text: str, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (the training convention; Gemma's tokenizer pads left by default) final hidden states."""
+    tokens = tokenizer([text], max_length=length, padding="max_length", padding_side="right", truncation=True,
+                       return_tensors="pt")
+    device = next(text_encoder.parameters()).device
+    ids, mask = tokens.input_ids.to(device), tokens.attention_mask.to(device)
+    # last_hidden_state is the output of Gemma's final RMSNorm, the same tensor as hidden_states[-1].
+    return text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state, mask
+
+
+@torch.no_grad()
+def encode_prompt(tokenizer, text_encoder, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """User prompt -> ((1, 300, D) text tokens, (1, 300) mask), with the chi prefix in front.
+
+    The prefixed prompt is padded to len(prefix tokens) + 298, then BOS and the last 299 positions are kept: BOS,
+    the prefix's last token, up to 298 prompt tokens and right padding. The rest of the prefix only acts through
+    Gemma's attention (dit.md §11.2).
+    """
+    length = len(tokenizer.encode(CHI_PROMPT)) + TEXT_LENGTH - 2  # encode() counts the BOS it adds
+    hidden, mask = _gemma(tokenizer, text_encoder, CHI_PROMPT + prompt, length)
+    keep = [0] + list(range(length - TEXT_LENGTH + 1, length))
+    return hidden[:, keep], mask[:, keep]
+
+
+@torch.no_grad()
+def encode_negative_prompt(tokenizer, text_encoder, negative_prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The negative prompt is encoded as it is, without the chi prefix, to 300 tokens (dit.md §11.2)."""
+    return _gemma(tokenizer, text_encoder, negative_prompt, TEXT_LENGTH)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampler: flow-matching Euler with the first latent frame held clean (dit.md §11.3-§11.4)
+
+def schedule(num_steps: int, shift: float = 9.8) -> torch.Tensor:
+    """The num_steps + 1 noise levels sigma_0 = 1 > sigma_1 > ... > sigma_n = 0 (fp32).
+
+    Evenly spaced levels s in [1, s_min], warped towards high noise by shift(s) = shift s / (1 + (shift - 1) s).
+    s_min = shift(0.001) is the smallest level of the 1000-step training grid, already shifted, so the last level
+    is shifted twice: this reproduces the reference scheduler bit for bit (dit.md §11.4).
+    """
+    def warp(s):
+        return shift * s / (1 + (shift - 1) * s)
+    s_min = warp(torch.tensor(1 / 1000, dtype=torch.float32)).item()  # computed in fp32 like the training grid
+    levels = np.linspace(1.0, s_min, num_steps)  # float64, then warped and rounded to fp32
+    return torch.cat([warp(torch.from_numpy(levels)).float(), torch.zeros(1)])
+
+
+@torch.no_grad()
+def sample(dit, x, sigmas, text, text_mask, raymap, plucker, guidance_scale=5.0, negative_text=None,
+           negative_mask=None) -> torch.Tensor:
+    """Integrate dx/dsigma = v from sigma = 1 to 0 with Euler steps; x (1, C, T, h, w), frame 0 = the image latent.
+
+    The DiT predicts the flow velocity v = noise - x0. Frame 0 is the conditioning image: it sees timestep 0 and
+    is never updated. With guidance_scale > 1 the negative text runs in the same batch (classifier-free guidance):
+    v = v_neg + g (v_pos - v_neg); both halves see the same latents and camera.
+    """
+    guided = guidance_scale > 1
+    if guided:
+        text, text_mask = torch.cat([negative_text, text]), torch.cat([negative_mask, text_mask])
+        raymap, plucker = torch.cat([raymap, raymap]), torch.cat([plucker, plucker])
+    timesteps = sigmas * 1000  # fp32, the DiT's 0..1000 scale
+    for i in tqdm(range(len(sigmas) - 1), desc="sampling", unit="step"):
+        t = timesteps[i].expand(text.shape[0], x.shape[2]).clone()
+        t[:, 0] = 0  # frame 0 is clean
+        v = dit(torch.cat([x, x]) if guided else x, t, text, text_mask, raymap=raymap, plucker=plucker)
+        if guided:
+            v_neg, v_pos = v.chunk(2)
+            v = v_neg + guidance_scale * (v_pos - v_neg)
+        # The step is taken in fp32 from sigma = t / 1000 (re-derived from the timestep, as the reference does; it
+        # can differ from sigmas[i] in the last bit) to the next level. The reference searches for the largest level
+        # below sigma - 1e-6; with at most 1000 steps the levels are > 1e-4 apart, so that is sigmas[i + 1].
+        sigma = timesteps[i] / 1000
+        x_next = x.float() + (sigmas[i + 1] - sigma) * v.float()
+        x_next[:, :, 0] = x[:, :, 0]  # the image frame is held
+        x = x_next.to(x.dtype)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The pipeline
+
+REFINER_SEED = 42  # stage 2 draws its noise from a fixed seed on the device, as the reference does (refiner.md §7)
+
+
+@dataclass
+class Stage2:
+    """The stage-2 refiner as two loaders that generate() calls one after the other (refiner.md §10): the prompt
+    encoder (Gemma-3 + text connectors: prompt -> (text (1, L, C), mask (1, L))) runs once and is freed before the
+    refiner transformer is loaded. Each returns its model on the device it runs on."""
+    load_prompt_encoder: Callable[[], Callable[[str], tuple[torch.Tensor, torch.Tensor]]]
+    load_refiner: Callable[[], Refiner]
+
+
+@dataclass
+class Result:
+    """What generate() made. With stage 2 the latents are the refined ones (frame 0 = the stage-1 sink, unchanged)
+    and the output frames start at pixel frame 1; without it, stage 1's latents and all frames."""
+    latents: torch.Tensor  # (1, C, T, h, w) final latents, in the VAE's normalised space
+    frames: torch.Tensor | None  # (F, H, W, 3) uint8, or None when decode=False
+    c2w: np.ndarray  # (F, 4, 4) the camera of each output frame (stage 1 only: the first one is the identity)
+    intrinsics: np.ndarray  # (F, 4) fx, fy, cx, cy on the cropped H x W image, per output frame
+    seconds_per_step: float  # stage 1's sampler
+    refine_seconds: float | None = None  # stage 2's refinement loop (loading not counted); None without stage 2
+    decode_seconds: float | None = None
+    peak_memory_gib: dict = field(default_factory=dict)  # {"stage 1"|"stage 2"|"decode": GiB}, on CUDA only
+
+
+@contextmanager
+def _on(model, device, offload: bool):
+    """Run `model` on `device`; with offload, send it back to the CPU afterwards so only one model uses the GPU."""
+    model.to(device)
+    try:
+        yield model
+    finally:
+        if offload:
+            model.to("cpu")
+            _free_memory(device)
+
+
+def _free_memory(device):
+    """Hand freed blocks back to the GPU, so the next model to load finds them (nothing to do on the CPU)."""
+    gc.collect()  # frees models held only by reference cycles before the cache is emptied
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+class _PeakMemory:
+    """Peak GPU memory allocated during each stage, in GiB; records nothing off CUDA."""
+
+    def __init__(self, device):
+        self.device, self.gib = torch.device(device), {}
+        self._reset()
+
+    def _reset(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def end(self, stage: str):
+        if self.device.type == "cuda":
+            self.gib[stage] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            self._reset()
+
+
+@contextmanager
+def _counting_calls(module, desc: str, unit: str):
+    """A progress bar counting the forward calls of `module` (the VAE decoder's tiles, the refiner's forwards)."""
+    with tqdm(desc=desc, unit=unit) as bar:
+        def count(module, inputs, output):  # returns None: the output is left as it is
+            bar.update()
+        hook = module.register_forward_hook(count)
+        try:
+            yield
+        finally:
+            hook.remove()
+
+
+def _seconds_since(start: float, device) -> float:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)  # the GPU runs asynchronously: wait for it before reading the clock
+    return time.perf_counter() - start
+
+
+def _load_image(image) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if not os.path.isfile(image):
+        raise FileNotFoundError(f"--image: no such file {image!r}")
+    try:
+        with Image.open(image) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"--image: {image!r} is not a readable image ({e})") from None
+
+
+@torch.no_grad()
+def generate(dit, vae, tokenizer, text_encoder, image, prompt: str, *, refiner: Stage2 | None = None,
+             action: str | None = None, c2w: np.ndarray | None = None, intrinsics=None,
+             translation_speed: float = 0.05, rotation_speed_deg: float = 1.2, num_frames: int = 161,
+             steps: int = 60, guidance_scale: float = 5.0, negative_prompt: str = "", seed: int = 0,
+             fps: float = 16, height: int = HEIGHT, width: int = WIDTH, device="cpu", offload: bool = False,
+             decode: bool = True) -> Result:
+    """First frame `image` (PIL image or path) + `prompt` + camera (`action` string or `c2w` (F, 4, 4)) -> video.
+
+    dit: dit.DiT; vae: vae.VAE; tokenizer and text_encoder: Gemma-2's, the encoder being the decoder stack
+    (transformers' Gemma2Model, whose last_hidden_state is read). intrinsics: [fx, fy, cx, cy], a 3x3 K, (F, 4)
+    or (F, 3, 3), in pixels of the input image; None assumes a 60 deg horizontal field of view. The models run in
+    their own dtype; with offload=True they live on the CPU and only the one running sits on `device`.
+
+    refiner: stage 2 (refiner.md §7-§8), None for stage 1 only. It refines the stage-1 latents at `fps` (the
+    video's frame rate: it scales the refiner's RoPE time axis); the decoded video then loses its first frame
+    (num_frames - 1 frames, camera c2w[1:]). Before stage 2 the stage-1 DiT and Gemma-2 are moved to the CPU, where
+    they stay, so the GPU holds only stage 2 and, without offload, the VAE (refiner.md §10).
+    """
+    if (action is None) == (c2w is None):
+        raise ValueError("camera: give exactly one of action (--action, a WASD/IJKL string) or c2w (--camera)")
+    if not prompt.strip():
+        raise ValueError("--prompt is empty")
+    if not 1 <= steps <= 1000:
+        raise ValueError(f"--steps must be in [1, 1000], got {steps}")
+    if num_frames < 1:
+        raise ValueError(f"--num_frames must be >= 1, got {num_frames}")
+    if not fps > 0:
+        raise ValueError(f"--fps must be positive, got {fps}")
+    pil = _load_image(image)
+    memory = _PeakMemory(device)
+
+    # Camera trajectory (camera.md §1-§2): snapped to 8k + 1 frames, at most the trajectory's length.
+    if action is not None:
+        c2w = camera.action_to_c2w(action, translation_speed, rotation_speed_deg)
+    c2w = camera.check_c2w(c2w)
+    num_frames = camera.snap_num_frames(min(num_frames, len(c2w)), 8, upper_bound=len(c2w))
+    if num_frames < 9:
+        raise ValueError(f"camera: the trajectory has {len(c2w)} poses; at least 9 frames are needed (8k + 1, k >= 1)")
+    c2w = c2w[:num_frames]
+    if intrinsics is None:
+        fx = pil.width / (2 * math.tan(math.radians(DEFAULT_FOV_DEG) / 2))
+        intrinsics = [fx, fx, pil.width / 2, pil.height / 2]
+        print(f"warning: no --intrinsics given; assuming a {DEFAULT_FOV_DEG:g} deg horizontal field of view "
+              f"(fx = fy = {fx:.1f}, principal point at the image centre)", file=sys.stderr)
+    intrinsics = camera.normalize_intrinsics(intrinsics, num_frames)
+
+    # First frame: resize + centre crop to H x W in [-1, 1], intrinsics moved onto the crop (camera.md §3); this
+    # also refuses a field of view outside [25, 120] deg on the input image.
+    pixels, intrinsics = camera.preprocess_image(pil, intrinsics, height=height, width=width)
+    raymap, plucker = camera.prepare_camera(c2w, intrinsics, size=(height, width))
+    dtype = dit.dtype
+    raymap, plucker = raymap[None].to(device, dtype), plucker[None].to(device, dtype)
+
+    with _on(text_encoder, device, offload):
+        text, text_mask = encode_prompt(tokenizer, text_encoder, prompt)
+        negative_text, negative_mask = encode_negative_prompt(tokenizer, text_encoder, negative_prompt)
+    text, negative_text = text.to(device, dtype), negative_text.to(device, dtype)
+    text_mask, negative_mask = text_mask.to(device), negative_mask.to(device)
+
+    with _on(vae, device, offload):
+        vae_dtype = next(vae.parameters()).dtype
+        image_latent = vae.normalize(vae.encode(pixels[:, :, None].to(device, vae_dtype))).to(dtype)
+
+    # Initial noise, drawn on the CPU so a seed gives the same video on any device, in the model dtype.
+    T, h, w = (num_frames - 1) // 8 + 1, height // 32, width // 32
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn((1, image_latent.shape[1], T, h, w), generator=generator, dtype=dtype).to(device)
+    x[:, :, :1] = image_latent
+
+    with _on(dit, device, offload):
+        start = time.perf_counter()
+        x = sample(dit, x, schedule(steps).to(device), text, text_mask, raymap, plucker, guidance_scale,
+                   negative_text, negative_mask)
+        seconds_per_step = _seconds_since(start, device) / steps
+    memory.end("stage 1")
+
+    refine_seconds = None
+    if refiner is not None:
+        # Stage 2 takes the stage-1 latents as they are (normalised VAE space, in the DiT's dtype); their frame 0,
+        # the clean image latent, is the refiner's attention sink. Memory plan for one 80 GB GPU (refiner.md §10):
+        # Gemma-2 and the DiT leave the GPU; Gemma-3 + connectors encode the plain prompt (no chi prefix, 1024
+        # tokens) and are freed before the 13 B-parameter transformer loads; it is freed before decoding.
+        text_encoder.to("cpu")
+        dit.to("cpu")
+        _free_memory(device)
+        encoder = refiner.load_prompt_encoder()
+        refiner_text, refiner_mask = encoder(prompt)
+        del encoder
+        _free_memory(device)
+        model = refiner.load_refiner()
+        start = time.perf_counter()
+        with _counting_calls(model, "refining", " forward"):  # 1 + 4 per block of 3 latent frames (§7)
+            x = refine(model, x, refiner_text, refiner_mask, fps=fps,
+                       generator=torch.Generator(device).manual_seed(REFINER_SEED))
+        refine_seconds = _seconds_since(start, device)
+        del model
+        _free_memory(device)
+        memory.end("stage 2")
+        # The sink frame was carried through unrefined: the video drops its pixel frame (one, as the causal VAE
+        # decodes latent frame 0 to a single frame), and the camera path its first pose (refiner.md §8).
+        c2w, intrinsics = c2w[1:], intrinsics[1:]
+
+    frames = decode_seconds = None
+    if decode:
+        start = time.perf_counter()
+        with _on(vae, device, offload), _counting_calls(vae.decoder, "decoding", " tile"):  # tiles: vae.md §7
+            video = vae.decode(vae.denormalize(x.to(vae_dtype)))  # (1, 3, F, H, W) in [-1, 1]
+        if refiner is not None:
+            video = video[:, :, 1:]
+        frames = ((video[0].float() + 1) * 127.5).clamp(0, 255).round().to(torch.uint8)
+        frames = frames.permute(1, 2, 3, 0).contiguous().cpu()
+        decode_seconds = _seconds_since(start, device)
+        memory.end("decode")
+    return Result(x, frames, c2w, intrinsics, seconds_per_step, refine_seconds, decode_seconds, memory.gib)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models: the release folder, or tiny random ones for the demo
+
+def _require_transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise ImportError("the Gemma text encoders need `transformers`: pip install 'transformers>=4.56'") from None
+    return transformers
+
+
+def _check_model_folder(folder: str, what: str):
+    """A transformers/diffusers model folder: config.json + *.safetensors, else an error naming what is missing."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--weights: {folder}/ is missing ({what}; the release layout is dit/, vae/, "
+                                f"text_encoder/ (+ tokenizer/), refiner/)")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise FileNotFoundError(f"--weights: {os.path.join(folder, 'config.json')} is missing")
+    if not any(f.endswith(".safetensors") for f in os.listdir(folder)):
+        raise FileNotFoundError(f"--weights: no *.safetensors in {folder}/ ({what} weights)")
+
+
+def _check_tokenizer(folder: str):
+    """Tokenizer files in folder/tokenizer/ or folder/text_encoder/, the two places the releases put them."""
+    places = (os.path.join(folder, "text_encoder"), os.path.join(folder, "tokenizer"))
+    if not any(os.path.isfile(os.path.join(d, f)) for d in places for f in ("tokenizer.json", "tokenizer.model")):
+        raise FileNotFoundError(f"--weights: no tokenizer.json or tokenizer.model in {places[0]}/ or {places[1]}/")
+
+
+def _check_release(weights: str):
+    """Fail before loading anything if a part of stage 1 is missing from the release folder, naming it."""
+    if not os.path.isdir(weights):
+        raise FileNotFoundError(f"--weights: no such folder {weights!r}")
+    for part in ("dit", "vae"):  # either may hold a single native .safetensors without config.json
+        if not os.path.isdir(os.path.join(weights, part)):
+            raise FileNotFoundError(f"--weights: {os.path.join(weights, part)}/ is missing (the release layout is "
+                                    f"dit/, vae/, text_encoder/ (+ tokenizer/), refiner/)")
+    _check_model_folder(os.path.join(weights, "text_encoder"), "Gemma-2-2b-it")
+    _check_tokenizer(weights)
+
+
+def load_release(weights: str, dtype: torch.dtype, device):
+    """Stage 1's (dit, vae, tokenizer, text_encoder) from the release folder, each loaded onto `device`."""
+    _check_release(weights)
+    transformers = _require_transformers()
+    text_dir = os.path.join(weights, "text_encoder")
+    tokenizer_dir = os.path.join(weights, "tokenizer")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir if os.path.isdir(tokenizer_dir) else text_dir)
+    # AutoModel gives the Gemma-2 decoder without the LM head (only hidden states are needed).
+    text_encoder = transformers.AutoModel.from_pretrained(text_dir, dtype=dtype).to(device).eval()
+    dit = DiT.from_pretrained(os.path.join(weights, "dit"), dtype=dtype, device=device).eval()
+    vae = VAE.from_pretrained(os.path.join(weights, "vae"), dtype=dtype, device=device).eval()
+    return dit, vae, tokenizer, text_encoder
+
+
+def release_refiner(weights: str, dtype: torch.dtype, device) -> Stage2 | None:
+    """Stage 2 from the release's refiner/ folder: its files are checked now, the models are loaded only when
+    generate() reaches stage 2, straight onto `device`, one after the other: Gemma-3 + connectors
+    (PromptEncoder), then the transformer without its unused audio branch (refiner.md §9-§10). None, with a
+    warning, if the folder has no refiner/."""
+    folder = os.path.join(weights, "refiner")
+    if not os.path.isdir(folder):
+        print(f"warning: {weights} has no refiner/: stage 1 only (--no_refiner says so without this warning)",
+              file=sys.stderr)
+        return None
+    for part, what in (("transformer", "LTX-2 refiner"), ("connectors", "refiner text connectors"),
+                       ("text_encoder", "Gemma-3")):
+        _check_model_folder(os.path.join(folder, part), what)
+    _check_tokenizer(folder)
+    return Stage2(lambda: PromptEncoder.from_pretrained(folder, dtype=dtype, device=device),
+                  lambda: Refiner.from_pretrained(folder, dtype=dtype, device=device))
+
+
+DEMO_PROMPT = "a quiet desert road at dusk, the camera drives forward and turns right"
+
+
+def demo_tokenizer():
+    """A word-level tokenizer built in code (vocabulary: the chi prefix + the demo prompt) with Gemma's special ids
+    (<pad> 0, <eos> 1, <bos> 2, <unk> 3). Unknown words map to <unk>; it adds BOS like Gemma's, so the chi-prefix
+    arithmetic is exercised. Both demo text encoders (Gemma-2 and Gemma-3) read it."""
+    transformers = _require_transformers()
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    words = sorted(set(re.findall(r"\w+|[^\w\s]+", CHI_PROMPT + " " + DEMO_PROMPT)))
+    vocab = {token: i for i, token in enumerate(specials + words)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>",
+                                                pad_token="<pad>", unk_token="<unk>")
+
+
+def demo_text_encoder(seed: int = 0, hidden_size: int = 32):
+    """The demo tokenizer and a tiny random Gemma-2 (2 layers)."""
+    transformers = _require_transformers()
+    tokenizer = demo_tokenizer()
+    config = transformers.Gemma2Config(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=64,
+                                       num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                       head_dim=16, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    torch.manual_seed(seed)
+    return tokenizer, transformers.Gemma2Model(config).eval()
+
+
+DEMO_SIZE = (128, 192)  # 4 x 6 latent pixels
+
+# The smallest configs that keep every code path of the release models (dit.md §13.1, vae.md §11, refiner.md §12).
+DEMO_DIT = DiTConfig(in_channels=8, num_layers=4, hidden_size=48, num_attention_heads=2, softmax_every_n=2,
+                     linear_head_dim=24, caption_channels=32)
+DEMO_VAE = VAEConfig(latent_channels=8, block_out_channels=(16, 32, 64, 64), layers_per_block=(1, 1, 1, 1, 1),
+                     decoder_block_out_channels=(16, 32, 64), decoder_layers_per_block=(1, 1, 1, 1))
+DEMO_REFINER = RefinerConfig(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8,
+                             cross_attention_dim=16, caption_channels=16, num_layers=2)
+# A 2-layer Gemma-3 gives 3 hidden states (embeddings + 2 layers), hence text_proj_in_factor 3 (49 in the release).
+DEMO_CONNECTORS = ConnectorsConfig(caption_channels=16, text_proj_in_factor=3, video_connector_num_attention_heads=2,
+                                   video_connector_attention_head_dim=8, audio_connector_num_attention_heads=2,
+                                   audio_connector_attention_head_dim=8)
+
+
+def demo_models(seed: int = 0):
+    """(dit, vae, tokenizer, text_encoder): tiny models with random weights (PyTorch's default init), fp32."""
+    torch.manual_seed(seed)
+    dit, vae = DiT(DEMO_DIT).eval(), VAE(DEMO_VAE).eval()
+    tokenizer, text_encoder = demo_text_encoder(seed, hidden_size=DEMO_DIT.caption_channels)
+    return dit, vae, tokenizer, text_encoder
+
+
+def demo_refiner(seed: int = 0) -> Stage2:
+    """A tiny random-weight stage 2, fp32 on the CPU: the refiner and connectors of refiner.md §12's sizes and a
+    2-layer Gemma-3 (with the tiny vision tower its transformers class requires) reading the demo tokenizer."""
+    transformers = _require_transformers()
+    tokenizer = demo_tokenizer()
+    torch.manual_seed(seed)
+    gemma3 = transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=DEMO_CONNECTORS.caption_channels,
+                         intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                         head_dim=8, sliding_window=8, max_position_embeddings=2048,
+                         layer_types=["sliding_attention", "full_attention"]),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14),
+        mm_tokens_per_image=4)).eval()
+    encoder = PromptEncoder(tokenizer, gemma3, TextConnectors(DEMO_CONNECTORS).eval())
+    refiner = Refiner(DEMO_REFINER).eval()
+    return Stage2(lambda: encoder, lambda: refiner)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Output
+
+def write_mp4(frames: torch.Tensor, path: str, fps: int):
+    """(F, H, W, 3) uint8 frames -> H.264 mp4 (yuv420p, so H and W must be even)."""
+    try:
+        import av
+    except ImportError:
+        raise ImportError("writing the mp4 needs PyAV: pip install 'av>=12'") from None
+    with av.open(path, "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.options = {"crf": "17"}
+        for frame in frames.numpy():
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())  # flush
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _read_prompt(prompt: str) -> str:
+    """--prompt is a text file when such a file exists, else the prompt itself."""
+    if os.path.isfile(prompt):
+        with open(prompt, encoding="utf-8") as f:
+            text = f.read().strip()
+        if not text:
+            raise ValueError(f"--prompt: the file {prompt!r} is empty")
+        return text
+    return prompt
+
+
+def _read_npy(path: str, flag: str) -> np.ndarray:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{flag}: no such file {path!r}")
+    try:
+        return np.load(path)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{flag}: {path!r} is not a readable .npy file ({e})") from None
+
+
+def _read_camera(path: str) -> np.ndarray:
+    poses = _read_npy(path, "--camera")
+    try:
+        return camera.check_c2w(poses)
+    except ValueError as e:
+        raise ValueError(f"--camera {path}: {e}") from None
+
+
+def _read_intrinsics(values: list[str] | None):
+    """--intrinsics: one .npy file ((3, 3), (F, 3, 3), (4,) or (F, 4)) or the four numbers fx fy cx cy."""
+    if values is None:
+        return None
+    if len(values) == 1 and values[0].endswith(".npy"):
+        return _read_npy(values[0], "--intrinsics")
+    try:
+        numbers = [float(v) for v in values]
+    except ValueError:
+        numbers = []
+    if len(numbers) != 4:
+        raise ValueError(f"--intrinsics: expected a .npy file or four numbers fx fy cx cy, got {' '.join(values)!r}")
+    return numbers
+
+
+def demo_image(height: int = 256, width: int = 384) -> Image.Image:
+    """A synthetic first frame for the demo: a horizon with a sky and ground gradient."""
+    v = np.linspace(0, 1, height)[:, None, None]
+    u = np.linspace(0, 1, width)[None, :, None]
+    sky = np.array([90, 140, 220]) * (1 - 0.5 * v) + 40 * u
+    ground = np.array([200, 160, 100]) * (0.6 + 0.4 * v) - 30 * u
+    pixels = np.where(v < 0.45, sky, ground)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="SANA-WM: image + prompt + camera path -> video (stage 1 + refiner).")
+    p.add_argument("--image", help="first frame (any size; resized and centre-cropped to 704x1280)")
+    p.add_argument("--prompt", help="the text prompt, or a text file holding it")
+    p.add_argument("--action", help="camera as WASD/IJKL actions, e.g. 'w-80,jw-40,w-40' (frames per key set)")
+    p.add_argument("--camera", help="camera as a .npy of (F, 4, 4) camera-to-world poses (OpenCV axes)")
+    p.add_argument("--intrinsics", nargs="+", metavar="K",
+                   help="fx fy cx cy in input-image pixels, or a .npy (3,3)/(F,3,3)/(4,)/(F,4); default: 60 deg FOV")
+    p.add_argument("--translation_speed", type=float, default=0.05, help="world units per frame for w/a/s/d")
+    p.add_argument("--rotation_speed_deg", type=float, default=1.2, help="degrees per frame for i/j/k/l")
+    p.add_argument("--num_frames", type=int, default=161,
+                   help="snapped to 8k+1, at most the trajectory's length; the refiner drops the first frame (160)")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--guidance_scale", type=float, default=5.0)
+    p.add_argument("--negative_prompt", default="")
+    p.add_argument("--seed", type=int, default=0,
+                   help="stage 1's noise (the refiner draws from its own fixed seed 42, as the reference does)")
+    p.add_argument("--fps", type=int, default=16, help="frame rate of the mp4 and of the refiner's time axis")
+    p.add_argument("--output_dir", default="outputs")
+    p.add_argument("--weights", help="the release folder: dit/, vae/, text_encoder/ (+ tokenizer/), refiner/")
+    p.add_argument("--no_refiner", action="store_true",
+                   help="stage 1 only: skip the LTX-2 refiner (which runs by default when --weights has refiner/)")
+    p.add_argument("--dtype", choices=DTYPES, default="bf16")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--offload", action="store_true", help="keep only the running model on the GPU")
+    p.add_argument("--demo", action="store_true",
+                   help="tiny RANDOM-weight models on the CPU: checks the plumbing, the video is noise")
+    return p.parse_args(argv)
+
+
+@contextmanager
+def _threads(n: int):
+    """CPU threads for PyTorch's operators. The demo's models are so small that more than one thread only adds
+    synchronisation (about 30x slower on a busy 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run(args: argparse.Namespace) -> str:
+    """The CLI's work; returns the path of the mp4. Every input is read and checked before any model loads."""
+    if args.fps <= 0:
+        raise ValueError(f"--fps must be positive, got {args.fps}")
+    if args.action is not None and args.camera is not None:
+        raise ValueError("give exactly one of --action or --camera, not both")
+    if args.demo:
+        if args.weights is not None:
+            raise ValueError("--demo builds its own random models: drop --weights")
+        print("DEMO: tiny models with RANDOM weights on the CPU (stage 1" + ("" if args.no_refiner else " + refiner")
+              + "). The video is noise; this only proves the plumbing.")
+        if args.action is None and args.camera is None:
+            args.action = "w-8,l-8"
+    else:
+        for flag in ("weights", "image", "prompt"):
+            if getattr(args, flag) is None:
+                raise ValueError(f"--{flag} is required (or run --demo)")
+        if args.action is None and args.camera is None:
+            raise ValueError("give exactly one of --action (e.g. 'w-80,jw-40,w-40') or --camera (a c2w .npy)")
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: no CUDA device here; use --device cpu")
+    image = _load_image(args.image) if args.image is not None else demo_image()
+    prompt = _read_prompt(args.prompt) if args.prompt is not None else DEMO_PROMPT
+    c2w = _read_camera(args.camera) if args.camera is not None else None
+    intrinsics = _read_intrinsics(args.intrinsics)
+    if args.action is not None:
+        camera.parse_action(args.action)
+    if intrinsics is not None:
+        camera.check_field_of_view(intrinsics, *image.size)
+
+    if args.demo:
+        dit, vae, tokenizer, text_encoder = demo_models()
+        stage2 = None if args.no_refiner else demo_refiner()
+        device, offload, size = "cpu", False, {"height": DEMO_SIZE[0], "width": DEMO_SIZE[1]}
+    else:
+        device, offload, size = args.device, args.offload, {}
+        dtype = DTYPES[args.dtype]
+        _check_release(args.weights)
+        stage2 = None if args.no_refiner else release_refiner(args.weights, dtype, device)  # checked, not loaded
+        dit, vae, tokenizer, text_encoder = load_release(args.weights, dtype, "cpu" if offload else device)
+
+    with _threads(1 if args.demo else torch.get_num_threads()):
+        result = generate(dit, vae, tokenizer, text_encoder, image, prompt, refiner=stage2, action=args.action,
+                          c2w=c2w, intrinsics=intrinsics, translation_speed=args.translation_speed,
+                          rotation_speed_deg=args.rotation_speed_deg, num_frames=args.num_frames,
+                          steps=args.steps, guidance_scale=args.guidance_scale,
+                          negative_prompt=args.negative_prompt, seed=args.seed, fps=args.fps, device=device,
+                          offload=offload, **size)
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    stem = "demo" if args.image is None else os.path.splitext(os.path.basename(args.image))[0]
+    path = os.path.join(args.output_dir, f"{stem}_seed{args.seed}.mp4")
+    write_mp4(result.frames, path, args.fps)
+    np.save(path[:-4] + "_c2w.npy", result.c2w)
+    F, H, W, _ = result.frames.shape
+    peaks = result.peak_memory_gib
+    memory = (f"{max(peaks.values()):.1f} GiB (" + ", ".join(f"{k} {v:.1f}" for k, v in peaks.items()) + ")"
+              if peaks else "n/a (CPU)")
+    refined = f"refiner {result.refine_seconds:.1f} s, " if result.refine_seconds is not None else "no refiner, "
+    print(f"{path}: {F} frames, {W}x{H} at {args.fps} fps, {result.seconds_per_step:.2f} s/step, {refined}"
+          f"decode {result.decode_seconds:.1f} s, peak GPU memory {memory}"
+          + (" [DEMO: random weights]" if args.demo else ""))
+    return path
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except torch.OutOfMemoryError:
+        print(f"error: out of GPU memory at --num_frames {args.num_frames}: try --offload (only the running model "
+              f"on the GPU), fewer --num_frames" + ("" if args.no_refiner else ", or --no_refiner (stage 1 only)"),
+              file=sys.stderr)
+        return 2
+    except (ValueError, OSError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""dit.py against diffusers 0.42.1 (dit.md §13-14): embedders, FFN, final layer and blocks <= 1e-6, the whole DiT
+<= 1e-4 in fp32 (batch 2, padded text, camera + Plücker, two configs and latent sizes); the state-dict layout of
+the release; loading both release layouts; chunk-causal properties; the real release (marked `weights`)."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers.models import embeddings
+from diffusers.models.transformers import transformer_sana_wm as ref
+from safetensors.torch import save_file
+
+from dit import (CaptionEmbedder, DiT, DiTConfig, FinalLayer, GLUMBConvTemp, PatchEmbed, TimestepEmbedder,
+                 timestep_sinusoid)
+from reference import (TINY_DIT, load_sana_wm_native, max_rel_err, randomize_, tiny_dit_inputs,
+                       tiny_sana_wm_transformer)
+
+MODULE_ATOL, MODEL_ATOL = 1e-6, 1e-4
+C = 48
+STATE_DICT_LIST = Path("/work/shared/reference/dit_state_dict_full.txt")  # generated from diffusers (dit.md §2)
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def max_abs(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def ours_from(theirs) -> DiT:
+    model = DiT(DiTConfig.from_dict(dict(theirs.config))).eval()
+    model.load_state_dict(theirs.state_dict(), strict=True)
+    return model
+
+
+def ours_args(inputs):
+    """Our forward's arguments from diffusers' kwargs: timestep (B, T), text (B, L, C)."""
+    return (inputs["hidden_states"], inputs["timestep"][:, 0], inputs["encoder_hidden_states"][:, 0],
+            inputs["encoder_attention_mask"], inputs["camera_conditions"], inputs["chunk_plucker"])
+
+
+# ---------------------------------------------------------------------------------------------------- modules
+
+def test_timestep_embedding():
+    t = torch.tensor([0.0, 1.0, 700.0, 998.0, 1000.0])
+    expected = embeddings.get_timestep_embedding(t, 256, flip_sin_to_cos=True, downscale_freq_shift=0)
+    assert torch.equal(timestep_sinusoid(t), expected)
+    theirs = randomize_(embeddings.TimestepEmbedding(256, C))
+    ours = TimestepEmbedder(C)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    assert max_abs(ours(expected), theirs(expected)) <= MODULE_ATOL
+
+
+def test_embedders():
+    patch = randomize_(ref.SanaWMPatchEmbed((1, 1, 1), 8, C, kernel_size=(1, 1, 1)))
+    ours = PatchEmbed(8, C)
+    ours.load_state_dict(patch.state_dict(), strict=True)
+    x = torch.randn(2, 8, 3, 4, 5, generator=gen())
+    assert max_abs(ours(x), patch(x)) <= MODULE_ATOL
+    caption = randomize_(ref.SanaWMCaptionEmbedder(32, C, act_layer=lambda: torch.nn.GELU(approximate="tanh")))
+    ours = CaptionEmbedder(32, C)
+    ours.load_state_dict(caption.state_dict(), strict=True)
+    y = torch.randn(2, 7, 32, generator=gen(1))
+    assert max_abs(ours(y), caption(y)) <= MODULE_ATOL
+
+
+@pytest.mark.parametrize("t_kernel,thw", [(3, (3, 4, 6)), (5, (4, 3, 2))])
+def test_ffn(t_kernel, thw):
+    theirs = randomize_(ref.GLUMBConvTemp(C, int(C * 2.5), use_bias=(True, True, False), t_kernel_size=t_kernel))
+    ours = GLUMBConvTemp(C, int(C * 2.5), t_kernel)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    m = torch.randn(2, thw[0] * thw[1] * thw[2], C, generator=gen())
+    assert max_abs(ours(m, thw), theirs(m, thw)) <= MODULE_ATOL
+    # A frame split across conv calls (the 32-bit indexing guard) changes nothing.
+    ours.MAX_CONV_ELEMENTS = ours.inverted_conv.conv.out_channels * thw[1] * thw[2]
+    assert max_abs(ours(m, thw), theirs(m, thw)) <= MODULE_ATOL
+
+
+def test_final_layer():
+    theirs = randomize_(ref.T2IFinalLayer(C, (1, 1, 1), 8))
+    ours = FinalLayer(C, 8)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x, temb = torch.randn(2, 3 * 20, C, generator=gen(0)), torch.randn(2, 1, 3, C, generator=gen(1))
+    assert max_abs(ours(x, temb.transpose(1, 2)), theirs(x, temb)) <= MODULE_ATOL
+
+
+@pytest.mark.parametrize("index", [0, 1])  # a GDN block and a softmax block
+def test_block(index):
+    model = tiny_sana_wm_transformer()
+    theirs, ours = model.blocks[index], ours_from(model).blocks[index]
+    thw, B, L = (3, 4, 6), 2, 8
+    N = thw[0] * thw[1] * thw[2]
+    x, y = torch.randn(B, N, C, generator=gen(0)), torch.randn(B, L, C, generator=gen(1))
+    t6 = torch.randn(B, 1, thw[0], 6 * C, generator=gen(2)) * 0.3
+    pl = torch.randn(B, N, C, generator=gen(3))
+    mask = torch.ones(B, L, dtype=torch.int16)
+    mask[0, 5:] = 0
+    inputs = tiny_dit_inputs(thw=thw)
+    rope = ref.SanaWMRotaryPosEmbed(24, (1, 1, 1), 1024)(thw)
+    transforms = ref._prepare_ucpe_ray_transforms(24, inputs["camera_conditions"], thw, (1, 1, 1), rope)
+    expected = theirs(x, y[:, None], t6, mask, thw, rope, None, inputs["camera_conditions"], transforms, pl)
+    P, P_T, P_inv, rope_cam = transforms
+    got = ours(x, y, mask.bool(), t6.view(B, thw[0], 6, C), thw, rope[0, 0], (P, P_T, P_inv, rope_cam[0, 0]), pl)
+    assert max_abs(got, expected) <= MODULE_ATOL
+
+
+# ---------------------------------------------------------------------------------------------------- whole model
+
+CONFIGS = {
+    "spec": ({}, (3, 4, 6), None),  # dit.md §13 exactly
+    "varied": (dict(num_layers=3, hidden_size=64, num_attention_heads=4, softmax_every_n=3, linear_head_dim=16,
+                    mlp_ratio=2.5, t_kernel_size=5, conv_kernel_size=3, chunk_plucker_post_attn_blocks=2,
+                    caption_channels=24, in_channels=6), (5, 3, 5), [0.0, 998.26, 700.7, 435.5, 12.9]),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_dit_matches_diffusers(name):
+    overrides, thw, timesteps = CONFIGS[name]
+    theirs = tiny_sana_wm_transformer(**overrides)
+    ours = ours_from(theirs)
+    inputs = tiny_dit_inputs(thw=thw, in_channels=theirs.config.in_channels, timesteps=timesteps,
+                             caption_channels=theirs.config.caption_channels)
+    with torch.no_grad():
+        expected = theirs(**inputs)[0]
+        got = ours(*ours_args(inputs))
+        assert got.shape == expected.shape and got.dtype == torch.float32
+        assert max_abs(got, expected) <= MODEL_ATOL
+        # Each optional camera input is exercised (it changes the output) and matches without the other.
+        no_cam = ours(*ours_args(inputs)[:4], None, inputs["chunk_plucker"])
+        assert max_abs(no_cam, theirs(**{**inputs, "camera_conditions": None})[0]) <= MODEL_ATOL
+        no_pl = ours(*ours_args(inputs)[:5], None)
+        assert max_abs(no_pl, theirs(**{**inputs, "chunk_plucker": None})[0]) <= MODEL_ATOL
+        assert max_abs(no_cam, got) > 1e-3 and max_abs(no_pl, got) > 1e-3
+
+
+def test_dit_bf16():
+    """bf16 inference runs through the same precision islands. Outputs agree to bf16 resolution: the fp32 scan
+    sums in another order than diffusers', and one rounding flip moves a value by 2^-8 relative (8-bit mantissa).
+    (diffusers cannot build its ray matrices in bf16 on the CPU, so the comparison drops the raymap; with it,
+    ours is compared with diffusers' fp32 output.)"""
+    theirs = tiny_sana_wm_transformer()
+    ours = ours_from(theirs).to(torch.bfloat16)
+    inputs = tiny_dit_inputs()
+    with torch.no_grad():
+        expected_fp32 = theirs(**inputs)[0]
+        no_raymap = {**inputs, "camera_conditions": None}
+        expected = theirs.to(torch.bfloat16)(**no_raymap)[0]
+        got = ours(*ours_args(no_raymap))
+        assert got.dtype == torch.bfloat16 and max_rel_err(got, expected) <= 2 ** -7
+        assert max_rel_err(ours(*ours_args(inputs)), expected_fp32) <= 2 ** -6
+
+
+def test_release_state_dict_layout():
+    if not STATE_DICT_LIST.exists():
+        pytest.skip(f"needs the reference key list {STATE_DICT_LIST}")
+    with torch.device("meta"):
+        model = DiT()
+    listed = [line.split() for line in STATE_DICT_LIST.read_text().splitlines() if line.strip()]
+    ours = [[k, "x".join(map(str, v.shape)) or "1"] for k, v in model.state_dict().items()]
+    assert len(listed) == 870 and ours == listed
+
+
+def test_config_from_dict():
+    d = dict(tiny_sana_wm_transformer().config)
+    d.update(_class_name="SanaWMTransformer3DModel", _diffusers_version="0.42.1", patch_size=[1, 1, 1])
+    cfg = DiTConfig.from_dict(json.loads(json.dumps(d)))
+    assert cfg == DiTConfig(**{k: v for k, v in TINY_DIT.items() if k != "patch_size"})
+    with pytest.raises(ValueError, match="patch_size"):
+        DiTConfig.from_dict({"patch_size": [1, 2, 2]})
+    with pytest.raises(ValueError, match="unknown key 'depth'"):
+        DiTConfig.from_dict({"depth": 3})
+    with pytest.raises(ValueError, match="linear_head_dim"):
+        DiTConfig(hidden_size=48, linear_head_dim=20)
+
+
+def test_bad_inputs():
+    theirs = tiny_sana_wm_transformer()
+    ours = ours_from(theirs)
+    x, t, text, mask, raymap, pl = ours_args(tiny_dit_inputs())
+    for args, name in [((x[:, :4], t, text, mask), "x"), ((x, t[:, :2], text, mask), "timestep"),
+                       ((x, t, text[..., :5], mask), "text"), ((x, t, text, mask[:, :3]), "text_mask"),
+                       ((x, t, text, mask, raymap[:, :, :16]), "raymap"),
+                       ((x, t, text, mask, None, pl[:, :6]), "plucker")]:
+        with pytest.raises(ValueError, match=name):
+            ours(*args)
+    with pytest.raises(ValueError, match="chunk_size"):
+        ours(x, t, text, mask, chunk_size=0)
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+
+def test_from_pretrained_both_layouts(tmp_path):
+    theirs = tiny_sana_wm_transformer()
+    inputs = tiny_dit_inputs()
+    with torch.no_grad():
+        expected = theirs(**inputs)[0]
+    cfg = DiTConfig.from_dict(dict(theirs.config))
+
+    # Native release layout: one file, the diffusers keys + an unused pos_embed.
+    native = tmp_path / "sana_wm_tiny.safetensors"
+    save_file({**theirs.state_dict(), "pos_embed": torch.zeros(1, 72, C)}, str(native))
+    # Diffusers layout: config.json + sharded safetensors + index.
+    theirs.save_pretrained(tmp_path / "transformer", max_shard_size="200KB", safe_serialization=True)
+    assert (tmp_path / "transformer" / "diffusion_pytorch_model.safetensors.index.json").exists()
+    assert len(list((tmp_path / "transformer").glob("*.safetensors"))) > 1
+
+    for model in (DiT.from_pretrained(native, dtype=torch.float32, config=cfg),
+                  DiT.from_pretrained(tmp_path / "transformer", dtype=torch.float32)):
+        assert model.config == cfg and not any(p.is_meta for p in model.state_dict().values())
+        with torch.no_grad():
+            assert max_abs(model(*ours_args(inputs)), expected) <= MODEL_ATOL
+    # The oracle loader of the release test reads the same native file into diffusers.
+    twin = load_sana_wm_native(tmp_path, **{k: v for k, v in theirs.config.items() if not k.startswith("_")})
+    with torch.no_grad():
+        assert torch.equal(twin(**inputs)[0], expected)
+    bf16 = DiT.from_pretrained(native, dtype=torch.bfloat16, config=cfg)
+    assert all(p.dtype == torch.bfloat16 for p in bf16.state_dict().values())
+
+
+def test_from_pretrained_errors(tmp_path):
+    theirs = tiny_sana_wm_transformer()
+    cfg = DiTConfig.from_dict(dict(theirs.config))
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header")
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        DiT.from_pretrained(corrupt, config=cfg)
+
+    state = dict(theirs.state_dict())
+    state.pop("blocks.1.attn.qkv.weight")
+    state["blocks.0.mlp.t_conv.weight"] = torch.zeros(C, C, 5, 1)
+    state["blocks.0.attn.extra"] = torch.zeros(1)
+    bad = tmp_path / "bad.safetensors"
+    save_file(state, str(bad))
+    with pytest.raises(ValueError) as err:
+        DiT.from_pretrained(bad, config=cfg)
+    message = str(err.value)
+    assert "missing (1): blocks.1.attn.qkv.weight" in message and "unexpected (1): blocks.0.attn.extra" in message
+    assert "blocks.0.mlp.t_conv.weight: checkpoint (48, 48, 5, 1) vs model (48, 48, 3, 1)" in message
+    with pytest.raises(ValueError, match="does not match"):  # the release config against a tiny checkpoint
+        DiT.from_pretrained(bad)
+    with pytest.raises(ValueError, match="no such file"):
+        DiT.from_pretrained(tmp_path / "missing")
+
+
+# ---------------------------------------------------------------------------------------------------- chunk-causal
+
+def test_chunk_causal():
+    overrides, thw, _ = CONFIGS["varied"]
+    ours = ours_from(tiny_sana_wm_transformer(**overrides))
+    x, t, text, mask, raymap, pl = ours_args(tiny_dit_inputs(thw=thw, in_channels=6, caption_channels=24))
+    T, S = thw[0], thw[1] * thw[2]
+    with torch.no_grad():
+        full = ours(x, t, text, mask, raymap, pl)
+        assert max_abs(ours(x, t, text, mask, raymap, pl, chunk_size=T), full) <= MODULE_ATOL
+        assert max_abs(ours(x, t, text, mask, raymap, pl, chunk_size=T + 3), full) <= MODULE_ATOL
+        for chunk in (1, 2, 3):
+            causal = ours(x, t, text, mask, raymap, pl, chunk_size=chunk)
+            assert max_abs(causal, full) > 1e-3  # later frames are really cut off
+            # Change everything about the frames after the first chunk: earlier outputs must not move.
+            later = slice(chunk, None)
+            x2, t2, raymap2, pl2 = x.clone(), t.clone(), raymap.clone(), pl.clone()
+            x2[:, :, later] += torch.randn_like(x2[:, :, later])
+            t2[:, later] = 500.0
+            raymap2[:, later, 3] += 0.5
+            pl2[:, :, later] *= -1
+            moved = ours(x2, t2, text, mask, raymap2, pl2, chunk_size=chunk)
+            assert max_abs(moved[:, :, :chunk], causal[:, :, :chunk]) == 0
+            assert max_abs(moved[:, :, chunk:], causal[:, :, chunk:]) > 1e-3
+    assert S > 1
+
+
+# ---------------------------------------------------------------------------------------------------- release
+
+@pytest.mark.weights
+def test_release_weights_one_step():
+    """Ours and diffusers load the released dit/ and agree on one denoising step (bf16 on GPU, fp32 on CPU)."""
+    folder = Path(os.environ["SANA_WM_WEIGHTS"]) / "dit"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    ours = DiT.from_pretrained(folder, dtype=dtype, device=device)
+    theirs = load_sana_wm_native(folder, dtype, device)
+    inputs = tiny_dit_inputs(batch=2, thw=(3, 22, 40), text_len=300, in_channels=128, caption_channels=2304)
+    inputs = {k: v.to(device=device, dtype=dtype) if torch.is_tensor(v) and k != "encoder_attention_mask"
+              else (v.to(device) if torch.is_tensor(v) else v) for k, v in inputs.items()}
+    with torch.no_grad():
+        expected = theirs(**inputs)[0]
+        got = ours(*ours_args(inputs))
+    assert max_rel_err(got, expected) <= (2e-2 if dtype == torch.bfloat16 else 1e-4)

@@ -1,0 +1,362 @@
+"""generate.py: stage 1 end to end against diffusers' SanaWMPipeline, the stage-1 -> refiner hand-off against
+SanaWMPipeline + SanaWMLTX2Refiner, their parts, and the command line."""
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import generate as G
+import refiner as R
+from dit import DiT, DiTConfig
+from reference import (TINY_DIT, build_tiny_vae, load_sana_wm_native, max_rel_err, tiny_refiner_pipeline,
+                       tiny_sana_wm_transformer, vae_from_diffusers)
+
+SIZE = (128, 192)  # 4 x 6 latent pixels, the smallest the tiny VAE decodes with reflect padding
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The models are tiny: more intra-op threads only add synchronisation (far slower on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _pipeline(tokenizer, text_encoder, transformer=None, vae=None):
+    from diffusers import FlowMatchEulerDiscreteScheduler, SanaWMPipeline
+
+    return SanaWMPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                          scheduler=FlowMatchEulerDiscreteScheduler(shift=9.8))
+
+
+def _causal_lm(gemma):
+    """The Gemma-2 weights inside a causal-LM wrapper: the pipeline reads its hidden_states[-1], we read the
+    decoder's last_hidden_state; the (random) LM head is never used."""
+    from transformers import Gemma2ForCausalLM
+
+    causal = Gemma2ForCausalLM(gemma.config).eval()
+    causal.model = gemma
+    return causal
+
+
+@pytest.fixture(scope="module")
+def text_encoder():
+    return G.demo_text_encoder()
+
+
+@pytest.fixture(scope="module")
+def models(text_encoder):
+    """Tiny random-weight diffusers DiT + VAE, ours holding the same weights, and the tiny Gemma-2 for both."""
+    ref_dit, ref_vae = tiny_sana_wm_transformer(), build_tiny_vae()
+    dit = DiT(DiTConfig.from_dict(TINY_DIT)).eval()
+    dit.load_state_dict(ref_dit.state_dict(), strict=True)
+    vae = vae_from_diffusers(ref_vae)
+    tokenizer, gemma = text_encoder
+    return _pipeline(tokenizer, _causal_lm(gemma), ref_dit, ref_vae), (dit, vae, tokenizer, gemma)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The parts
+
+@pytest.mark.parametrize("steps", [1, 2, 7, 60, 250])
+def test_schedule_matches_diffusers_scheduler(steps):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=9.8)
+    scheduler.set_timesteps(steps)
+    sigmas = G.schedule(steps)
+    assert torch.equal(sigmas, scheduler.sigmas)
+    assert torch.equal(sigmas[:-1] * 1000, scheduler.timesteps)
+
+
+def test_schedule_values():
+    """dit.md §11.4: the 60-step schedule starts 1000, 998.26, 996.47 and ends 210.58, 87.70, then 0."""
+    t = G.schedule(60) * 1000
+    assert len(t) == 61 and t[-1] == 0
+    torch.testing.assert_close(t[[0, 1, 2, -3, -2]], torch.tensor([1000.0, 998.26, 996.47, 210.58, 87.70]),
+                               atol=0.01, rtol=0)
+
+
+LONG_PROMPT = " ".join(["the camera drives along a quiet desert road at dusk"] * 40)  # > 298 tokens: truncated
+
+
+@pytest.mark.parametrize("prompt,negative", [(G.DEMO_PROMPT, ""), (LONG_PROMPT, "blurry, low quality frames")],
+                         ids=["short", "long-truncated"])
+def test_text_encoding_matches_pipeline(text_encoder, prompt, negative):
+    tokenizer, gemma = text_encoder
+    pipe = _pipeline(tokenizer, _causal_lm(gemma))
+    with torch.no_grad():
+        ref, ref_mask, ref_neg, ref_neg_mask = pipe.encode_prompt(
+            prompt, negative, device=torch.device("cpu"), chi_prompt=_diffusers_chi_prompt())
+    text, mask = G.encode_prompt(tokenizer, gemma, prompt)
+    neg, neg_mask = G.encode_negative_prompt(tokenizer, gemma, negative)
+    assert text.shape == (1, 300, 32) and neg.shape == (1, 300, 32)
+    assert torch.equal(text, ref[:, 0]) and torch.equal(mask, ref_mask)
+    assert torch.equal(neg, ref_neg[:, 0]) and torch.equal(neg_mask, ref_neg_mask)
+    assert 1 < int(mask.sum()) <= 300 and (prompt != LONG_PROMPT or int(mask.sum()) == 300)
+
+
+def _diffusers_chi_prompt():
+    from diffusers.pipelines.sana_wm.pipeline_sana_wm import DEFAULT_CHI_PROMPT
+
+    return DEFAULT_CHI_PROMPT
+
+
+def test_chi_prompt_is_the_release_prefix():
+    assert G.CHI_PROMPT == "\n".join(_diffusers_chi_prompt())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# End to end: the same final latents as SanaWMPipeline(output_type="latent")
+
+def test_generate_matches_pipeline_without_cfg(models):
+    """Action string, explicit intrinsics, guidance 1 (no CFG batch), the offload path (to and from the CPU)."""
+    pipe, (dit, vae, tokenizer, gemma) = models
+    image = G.demo_image(300, 350)  # another aspect ratio than 128 x 192: the crop moves the principal point
+    kwargs = dict(action="w-8,l-8", intrinsics=[260.0, 250.0, 170.0, 140.0], num_frames=17)
+    ref = pipe(image=image, prompt=G.DEMO_PROMPT, height=SIZE[0], width=SIZE[1], num_inference_steps=3,
+               guidance_scale=1.0, generator=torch.Generator().manual_seed(7), output_type="latent", **kwargs).frames
+    ours = G.generate(dit, vae, tokenizer, gemma, image, G.DEMO_PROMPT, height=SIZE[0], width=SIZE[1], steps=3,
+                      guidance_scale=1.0, seed=7, decode=False, offload=True, **kwargs)
+    assert ours.latents.shape == ref.shape == (1, 8, 3, 4, 6)
+    assert (ours.latents - ref).abs().max() <= 1e-4, (ours.latents - ref).abs().max()
+
+
+def test_generate_matches_pipeline_with_cfg(models, capsys):
+    """c2w poses longer than the video (num_frames 20 -> 17), default intrinsics, a negative prompt, CFG 5."""
+    from diffusers.pipelines.sana_wm.cam_utils import action_string_to_c2w
+
+    pipe, (dit, vae, tokenizer, gemma) = models
+    image = G.demo_image(256, 384)
+    c2w = action_string_to_c2w("wi-12,dj-12")  # 25 poses
+    fx = 384 / (2 * np.tan(np.radians(30)))  # the 60 degree horizontal field of view generate() assumes
+    common = dict(c2w=c2w, num_frames=20, negative_prompt="blurry, low quality frames")
+    ref = pipe(image=image, prompt=G.DEMO_PROMPT, intrinsics=[fx, fx, 192.0, 128.0], height=SIZE[0],
+               width=SIZE[1], num_inference_steps=3, guidance_scale=5.0, generator=torch.Generator().manual_seed(3),
+               output_type="latent", **common).frames
+    ours = G.generate(dit, vae, tokenizer, gemma, image, G.DEMO_PROMPT, height=SIZE[0], width=SIZE[1], steps=3,
+                      guidance_scale=5.0, seed=3, decode=False, **common)
+    assert "60 deg" in capsys.readouterr().err
+    assert ours.c2w.shape == (17, 4, 4)
+    assert (ours.latents - ref).abs().max() <= 1e-4, (ours.latents - ref).abs().max()
+
+
+def test_load_release_reads_the_release_layout(models, tmp_path):
+    """dit/, vae/ and text_encoder/ + tokenizer/ saved the diffusers/transformers way load back unchanged."""
+    pipe, (dit, vae, tokenizer, gemma) = models
+    pipe.transformer.save_pretrained(tmp_path / "dit")
+    pipe.vae.save_pretrained(tmp_path / "vae")
+    gemma.save_pretrained(tmp_path / "text_encoder")
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    loaded = G.load_release(str(tmp_path), torch.float32, "cpu")
+    for ours, back in zip((dit, vae, gemma), (loaded[0], loaded[1], loaded[3])):
+        a, b = ours.state_dict(), back.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    text, mask = G.encode_prompt(tokenizer, gemma, G.DEMO_PROMPT)
+    text_back, mask_back = G.encode_prompt(loaded[2], loaded[3], G.DEMO_PROMPT)
+    assert torch.equal(text, text_back) and torch.equal(mask, mask_back)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage 2: the hand-off to the refiner, as diffusers' two-stage use does it (refiner.md §8)
+
+def _tiny_refiner(p):
+    """Our Stage2 with the weights, tokenizer and Gemma-3 of the diffusers SanaWMLTX2Refiner `p`."""
+    refiner = R.Refiner(R.RefinerConfig.from_dict(dict(p.transformer.config)), keep_audio=True)
+    refiner.load_state_dict(p.transformer.state_dict(), strict=True)
+    connectors = R.TextConnectors(R.ConnectorsConfig.from_dict(dict(p.connectors.config)), keep_audio=True)
+    connectors.load_state_dict(p.connectors.state_dict(), strict=True)
+    encoder = R.PromptEncoder(p.tokenizer, p.text_encoder, connectors.eval(), p.text_max_sequence_length)
+    return G.Stage2(lambda: encoder, lambda: refiner.eval())
+
+
+def test_two_stage_matches_pipeline_then_refiner(models):
+    """diffusers' two-stage use: SanaWMPipeline(output_type="latent") -> SanaWMLTX2Refiner(vae=pipe.vae) on those
+    latents with the same prompt and fps (its default generator: seed 42) -> decode, first frame dropped. 33 frames
+    (T = 5): the sink, a block of 3 and a shorter last block; fps 12, so a wrong frame rate would show in RoPE."""
+    from diffusers.pipelines.sana_wm.refiner import SanaWMLTX2Refiner
+
+    pipe, (dit, vae, tokenizer, gemma) = models
+    p = tiny_refiner_pipeline("spec")
+    image = G.demo_image(256, 384)
+    kwargs = dict(action="w-16,l-16", intrinsics=[330.0, 330.0, 192.0, 128.0], num_frames=33)
+    stage1 = pipe(image=image, prompt=G.DEMO_PROMPT, height=SIZE[0], width=SIZE[1], num_inference_steps=2,
+                  guidance_scale=1.0, generator=torch.Generator().manual_seed(5), output_type="latent",
+                  **kwargs).frames
+    ref_refiner = SanaWMLTX2Refiner(transformer=p.transformer, connectors=p.connectors, tokenizer=p.tokenizer,
+                                    text_encoder=p.text_encoder, scheduler=p.scheduler, vae=pipe.vae,
+                                    text_max_sequence_length=p.text_max_sequence_length)
+    ref_latents = ref_refiner(stage1, G.DEMO_PROMPT, fps=12, output_type="latent")
+    ref_video = ref_refiner(stage1, G.DEMO_PROMPT, fps=12, output_type="np")  # (F, H, W, 3) in [0, 1]
+
+    ours = G.generate(dit, vae, tokenizer, gemma, image, G.DEMO_PROMPT, refiner=_tiny_refiner(p), height=SIZE[0],
+                      width=SIZE[1], steps=2, guidance_scale=1.0, seed=5, fps=12, **kwargs)
+    assert ours.latents.shape == ref_latents.shape == (1, 8, 5, 4, 6)
+    assert (ours.latents - ref_latents).abs().max() <= 1e-4, (ours.latents - ref_latents).abs().max()
+    assert (ours.latents[:, :, 0] - stage1[:, :, 0]).abs().max() <= 1e-5  # the sink frame is carried through
+    # 8 (T - 1) + 1 decoded frames minus the first; ours are rounded to uint8, so they may differ from 255 x the
+    # reference by half a level plus what 1e-4 in [-1, 1] is worth.
+    assert ref_video.shape == (32, *SIZE, 3) and ours.frames.shape == (32, *SIZE, 3)
+    error = np.abs(ours.frames.numpy().astype(np.float64) - 255 * ref_video.astype(np.float64)).max()
+    assert error <= 0.5 + 127.5 * 1e-4, error
+    trajectory = G.camera.action_to_c2w("w-16,l-16")
+    assert ours.c2w.shape == (32, 4, 4) and np.array_equal(ours.c2w, trajectory[1:33])
+    assert ours.intrinsics.shape == (32, 4) and ours.refine_seconds is not None
+
+
+def _save_refiner_release(p, root):
+    p.transformer.save_pretrained(root / "refiner" / "transformer")
+    p.connectors.save_pretrained(root / "refiner" / "connectors")
+    p.text_encoder.save_pretrained(root / "refiner" / "text_encoder")
+    p.tokenizer.save_pretrained(root / "refiner" / "tokenizer")
+
+
+def test_release_refiner_reads_refiner_folder(tmp_path, capsys):
+    """refiner/ as diffusers writes it: checked at once, loaded only when called (video-only transformer)."""
+    p = tiny_refiner_pipeline("spec")
+    _save_refiner_release(p, tmp_path)
+    stage2 = G.release_refiner(str(tmp_path), torch.float32, "cpu")
+    refiner = stage2.load_refiner()
+    ours, theirs = refiner.state_dict(), p.transformer.state_dict()
+    assert set(ours) < set(theirs) and not any("audio" in k or k.startswith("av_") for k in ours)
+    assert all(torch.equal(v, theirs[k]) for k, v in ours.items())
+    prompt = "a red car drives along the beach at sunset slowly"
+    text, mask = stage2.load_prompt_encoder()(prompt)
+    ref_text, ref_mask = p._encode_prompt(prompt, device=torch.device("cpu"), dtype=torch.float32)
+    assert (text - ref_text).abs().max() <= 1e-5 and torch.equal(mask, ref_mask)
+
+    shutil.rmtree(tmp_path / "refiner" / "connectors")
+    with pytest.raises(FileNotFoundError, match="refiner/connectors/ is missing"):
+        G.release_refiner(str(tmp_path), torch.float32, "cpu")
+    shutil.rmtree(tmp_path / "refiner")
+    assert G.release_refiner(str(tmp_path), torch.float32, "cpu") is None
+    assert "no refiner/" in capsys.readouterr().err
+
+
+@pytest.mark.weights
+def test_generate_matches_pipeline_on_release():
+    """The release, fp32, 2 steps at 17 frames, 704 x 1280: ours vs SanaWMPipeline, sharing the text encoder."""
+    from diffusers import AutoencoderKLLTX2Video
+
+    weights = os.environ["SANA_WM_WEIGHTS"]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dit, vae, tokenizer, gemma = G.load_release(weights, torch.float32, device)
+    ref_dit = load_sana_wm_native(os.path.join(weights, "dit"), torch.float32, device).to(device)
+    ref_vae = AutoencoderKLLTX2Video.from_pretrained(os.path.join(weights, "vae"), torch_dtype=torch.float32)
+    # Our VAE encodes with SANA-WM's tiles (vae.md §7); diffusers' pipeline leaves that to the caller.
+    ref_vae.enable_tiling(tile_sample_min_num_frames=96, tile_sample_stride_num_frames=64)
+    ref_vae.use_framewise_encoding = ref_vae.use_framewise_decoding = True
+    pipe = _pipeline(tokenizer, gemma, ref_dit, ref_vae.to(device).eval())
+    image = G.demo_image(720, 1280)
+    kwargs = dict(action="w-8,jw-8", intrinsics=[800.0, 800.0, 640.0, 360.0], num_frames=17)
+    ref = pipe(image=image, prompt=G.DEMO_PROMPT, num_inference_steps=2, guidance_scale=5.0,
+               generator=torch.Generator().manual_seed(0), output_type="latent", **kwargs).frames
+    ours = G.generate(dit, vae, tokenizer, gemma, image, G.DEMO_PROMPT, steps=2, guidance_scale=5.0, seed=0,
+                      device=device, decode=False, **kwargs)
+    assert max_rel_err(ours.latents, ref) <= 1e-3, max_rel_err(ours.latents, ref)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command line
+
+@pytest.mark.parametrize("no_refiner", [False, True], ids=["refiner", "no-refiner"])
+def test_demo_writes_a_playable_mp4(tmp_path, capsys, no_refiner):
+    """17 frames are generated; the refiner's video drops the first one, and the camera path its first pose."""
+    import av
+
+    argv = ["--demo", "--steps", "2", "--fps", "12", "--output_dir", str(tmp_path)] + ["--no_refiner"] * no_refiner
+    assert G.main(argv) == 0
+    frames_expected = 17 if no_refiner else 16
+    out = capsys.readouterr().out
+    assert "RANDOM weights" in out and f"{frames_expected} frames, 192x128" in out
+    assert ("no refiner" in out) == no_refiner and ("refiner " in out) != no_refiner
+    with av.open(str(tmp_path / "demo_seed0.mp4")) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        assert container.streams.video[0].average_rate == 12
+    assert len(frames) == frames_expected and frames[0].shape == (128, 192, 3)
+    c2w = np.load(tmp_path / "demo_seed0_c2w.npy")
+    trajectory = G.camera.action_to_c2w("w-8,l-8")  # the demo's default camera
+    assert np.array_equal(c2w, trajectory[17 - frames_expected:17])
+
+
+def _bad_inputs(tmp):
+    """(argv, words the one-line error must contain) for every bad input the issue lists."""
+    text = tmp / "not_an_image.png"
+    text.write_text("hello")
+    empty = tmp / "empty.txt"
+    empty.write_text("  \n")
+    np.save(tmp / "bad_c2w.npy", np.zeros((9, 3, 4), np.float32))
+    np.save(tmp / "bad_k.npy", np.zeros((2, 2), np.float32))
+    image = str(tmp / "image.png")
+    G.demo_image().save(image)
+    partial = tmp / "release"
+    for part in ("dit", "vae"):
+        (partial / part).mkdir(parents=True)
+    no_gemma = tmp / "release_without_gemma_weights"
+    for part in ("dit", "vae", "text_encoder"):
+        (no_gemma / part).mkdir(parents=True)
+    (no_gemma / "text_encoder" / "config.json").write_text("{}")
+    # Stage 1 complete as far as the checks look (file names only), refiner/ without connectors/ or Gemma-3 weights.
+    no_connectors = tmp / "release_without_connectors"
+    for part in ("text_encoder", "refiner/transformer", "refiner/text_encoder"):
+        (no_connectors / part).mkdir(parents=True)
+        (no_connectors / part / "config.json").write_text("{}")
+        (no_connectors / part / "model.safetensors").write_bytes(b"")
+    for part in ("dit", "vae", "tokenizer", "refiner/tokenizer"):
+        (no_connectors / part).mkdir(parents=True)
+    (no_connectors / "tokenizer" / "tokenizer.json").write_text("{}")
+    (no_connectors / "refiner" / "tokenizer" / "tokenizer.json").write_text("{}")
+    no_gemma3 = tmp / "release_without_gemma3_weights"
+    shutil.copytree(no_connectors, no_gemma3)
+    (no_gemma3 / "refiner" / "text_encoder" / "model.safetensors").unlink()
+    (no_gemma3 / "refiner" / "connectors").mkdir()
+    (no_gemma3 / "refiner" / "connectors" / "config.json").write_text("{}")
+    (no_gemma3 / "refiner" / "connectors" / "model.safetensors").write_bytes(b"")
+    return [
+        (["--demo", "--image", str(tmp / "missing.png")], ["--image", "no such file"]),
+        (["--demo", "--image", str(text)], ["--image", "not a readable image"]),
+        (["--demo", "--prompt", str(empty)], ["--prompt", "empty"]),
+        (["--demo", "--action", "w-8", "--camera", str(tmp / "bad_c2w.npy")], ["--action", "--camera", "both"]),
+        (["--weights", str(partial), "--image", image, "--prompt", "p", "--no_refiner"], ["--action", "--camera"]),
+        (["--demo", "--action", "w-8,x-8"], ["action", "'x-8'", "unknown keys"]),
+        (["--demo", "--action", "w8"], ["action", "'w8'"]),
+        (["--demo", "--action", "w-3"], ["4 poses", "at least 9 frames"]),
+        (["--demo", "--camera", str(tmp / "bad_c2w.npy")], ["--camera", "(F, 4, 4)", "(9, 3, 4)"]),
+        (["--demo", "--camera", str(tmp / "missing.npy")], ["--camera", "no such file"]),
+        (["--demo", "--intrinsics", str(tmp / "bad_k.npy")], ["intrinsics", "(2, 2)"]),
+        (["--demo", "--intrinsics", "100", "100", "50"], ["--intrinsics", "four numbers"]),
+        (["--demo", "--intrinsics", "20", "20", "192", "128"], ["field of view", "[25, 120]"]),
+        (["--weights", str(partial), "--image", image, "--prompt", "p", "--action", "w-8", "--no_refiner"],
+         [os.path.join(str(partial), "text_encoder"), "missing"]),
+        (["--weights", str(no_gemma), "--image", image, "--prompt", "p", "--action", "w-8", "--no_refiner"],
+         ["*.safetensors", os.path.join(str(no_gemma), "text_encoder")]),
+        (["--weights", str(partial), "--image", image, "--prompt", "p", "--action", "w-8"],
+         [os.path.join(str(partial), "text_encoder"), "missing"]),  # no refiner/: the warning waits for stage 1
+        (["--weights", str(no_connectors), "--image", image, "--prompt", "p", "--action", "w-8"],
+         [os.path.join(str(no_connectors), "refiner", "connectors"), "missing"]),
+        (["--weights", str(no_gemma3), "--image", image, "--prompt", "p", "--action", "w-8"],
+         ["*.safetensors", os.path.join(str(no_gemma3), "refiner", "text_encoder"), "Gemma-3"]),
+        (["--weights", str(tmp / "nowhere"), "--image", image, "--prompt", "p", "--action", "w-8",
+          "--no_refiner"], ["--weights", "no such folder"]),
+    ]
+
+
+def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
+    for argv, words in _bad_inputs(tmp_path):
+        assert G.main(argv + ["--output_dir", str(tmp_path / "out")]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: "), (argv, err)
+        assert all(word in err[0] for word in words), (argv, err[0], words)
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_of_memory_suggests_offload(monkeypatch, capsys):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    monkeypatch.setattr(G, "generate", out_of_memory)
+    assert G.main(["--demo", "--num_frames", "33"]) == 2
+    err = capsys.readouterr().err
+    assert "out of GPU memory" in err and "--offload" in err and "--num_frames" in err

@@ -1,0 +1,487 @@
+"""quantize.py: the NVFP4 format bit by bit, the Triton matmul against the torch reference, model surgery and
+checkpoint round trips. Oracles: E2M1/E4M3 decoded from their bit definitions, and torch's own reference for
+torch.float4_e2m1fn_x2 (RNE rounding + nibble packing) and for the cuBLAS block-scale layout."""
+import ast
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from quantize import (DEFAULT_EXCLUDE, NVFP4Conv2d, NVFP4Linear, dequantize_nvfp4,
+                      e2m1_encode, is_nvfp4_state_dict, nvfp4_layer_names, nvfp4_linear_torch,
+                      nvfp4_linear_triton, nvfp4_linear_w4a4, pack_nibbles, quantize_model, quantize_nvfp4,
+                      read_nvfp4_header, save_nvfp4, swizzle_block_scales, unpack_nibbles)
+from reference import max_rel_err
+
+
+# ---------------------------------------------------------------------------------------------- oracles
+def e2m1_value(code: int) -> float:
+    """E2M1 from its definition: bit 3 sign, bits 2..1 exponent (bias 1, 0 = subnormal), bit 0 mantissa."""
+    sign = -1.0 if code & 8 else 1.0
+    e, m = (code >> 1) & 3, code & 1
+    return sign * (m * 0.5 if e == 0 else 2.0 ** (e - 1) * (1 + m / 2))
+
+
+def e4m3_positive_scales() -> torch.Tensor:
+    """Every positive finite float8_e4m3fn value (bits 0x01..0x7e; 0x7f is NaN), decoded by torch."""
+    return torch.arange(1, 0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn)
+
+
+def torch_fp4_reference():
+    """torch's reference for float4_e2m1fn_x2 (fp32 -> RNE-saturating E2M1 codes -> pack_uint4) and for the
+    cuBLAS block-scale layout (to_blocked) live in torch/testing/_internal/common_quantized.py, whose module
+    imports need the test-only package `expecttest`; lift just those functions out of the file."""
+    path = Path(torch.__file__).parent / "testing" / "_internal" / "common_quantized.py"
+    wanted = {"_n_ones", "EBITS_F32", "MBITS_F32", "F32_EXP_BIAS", "_f32_to_floatx_unpacked", "down_size",
+              "pack_uint4", "FP4_EBITS", "FP4_MBITS", "_bfloat16_to_float4_e2m1fn_x2", "ceil_div", "to_blocked"}
+    if not path.exists():
+        pytest.skip(f"torch's FP4 reference file is missing: {path}")
+    body = []
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.FunctionDef):
+            names = {node.name}
+        elif isinstance(node, ast.Assign):
+            names = {n.id for t in node.targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+        else:
+            continue
+        if names & wanted:
+            body.append(node)
+            wanted -= names
+    if wanted:
+        pytest.skip(f"torch's FP4 reference lacks {sorted(wanted)} in this torch version")
+    ns = {"torch": torch, "Tensor": torch.Tensor}
+    exec(compile(ast.Module(body=body, type_ignores=[]), str(path), "exec"), ns)
+    return ns
+
+
+def assert_round_to_nearest(w, packed, scale, scale_2):
+    """The format's bound, checked by brute force: every block scale is the E4M3 value nearest to
+    amax / (6 s2) (clamped to [2^-9, 448]; 1 for a zero block), and every value dequantises to the point of its
+    block's grid {+-e2m1 * s * s2} nearest to it (up to the fp32 rounding of the dequantiser)."""
+    blocks = w.double().view(w.shape[0], -1, 16)
+    s2 = scale_2.double()
+    amax = blocks.abs().amax(-1)
+    e4m3 = e4m3_positive_scales().double()
+    target = (amax / (6 * s2)).clamp(2 ** -9, 448)
+    nearest = e4m3[(target[..., None] - e4m3).abs().argmin(-1)]
+    got = scale.double()
+    assert torch.where(amax == 0, got == 1, got == nearest).all()
+    unit = (got * s2)[..., None, None]
+    grid = torch.tensor([e2m1_value(c) for c in range(8)], dtype=torch.float64)
+    distance = (blocks.abs()[..., None] - grid * unit).abs().amin(-1)
+    deq = dequantize_nvfp4(packed, scale, scale_2).double().view_as(blocks)
+    fp32_rounding = 2 ** -23 * blocks.abs() + 2 ** -149  # the dequantiser's own (v * s) * s2 in fp32
+    assert ((deq - blocks).abs() <= distance + fp32_rounding).all()
+    assert ((deq == 0) | (torch.sign(deq) == torch.sign(blocks))).all()
+    # Where the block scale is a normal E4M3 number it is within 2^-4 of exact, so the block maximum sits at
+    # most at 6 / (1 - 2^-4) = 6.4 units: the error is at most half the local E2M1 spacing (0.25 / 0.5 / 1).
+    normal = (got >= 2 ** -6)[..., None]
+    a = blocks.abs() / unit[..., 0]
+    half_spacing = torch.where(a <= 2, 0.25, torch.where(a <= 4, 0.5, 1.0)) * unit[..., 0]
+    assert (~normal | (a <= 6.4)).all()
+    assert (~normal | ((deq - blocks).abs() <= half_spacing + fp32_rounding)).all()
+
+
+# ---------------------------------------------------------------------------------------------- format
+@pytest.mark.parametrize("scale_2", [1.0, 2.0 ** -20])
+def test_every_representable_value_round_trips_exactly(scale_2):
+    # One 16-block per E4M3 scale s, holding all 16 signed E2M1 values times s; the row with s = 448 holds
+    # 6 * 448 * scale_2, so the tensor scale is exactly scale_2 and every block scale is exactly s.
+    codes = torch.randperm(16, generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    values = torch.tensor([e2m1_value(c) for c in codes.tolist()])
+    scales = e4m3_positive_scales()
+    w = values[None, :] * scales.float()[:, None] * scale_2
+    packed, scale, s2 = quantize_nvfp4(w)
+    assert s2.item() == scale_2
+    assert torch.equal(scale.view(torch.uint8), scales.view(torch.uint8)[:, None])
+    assert torch.equal(unpack_nibbles(packed), codes.expand(len(scales), 16))
+    deq = dequantize_nvfp4(packed, scale, s2)
+    assert torch.equal(deq, w) and torch.equal(torch.signbit(deq), torch.signbit(w))  # -0 stays -0
+
+
+def test_ties_round_to_nearest_even_and_saturate():
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+    even = torch.tensor([0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0])  # the neighbour whose code is even
+    assert torch.equal(e2m1_encode(ties), torch.tensor([0, 2, 2, 4, 4, 6, 6], dtype=torch.uint8))
+    assert torch.equal(e2m1_encode(-ties), torch.tensor([8, 10, 10, 12, 12, 14, 14], dtype=torch.uint8))
+    above, below = torch.nextafter(ties, torch.tensor(10.0)), torch.nextafter(ties, torch.tensor(0.0))
+    assert torch.equal(e2m1_encode(above), torch.arange(1, 8, dtype=torch.uint8))
+    assert torch.equal(e2m1_encode(below), torch.arange(0, 7, dtype=torch.uint8))
+    assert torch.equal(e2m1_encode(torch.tensor([6.0, 7.0, 1e30, -1e30])),
+                       torch.tensor([7, 7, 7, 15], dtype=torch.uint8))
+    # Through the full quantiser: a block whose scale is exactly 1 (tensor scale 1, fixed by a 6*448 row).
+    w = torch.zeros(2, 16)
+    w[0, 0] = 6 * 448.0
+    w[1, :8] = torch.cat([torch.tensor([6.0]), ties])
+    w[1, 8:] = -w[1, :8]
+    deq = dequantize_nvfp4(*quantize_nvfp4(w))
+    assert torch.equal(deq[1], torch.cat([torch.tensor([6.0]), even, torch.tensor([-6.0]), -even]))
+
+
+def test_rounding_and_nibble_order_match_torch_float4_reference():
+    if not hasattr(torch, "float4_e2m1fn_x2"):
+        pytest.skip("this torch has no float4_e2m1fn_x2")
+    ref = torch_fp4_reference()
+    g = torch.Generator().manual_seed(1)
+    # bf16-exact values: a spread over and past E2M1's range, every tie and its neighbours, signed zeros
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+    x = torch.cat([torch.randn(4000, generator=g) * 3, ties, -ties, ties * 1.01, ties * 0.99,
+                   torch.tensor([0.0, -0.0, 6.0, -6.0, 7.0, -100.0, 1e-30])]).bfloat16()
+    x = x[: x.numel() // 2 * 2]
+    codes = e2m1_encode(x.float())
+    assert torch.equal(codes, ref["_f32_to_floatx_unpacked"](x.float(), 2, 1))
+    fp4 = ref["_bfloat16_to_float4_e2m1fn_x2"](x)
+    assert fp4.dtype == torch.float4_e2m1fn_x2
+    assert torch.equal(pack_nibbles(codes), fp4.view(torch.uint8))
+    assert torch.equal(pack_nibbles(codes)[0] & 0xF, codes[0])  # first value in the low nibble
+    assert torch.equal(unpack_nibbles(pack_nibbles(codes)), codes)
+
+
+def test_random_round_trip_is_round_to_nearest():
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(64, 256, generator=g) * torch.logspace(-3, 1, 64)[:, None]  # rows of very different size
+    w[5, 17] = 40.0  # an outlier sets the tensor scale
+    assert_round_to_nearest(w, *quantize_nvfp4(w))
+    # bf16 in, bf16 out: the same codes as from the fp32 copy
+    p16, s16, s2_16 = quantize_nvfp4(w.bfloat16())
+    assert torch.equal(s16.view(torch.uint8), quantize_nvfp4(w.bfloat16().float())[1].view(torch.uint8))
+    assert dequantize_nvfp4(p16, s16, s2_16, torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_zero_huge_and_subnormal_blocks():
+    # all zero: block scales 1, codes 0
+    packed, scale, scale_2 = quantize_nvfp4(torch.zeros(3, 32))
+    assert (packed == 0).all() and (scale.float() == 1).all() and scale_2.item() > 0
+    assert (dequantize_nvfp4(packed, scale, scale_2) == 0).all()
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(4, 64, generator=g)
+    w[0, 16:32] = 0                                  # a zero block inside a normal tensor -> scale 1
+    w[1, :16] = torch.randn(16, generator=g) * 1e-5  # block scale ~2^-8: an E4M3 subnormal
+    w[2, :16] = torch.randn(16, generator=g) * 1e-7  # block scale below 2^-9: clamped, values -> ~0
+    w[3, :16] = torch.randn(16, generator=g) * 1e-42  # fp32 subnormal weights
+    packed, scale, scale_2 = quantize_nvfp4(w)
+    assert scale[0, 1].float() == 1 and (dequantize_nvfp4(packed, scale, scale_2)[0, 16:32] == 0).all()
+    assert 2 ** -9 <= scale[1, 0].float() < 2 ** -6 and scale[2, 0].float() == 2 ** -9
+    assert_round_to_nearest(w, packed, scale, scale_2)
+    # huge tensor (near the fp32 maximum) and a tensor of only fp32 subnormals
+    for w in (torch.randn(4, 32, generator=g) * 1e37, torch.randn(4, 32, generator=g) * 1e-40):
+        packed, scale, scale_2 = quantize_nvfp4(w)
+        deq = dequantize_nvfp4(packed, scale, scale_2)
+        assert torch.isfinite(deq).all() and torch.isfinite(scale.float()).all()
+        assert_round_to_nearest(w, packed, scale, scale_2)
+        assert max_rel_err(deq, w) < 0.2
+
+
+def test_bad_inputs_give_clear_errors():
+    with pytest.raises(ValueError, match="multiple of 16"):
+        quantize_nvfp4(torch.randn(4, 24))
+    with pytest.raises(ValueError, match="2-D"):
+        quantize_nvfp4(torch.randn(32))
+    with pytest.raises(ValueError, match="finite"):
+        quantize_nvfp4(torch.full((2, 16), float("inf")))
+    with pytest.raises(ValueError, match="in_features"):
+        NVFP4Linear(40, 8)
+    packed, scale, scale_2 = quantize_nvfp4(torch.randn(4, 32))
+    with pytest.raises(ValueError, match="scale"):
+        dequantize_nvfp4(packed, scale[:, :1], scale_2)
+    with pytest.raises(ValueError, match="x: expected last dim 32"):
+        nvfp4_linear_triton(torch.randn(2, 16), packed, scale, scale_2)
+    with pytest.raises(ValueError, match="kernel"):
+        NVFP4Linear(32, 8, kernel="fast")
+
+
+# ---------------------------------------------------------------------------------------------- matmul
+def test_triton_kernel_matches_torch_reference():
+    # Several tiles along every axis, a K tail (80 = 64 + 16), a batch of token dims, bias on and off.
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(150, 80, generator=g) / 9
+    b = torch.randn(150, generator=g)
+    packed, scale, scale_2 = quantize_nvfp4(w)
+    x = torch.randn(3, 47, 80, generator=g)
+    w_deq = dequantize_nvfp4(packed, scale, scale_2).double()
+    for bias in (b, None):
+        ref = F.linear(x.double(), w_deq, None if bias is None else bias.double())
+        out = nvfp4_linear_triton(x, packed, scale, scale_2, bias)
+        assert out.shape == (3, 47, 150) and out.dtype == torch.float32
+        assert max_rel_err(out, ref) < 1e-5
+        assert max_rel_err(nvfp4_linear_torch(x, packed, scale, scale_2, bias), ref) < 1e-5
+    # fp16 activations (bf16 needs a GPU: Triton 3.9's interpreter multiplies bf16 dot operands as raw bits):
+    # exact products, fp32 accumulation, one rounding to fp16 at the end
+    x16 = x[:, :5].half()
+    out = nvfp4_linear_triton(x16, packed, scale, scale_2, b.half())
+    assert out.dtype == torch.float16
+    assert max_rel_err(out, F.linear(x16.double(), w_deq, b.half().double())) < 2 ** -11
+
+
+def test_module_kernels_agree():
+    g = torch.Generator().manual_seed(5)
+    lin = nn.Linear(64, 40)
+    nn.init.normal_(lin.weight, generator=g)
+    layer = NVFP4Linear(64, 40, kernel="triton")
+    layer.set_weight(lin.weight)
+    layer.bias = lin.bias
+    x = torch.randn(2, 9, 64, generator=g)
+    y_triton = layer(x)
+    layer.kernel = "torch"
+    assert max_rel_err(y_triton, layer(x)) < 1e-5
+    assert max_rel_err(layer(x), lin(x)) < 0.2  # and it is still the same layer, to 4-bit accuracy
+    # .to(dtype) casts the bias like nn.Linear but leaves the format's tensors alone
+    reference = layer(x.bfloat16().float())
+    layer.to(torch.bfloat16)
+    assert layer.bias.dtype == torch.bfloat16 and layer.weight.dtype == torch.uint8
+    assert layer.weight_scale.dtype == torch.float8_e4m3fn and layer.weight_scale_2.dtype == torch.float32
+    assert max_rel_err(layer(x.bfloat16()), reference) < 2 ** -7
+
+
+def test_swizzled_scales_match_cublas_layout_reference():
+    ref = torch_fp4_reference()
+    scale = torch.randint(1, 0x7F, (200, 9), dtype=torch.uint8).view(torch.float8_e4m3fn)
+    out = swizzle_block_scales(scale)
+    assert out.dtype == torch.float8_e4m3fn
+    assert torch.equal(out.view(torch.uint8), ref["to_blocked"](scale.view(torch.uint8)))
+
+
+# ---------------------------------------------------------------------------------------------- models
+class Tiny(nn.Module):
+    """A miniature DiT tree with the release's module names (dit.md section 2), C = 32."""
+
+    def __init__(self, C=32, n_blocks=2):
+        super().__init__()
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
+        self.blocks = nn.ModuleList(TinyBlock(C) for _ in range(n_blocks))
+        self.final_layer = nn.Module()
+        self.final_layer.linear = nn.Linear(C, 16)
+
+    def forward(self, x):  # x (B, C, T, h, w)
+        B, C, T, h, w = x.shape
+        tok = x.flatten(2).transpose(1, 2)
+        for block in self.blocks:
+            tok = tok + block(tok, (T, h, w)) * self.t_block(tok.mean(1, keepdim=True))[..., :C]
+        return self.final_layer.linear(tok)
+
+
+class TinyBlock(nn.Module):
+    def __init__(self, C):
+        super().__init__()
+        self.plucker_proj = nn.Linear(C, C)
+        self.attn = nn.Module()
+        self.attn.qkv = nn.Linear(C, 3 * C, bias=False)
+        self.attn.proj, self.attn.output_gate = nn.Linear(C, C), nn.Linear(C, C)
+        self.attn.beta_proj = nn.Linear(C, 2)
+        self.attn.q_proj_cam, self.attn.out_proj_cam = nn.Linear(C, C), nn.Linear(C, C)
+        self.cross_attn = nn.Module()
+        self.cross_attn.q_linear, self.cross_attn.kv_linear = nn.Linear(C, C), nn.Linear(C, 2 * C)
+        self.cross_attn.proj = nn.Linear(C, C)
+        self.mlp = nn.Module()
+        self.mlp.inverted_conv, self.mlp.depth_conv, self.mlp.point_conv = nn.Module(), nn.Module(), nn.Module()
+        self.mlp.inverted_conv.conv = nn.Conv2d(C, 6 * C, 1)
+        self.mlp.depth_conv.conv = nn.Conv2d(6 * C, 6 * C, 3, padding=1, groups=6 * C)
+        self.mlp.point_conv.conv = nn.Conv2d(3 * C, C, 1, bias=False)
+        self.mlp.t_conv = nn.Conv2d(C, C, (3, 1), padding=(1, 0), bias=False)
+
+    def forward(self, tok, thw):
+        T, h, w = thw
+        a = self.attn
+        q, k, v = a.qkv(tok).chunk(3, -1)
+        u = a.proj(torch.softmax(q @ k.transpose(1, 2) / 6, -1) @ v * F.silu(a.output_gate(tok)))
+        u = u + a.out_proj_cam(a.q_proj_cam(tok)) + self.plucker_proj(tok) + a.beta_proj(tok).sum(-1, True)
+        c = self.cross_attn
+        kc, vc = c.kv_linear(tok[:, :5]).chunk(2, -1)
+        u = u + c.proj(torch.softmax(c.q_linear(u) @ kc.transpose(1, 2), -1) @ vc)
+        B, N, C = u.shape
+        z = u.view(B, T, h, w, C).permute(0, 1, 4, 2, 3).reshape(B * T, C, h, w)
+        z = self.mlp.depth_conv.conv(F.silu(self.mlp.inverted_conv.conv(z)))
+        val, gate = z.chunk(2, 1)
+        z = self.mlp.point_conv.conv(val * F.silu(gate))
+        z = z.view(B, T, C, h * w).transpose(1, 2)
+        z = z + self.mlp.t_conv(z)
+        return u + z.permute(0, 2, 3, 1).reshape(B, N, C)
+
+
+def tiny_model(seed=6):
+    torch.manual_seed(seed)
+    model = Tiny()
+    for p in model.parameters():  # O(1) activations everywhere: no path hides behind a tiny init
+        nn.init.normal_(p, std=1 / math.sqrt(p[0].numel()) if p.dim() > 1 else 0.1)
+    return model.eval()
+
+
+def dequantised_copy(model: nn.Module) -> nn.Module:
+    """The float model whose weights are the NVFP4 layers' dequantised weights: what quantisation should equal."""
+    float_model = tiny_model()  # same seed: the weights before quantisation
+    for name, m in model.named_modules():
+        if isinstance(m, NVFP4Linear):
+            target = float_model.get_submodule(name)
+            w = dequantize_nvfp4(m.weight, m.weight_scale, m.weight_scale_2)
+            target.weight.data = w.view(target.weight.shape)
+    return float_model
+
+
+@torch.no_grad()
+def test_quantize_model_default_layers_and_equivalence():
+    model = tiny_model()
+    x = torch.randn(2, 32, 3, 2, 4)
+    names = quantize_model(model, kernel="torch")
+    expected = [f"blocks.{i}.{n}" for i in range(2) for n in
+                ("attn.qkv", "attn.proj", "attn.output_gate", "cross_attn.q_linear", "cross_attn.kv_linear",
+                 "cross_attn.proj", "mlp.inverted_conv.conv", "mlp.point_conv.conv")]
+    assert sorted(names) == sorted(expected)
+    for name, m in model.named_modules():
+        if name in expected:
+            assert isinstance(m, NVFP4Conv2d if "conv" in name else NVFP4Linear)
+        elif isinstance(m, (nn.Linear, nn.Conv2d)):
+            assert not isinstance(m, NVFP4Linear)
+    # the camera path, plucker_proj, t_block, final layer and t_conv stayed float
+    assert type(model.blocks[0].attn.q_proj_cam) is nn.Linear and type(model.blocks[1].plucker_proj) is nn.Linear
+    assert type(model.t_block[1]) is nn.Linear and type(model.blocks[0].mlp.t_conv) is nn.Conv2d
+    assert max_rel_err(model(x), dequantised_copy(model)(x)) < 1e-5
+    with pytest.raises(ValueError, match="matches no"):
+        quantize_model(tiny_model(), include=("blocks.*.attn.nothing",))
+    with pytest.raises(ValueError, match="blocks.0.attn.qkv"):  # already NVFP4: no longer a candidate
+        quantize_model(model, include=("blocks.0.attn.qkv",))
+
+
+@torch.no_grad()
+def test_quantize_everything_in_blocks():
+    # include every block layer: camera path, beta_proj and the (3,1) temporal conv too; depth_conv (grouped)
+    # is not a candidate
+    model = tiny_model()
+    names = quantize_model(model, include=("blocks.*",), exclude=(), kernel="triton")
+    assert "blocks.0.mlp.t_conv" in names and "blocks.1.attn.q_proj_cam" in names
+    assert not any("depth_conv" in n for n in names)
+    x = torch.randn(1, 32, 3, 2, 4)
+    assert max_rel_err(model(x), dequantised_copy(model)(x)) < 1e-5
+    # a layer whose input width is not a multiple of 16 names itself
+    bad = nn.Module()
+    bad.blocks = nn.ModuleList([nn.Linear(32, 8), nn.Linear(24, 8)])
+    with pytest.raises(ValueError, match="blocks.1.*24 is not a multiple of 16"):
+        quantize_model(bad, include=("blocks.*",), exclude=())
+    assert type(bad.blocks[0]) is nn.Linear  # nothing was replaced
+
+
+@torch.no_grad()
+def test_checkpoint_round_trip_strict(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_model()
+    names = quantize_model(model, exclude=DEFAULT_EXCLUDE)
+    path = tmp_path / "tiny_nvfp4.safetensors"
+    assert save_nvfp4(model, str(path)) == sorted(names)
+    assert read_nvfp4_header(str(path)) == {"format": "nvfp4", "group_size": 16, "layers": sorted(names)}
+    state_dict = load_file(str(path))
+    key = "blocks.0.mlp.inverted_conv.conv"
+    assert state_dict[f"{key}.weight"].dtype == torch.uint8 and state_dict[f"{key}.weight"].shape == (192, 16)
+    assert state_dict[f"{key}.weight_scale"].dtype == torch.float8_e4m3fn
+    assert state_dict[f"{key}.weight_scale"].shape == (192, 2)
+    assert state_dict[f"{key}.weight_scale_2"].dtype == torch.float32 and state_dict[f"{key}.weight_scale_2"].dim() == 0
+    assert is_nvfp4_state_dict(state_dict) and not is_nvfp4_state_dict(tiny_model().state_dict())
+    # the loader's recipe: structure on the meta device, then a strict, assigning load
+    with torch.device("meta"):
+        loaded = Tiny()
+    quantize_model(loaded, include=nvfp4_layer_names(state_dict), exclude=())
+    loaded.load_state_dict(state_dict, strict=True, assign=True)
+    x = torch.randn(1, 32, 2, 2, 2)
+    assert torch.equal(loaded.eval()(x), model(x))
+    with pytest.raises(RuntimeError, match="weight_scale"):
+        tiny_model().load_state_dict(state_dict, strict=True)
+    save_file({"a": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
+    assert read_nvfp4_header(str(tmp_path / "plain.safetensors")) is None
+
+
+# ---------------------------------------------------------------------------------------------- GPU only
+@pytest.mark.gpu
+def test_triton_bf16_on_gpu_matches_torch():
+    g = torch.Generator(device="cuda").manual_seed(7)
+    w = torch.randn(2240, 2240, device="cuda", generator=g) / 50
+    packed, scale, scale_2 = quantize_nvfp4(w)
+    x = torch.randn(1000, 2240, device="cuda", generator=g).bfloat16()
+    b = torch.randn(2240, device="cuda", generator=g).bfloat16()
+    ref = F.linear(x.double(), dequantize_nvfp4(packed, scale, scale_2).double(), b.double())
+    assert max_rel_err(nvfp4_linear_triton(x, packed, scale, scale_2, b), ref) < 2 ** -8
+
+
+@pytest.mark.gpu
+def test_blackwell_w4a4_matches_dequantised_reference():
+    from quantize import blackwell_scaled_mm_available
+
+    if not blackwell_scaled_mm_available(torch.device("cuda")):
+        pytest.skip("needs a Blackwell GPU (sm_100/sm_120) and torch.nn.functional.scaled_mm")
+    g = torch.Generator(device="cuda").manual_seed(8)
+    w = torch.randn(512, 1024, device="cuda", generator=g) / 30
+    packed, scale, scale_2 = quantize_nvfp4(w)
+    x = torch.randn(300, 1024, device="cuda", generator=g).bfloat16()
+    x_deq = dequantize_nvfp4(*quantize_nvfp4(x))  # what the W4A4 path multiplies
+    ref = x_deq.double() @ dequantize_nvfp4(packed, scale, scale_2).double().T
+    assert max_rel_err(nvfp4_linear_w4a4(x, packed, scale, scale_2), ref) < 2 ** -7
+
+
+# ---------------------------------------------------------------------------------------------- the tiny DiT
+def tiny_dit():
+    from dit import DiT, DiTConfig
+    from reference import TINY_DIT, randomize_
+
+    torch.manual_seed(0)
+    cfg = DiTConfig(**{k: v for k, v in TINY_DIT.items() if k != "patch_size"})
+    return randomize_(DiT(cfg), seed=1).eval()
+
+
+def tiny_dit_args():
+    from reference import tiny_dit_inputs
+
+    inputs = tiny_dit_inputs(batch=1)
+    return (inputs["hidden_states"], inputs["timestep"][:, 0], inputs["encoder_hidden_states"][:, 0],
+            inputs["encoder_attention_mask"], inputs["camera_conditions"], inputs["chunk_plucker"])
+
+
+@torch.no_grad()
+def test_tiny_dit_quantises_and_equals_its_dequantised_self():
+    model = tiny_dit()
+    float_model = tiny_dit()
+    names = quantize_model(model, kernel="triton")
+    assert len(names) == 8 * 4
+    assert not any("cam" in n or "plucker" in n or "t_block" in n or "final" in n for n in names)
+    for name in names:
+        m, target = model.get_submodule(name), float_model.get_submodule(name).weight
+        target.copy_(dequantize_nvfp4(m.weight, m.weight_scale, m.weight_scale_2).view_as(target))
+    args = tiny_dit_args()
+    out = model(*args)
+    assert max_rel_err(out, float_model(*args)) < 1e-5  # measured 6.4e-6 (fp32 summation order)
+
+
+@torch.no_grad()
+def test_cli_round_trip_through_dit_checkpoint(tmp_path, capsys):
+    import json
+
+    from dit import DiT
+    from reference import TINY_DIT
+    from safetensors.torch import load_file, save_file
+
+    from quantize import main
+
+    dit_dir = tmp_path / "release" / "dit"  # the release folder layout: dit/, vae/, refiner/
+    dit_dir.mkdir(parents=True)
+    model = tiny_dit().to(torch.bfloat16)
+    save_file(model.state_dict(), str(dit_dir / "diffusion_pytorch_model.safetensors"))
+    (dit_dir / "config.json").write_text(json.dumps({**TINY_DIT, "_class_name": "SanaWMTransformer3DModel"}))
+    out = tmp_path / "dit_nvfp4.safetensors"
+    main(["--in", str(tmp_path / "release"), "--out", str(out)])
+    assert "32 NVFP4 layers" in capsys.readouterr().out
+    state_dict = load_file(str(out))
+    assert read_nvfp4_header(str(out))["layers"] == nvfp4_layer_names(state_dict)
+    # DiT.from_pretrained loads the NVFP4 file transparently (packed weights and scales keep their dtypes)
+    loaded = DiT.from_pretrained(out, dtype=torch.bfloat16, config=model.config)
+    quantize_model(model)
+    expected = model.state_dict()
+    assert loaded.state_dict().keys() == expected.keys()
+    bits = lambda t: t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t  # noqa: E731 (no fp8 equal)
+    assert all(t.dtype == expected[k].dtype and torch.equal(bits(t), bits(expected[k]))
+               for k, t in loaded.state_dict().items())
+    # errors: one line on stderr, exit code 2
+    with pytest.raises(SystemExit) as e:
+        main(["--in", str(tmp_path / "missing"), "--out", str(out)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: path") and err.count("\n") == 1
