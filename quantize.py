@@ -181,10 +181,13 @@ def _nvfp4_matmul_kernel(x_ptr, w_ptr, s_ptr, s2_ptr, b_ptr, y_ptr, M, N, K, str
         ks = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rows64[:, None] * stride_xm + ks[None, :],
                     mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0)
-        # The weight tile, transposed: element (k, n) is nibble k % 2 (0 = low) of byte (n, k // 2).
-        w_mask = (ks[:, None] < K) & (cols[None, :] < N)
-        byte = tl.load(w_ptr + cols[None, :] * (K // 2) + ks[:, None] // 2, mask=w_mask, other=0).to(tl.int32)
-        code = (byte >> ((ks[:, None] % 2) * 4)) & 0xF
+        # The weight tile as stored, (BLOCK_N rows) x (BLOCK_K/2 bytes), contiguous along k so the loads coalesce.
+        # Byte j of a row holds input 2j in its low nibble and 2j+1 in its high one: joining the two nibbles on a
+        # new last axis and flattening puts the codes back in input order.
+        kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        byte = tl.load(w_ptr + cols[:, None] * (K // 2) + kb[None, :],
+                       mask=(cols[:, None] < N) & (kb[None, :] < K // 2), other=0).to(tl.int32)
+        code = tl.reshape(tl.join(byte & 0xF, byte >> 4), (BLOCK_N, BLOCK_K))
         # E2M1 decode (section 1). The low 3 bits c = (e, m) of a normal code (e >= 1) shifted into an fp32's
         # exponent/mantissa fields, with the exponent rebiased from 1 to 127, are 2^(e-1) * (1 + m/2) exactly;
         # the subnormal codes 0 and 1 are 0 and 0.5. Bit 3 is the sign.
@@ -192,13 +195,17 @@ def _nvfp4_matmul_kernel(x_ptr, w_ptr, s_ptr, s2_ptr, b_ptr, y_ptr, M, N, K, str
         normal = ((c << 22) + (126 << 23)).to(tl.float32, bitcast=True)
         magnitude = tl.where(c < 2, 0.5 * c.to(tl.float32), normal)
         value = tl.where(code >= 8, -magnitude, magnitude)
-        scale = tl.load(s_ptr + cols[None, :] * (K // GROUP) + ks[:, None] // GROUP, mask=w_mask,
-                        other=0.0).to(tl.float32)
+        # One E4M3 scale per GROUP consecutive inputs of a row.
+        kg = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
+        scale = tl.load(s_ptr + cols[:, None] * (K // GROUP) + kg[None, :],
+                        mask=(cols[:, None] < N) & (kg[None, :] < K // GROUP), other=0.0).to(tl.float32)
+        value = tl.reshape(tl.reshape(value, (BLOCK_N, BLOCK_K // GROUP, GROUP)) * scale[:, :, None],
+                           (BLOCK_N, BLOCK_K))
         # value * scale has at most 2 + 4 significant bits and lies in [2^-10, 2688]: exact in bf16 and fp16,
         # so the tensor cores see the dequantised weight without rounding. fp32 accumulation.
-        w = (value * scale).to(x.dtype)
+        w = value.to(x.dtype)
         # "ieee" only matters for fp32 activations (no TF32); bf16/fp16 products are exact in fp32 anyway.
-        acc = tl.dot(x, w, acc, input_precision="ieee")
+        acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
     acc = acc * tl.load(s2_ptr)  # the per-tensor scale, once per output instead of once per weight
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]

@@ -117,6 +117,7 @@ def bench_step(model, frames: int, repeats: int):
     return seconds, peak, model(*args).float().cpu()
 
 
+@torch.no_grad()  # inference: no autograd graph (it would hold every activation of the step)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, nargs="+", default=[81, 321])
