@@ -12,7 +12,6 @@ softmax block: ten) at the best SDPA backend's time plus the linears, 2 * params
 """
 import argparse
 import contextlib
-import math
 import pathlib
 import statistics
 import sys
@@ -26,29 +25,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import camera  # noqa: E402
-from dit import DiT, DiTConfig, load_strict  # noqa: E402
-from reference import TINY_DIT, max_rel_err  # noqa: E402
-
-
-def random_state(shapes: dict, device, dtype, seed=1) -> dict:
-    """Weights with randomize_'s distributions (tests/reference.py, dit.md §13.1), drawn directly on the device
-    so the full model takes a second; nothing is zero, so no path is hidden."""
-    g = torch.Generator(device).manual_seed(seed)
-    state = {}
-    for name, t in shapes.items():
-        r = torch.randn(t.shape, generator=g, device=device)
-        if name.endswith("A_log"):
-            v = torch.log(torch.rand(t.shape, generator=g, device=device) * 2 + 0.1)
-        elif name.endswith("dt_bias"):
-            v = 0.5 * r
-        elif "norm" in name and name.endswith("weight"):
-            v = 1 + 0.1 * r
-        elif t.dim() > 1:
-            v = r * 0.5 / math.sqrt(t[0].numel())
-        else:
-            v = 0.1 * r
-        state[name] = v.to(dtype)
-    return state
+from dit import DiT, DiTConfig  # noqa: E402
+from reference import TINY_DIT, max_rel_err, randomize_  # noqa: E402
 
 
 def make_inputs(cfg, batch, frames, hw, text_len, device, dtype, seed=0):
@@ -185,8 +163,8 @@ def main():
     torch.set_grad_enabled(False)
     with torch.device("meta"):
         ours = DiT(cfg).eval()
-    state = random_state(ours.state_dict(), device, dtype)
-    load_strict(ours, state)
+    ours = randomize_(ours.to(dtype).to_empty(device=device))  # drawn on the device: a second for the full model
+    state = ours.state_dict()
     n_params = sum(p.numel() for p in ours.parameters())
     heads, head_dim = cfg.hidden_size // cfg.linear_head_dim, cfg.linear_head_dim
     n_attn = 2 * sum(cfg.is_softmax(i) for i in range(cfg.num_layers))  # main + camera branch per softmax block

@@ -30,38 +30,13 @@ import time
 
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import generate as G  # noqa: E402
 from dit import DiT, DiTConfig  # noqa: E402
+from reference import randomize_  # noqa: E402
 from refiner import Refiner, RefinerConfig  # noqa: E402
 from vae import VAE, VAEConfig  # noqa: E402
-
-
-@torch.no_grad()
-def random_init_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Every floating parameter and buffer redrawn in place on its own device with tests/reference.randomize_'s
-    distributions: A_log = log(U(0,1)*2 + 0.1), dt_bias = 0.5 randn, norm weights 1 + 0.1 randn, matrices
-    randn * 0.5/sqrt(fan_in), other vectors 0.1 randn; the VAE's latents_std U(0.5, 1.5)."""
-    tensors = list(module.named_parameters()) + list(module.named_buffers())
-    g = torch.Generator(tensors[0][1].device).manual_seed(seed)
-    for name, t in tensors:
-        if not t.is_floating_point():
-            continue
-        r = torch.randn(t.shape, generator=g, device=t.device)
-        if name.endswith("A_log"):
-            v = torch.log(torch.rand(t.shape, generator=g, device=t.device) * 2 + 0.1)
-        elif name.endswith("latents_std"):
-            v = 0.5 + torch.rand(t.shape, generator=g, device=t.device)
-        elif name.endswith("dt_bias"):
-            v = 0.5 * r
-        elif "norm" in name and name.endswith("weight"):
-            v = 1 + 0.1 * r
-        elif t.dim() > 1:
-            v = r * 0.5 / math.sqrt(t[0].numel())
-        else:
-            v = 0.1 * r
-        t.copy_(v)
-    return module
 
 
 def random_model(cls, cfg, device, dtype, seed):
@@ -69,7 +44,7 @@ def random_model(cls, cfg, device, dtype, seed):
     `device` and drawn at random."""
     with torch.device("meta"):
         model = cls(cfg)
-    return random_init_(model.to(dtype).to_empty(device=device), seed).eval()
+    return randomize_(model.to(dtype).to_empty(device=device), seed).eval()
 
 
 def random_stage2(cfg: RefinerConfig, text_length: int, device, dtype) -> G.Stage2:

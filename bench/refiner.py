@@ -18,29 +18,15 @@ import time
 
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import refiner  # noqa: E402
+from reference import randomize_  # noqa: E402
 
 TINY = dict(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
             caption_channels=16, num_layers=2, audio_in_channels=4, audio_out_channels=4,
             audio_num_attention_heads=2, audio_attention_head_dim=4, audio_cross_attention_dim=8, rope_type="split")
 FULL = dict(rope_type="split")      # diffusers' defaults are LTX-2.0's, except the RoPE layout
-
-
-@torch.no_grad()
-def random_init_(module, seed=0):
-    """randn·0.5/sqrt(fan_in) for matrices, 1 + 0.1·randn for norm weights, 0.1·randn for other vectors; drawn on
-    the module's device (19 B parameters: too slow on a CPU)."""
-    g = torch.Generator(next(module.parameters()).device).manual_seed(seed)
-    for name, p in module.named_parameters():
-        r = torch.randn(p.shape, generator=g, device=p.device, dtype=torch.float32)
-        if "norm" in name and name.endswith("weight"):
-            r = 1 + 0.1 * r
-        elif p.dim() > 1:
-            r = r * 0.5 / p[0].numel() ** 0.5
-        else:
-            r = 0.1 * r
-        p.copy_(r)
 
 
 def build(kwargs, device, dtype):
@@ -49,7 +35,7 @@ def build(kwargs, device, dtype):
         theirs = SanaWMLTX2RefinerTransformer3DModel(**kwargs)
         ours = refiner.Refiner(refiner.RefinerConfig.from_dict(dict(theirs.config)))
     theirs = theirs.to(dtype).to_empty(device=device)      # cast on meta: never a float32 copy of 19 B params
-    random_init_(theirs)
+    randomize_(theirs)
     state = theirs.state_dict()
     ours.load_state_dict({k: state[k] for k in ours.state_dict()}, strict=True, assign=True)
     return ours.eval(), theirs.eval()

@@ -10,17 +10,22 @@ import torch
 def randomize_(module: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
     """Re-randomise every parameter and floating buffer (dit.md §13.1), so no path is silently zero.
 
-    `A_log = log(U(0,1)*2 + 0.1)`, `dt_bias = 0.5*randn`, `*norm*.weight = 1 + 0.1*randn`,
-    other tensors with dim > 1: `randn * 0.5/sqrt(fan_in)`, 1-D tensors: `0.1*randn`.
+    `A_log = log(U(0,1)*2 + 0.1)`, `dt_bias = 0.5*randn`, `*norm*.weight = 1 + 0.1*randn`, a VAE's
+    `latents_std = U(0.5, 1.5)`, other tensors with dim > 1: `randn * 0.5/sqrt(fan_in)`, 1-D tensors: `0.1*randn`.
+    Drawn in fp32 on each tensor's own device (the benchmarks fill full-size models on the GPU in seconds).
     """
-    g = torch.Generator().manual_seed(seed)
+    generators = {}
     with torch.no_grad():
         for name, p in list(module.named_parameters()) + list(module.named_buffers()):
             if not p.is_floating_point() or p.numel() == 0:
                 continue
-            r = lambda: torch.randn(p.shape, generator=g, dtype=torch.float64)  # noqa: E731
+            g = generators.setdefault(p.device, torch.Generator(p.device).manual_seed(seed))
+            r = lambda: torch.randn(p.shape, generator=g, device=p.device)  # noqa: E731
+            u = lambda: torch.rand(p.shape, generator=g, device=p.device)  # noqa: E731
             if name.endswith("A_log"):
-                v = torch.log(torch.rand(p.shape, generator=g, dtype=torch.float64) * 2 + 0.1)
+                v = torch.log(u() * 2 + 0.1)
+            elif name.endswith("latents_std"):
+                v = 0.5 + u()
             elif name.endswith("dt_bias"):
                 v = 0.5 * r()
             elif "norm" in name and name.endswith("weight"):
@@ -29,7 +34,7 @@ def randomize_(module: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
                 v = r() * 0.5 / math.sqrt(p[0].numel())
             else:
                 v = 0.1 * r()
-            p.copy_(v.to(p.dtype))
+            p.copy_(v)
     return module
 
 

@@ -16,13 +16,7 @@ from reference import (TINY_DIT, build_tiny_vae, load_sana_wm_native, max_rel_er
 SIZE = (128, 192)  # 4 x 6 latent pixels, the smallest the tiny VAE decodes with reflect padding
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models are tiny: more intra-op threads only add synchronisation (far slower on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (tests/conftest.py)
 
 
 def _pipeline(tokenizer, text_encoder, transformer=None, vae=None):

@@ -13,17 +13,11 @@ import refiner as R
 from reference import TINY_REFINER_VARIANTS, max_rel_err, randomize_, tiny_refiner_pipeline
 
 TOL = 1e-5          # max abs difference in float32 (issue 7)
-SPEC = Path(__file__).resolve().parents[2] / "shared" / "reference"
+SPEC = Path(__file__).parent / "data"  # copies of shared/reference's key lists
 PROMPT = "a red car drives along the beach at sunset slowly"   # 9 words: 10 tokens with <bos>, 1014 pad
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: intra-op threads only add synchronisation (20x slower on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (tests/conftest.py)
 
 
 @pytest.fixture(scope="module", params=["spec", "other"])
