@@ -17,7 +17,7 @@ import vae as V
 from reference import RELEASE_VAE, TINY_VAE, build_tiny_vae, max_rel_err, randomize_, vae_from_diffusers
 
 TOL = 1e-5  # fp32, max abs error
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "vae_state_dict_full.txt"
+REFERENCE = Path(__file__).parent / "data" / "vae_state_dict_full.txt"  # a copy of shared/reference's list
 
 # A second config: 16 latent channels, decoder *causal*, upsamplers of all three kinds (spatial / temporal only,
 # channel factor 1), other down-sampling order and group sizes, uneven layer counts (so the decoder's reversed
