@@ -130,16 +130,19 @@ class CaptionEmbedder(nn.Module):
 # --------------------------------------------------------------------------------------------------------------
 # FFN (dit.md §9)
 
-def temporal_conv(x: torch.Tensor, weight: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
-    """Zero-padded 'same' conv over T of x (B, C, T, S) with weight (C, C, K, 1), K odd. With chunk_size each
-    chunk is convolved as if the video ended with it (earlier frames still seen), so nothing leaks backwards."""
-    p = weight.shape[2] // 2
+def temporal_conv(x: torch.Tensor, conv: nn.Module, chunk_size: int | None) -> torch.Tensor:
+    """The zero-padded 'same' conv over T of x (B, C, T, S) by `conv`: a (C, C, K, 1) conv with padding (K//2, 0),
+    K odd (nn.Conv2d, or a drop-in such as quantize.NVFP4Conv2d). With chunk_size each chunk is convolved as if
+    the video ended with it (earlier frames still seen), so nothing leaks backwards."""
     if chunk_size is None:
-        return F.conv2d(x, weight, padding=(p, 0))
+        return conv(x)
+    p = conv.padding[0]
     T, outs = x.shape[2], []
     for start in range(0, T, chunk_size):
         end, lo = min(start + chunk_size, T), max(0, start - p)
-        outs.append(F.conv2d(F.pad(x[:, :, lo:end], (0, 0, p - (start - lo), p)), weight))
+        # The conv's own zero padding after `end` ends the video there; the p frames before `start` are only
+        # context (before frame 0 the padding is the video's own), so their outputs are dropped.
+        outs.append(conv(x[:, :, lo:end])[:, :, start - lo:])
     return torch.cat(outs, dim=2)
 
 
@@ -170,7 +173,7 @@ class GLUMBConvTemp(nn.Module):
             value, gate = self.depth_conv.conv(F.silu(self.inverted_conv.conv(part))).chunk(2, dim=1)
             outs.append(self.point_conv.conv(value * F.silu(gate)))
         z = (outs[0] if len(outs) == 1 else torch.cat(outs)).view(B, T, C, h * w).permute(0, 2, 1, 3)
-        z = z + temporal_conv(z, self.t_conv.weight, chunk_size)
+        z = z + temporal_conv(z, self.t_conv, chunk_size)
         return z.permute(0, 2, 3, 1).reshape(B, N, C)
 
 

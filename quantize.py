@@ -8,10 +8,11 @@ FP32 scale per tensor) to fit small GPUs. This file holds the whole story top to
    Triton kernel that dequantises tile by tile inside the matmul (Hopper and older: no FP4 tensor cores), and
    on Blackwell (sm_100 / sm_120) torch's native block-scaled FP4 matmul (W4A4, opt-in);
 3. `NVFP4Linear` / `NVFP4Conv2d` (drop-in for nn.Linear / nn.Conv2d) and `quantize_model`, which swaps them in
-   by qualified module name;
+   by qualified module name; two layer sets: the default (camera path kept bf16, as the release advises) and
+   "small" (camera path and temporal conv too: 1.57 GB of DiT weights, for small GPUs);
 4. checkpoint files with ModelOpt-style keys (`<layer>.weight` uint8, `<layer>.weight_scale` float8_e4m3fn,
    `<layer>.weight_scale_2` fp32) and a JSON header, and the CLI
-   `python quantize.py --in <dit safetensors or release folder> --out dit_nvfp4.safetensors`.
+   `python quantize.py --in <dit safetensors or release folder> --out dit_nvfp4.safetensors [--preset small]`.
 
 This module imports no other project file (DESIGN.md); only the CLI imports dit.py, lazily.
 
@@ -365,13 +366,22 @@ class NVFP4Conv2d(NVFP4Linear):
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation)
 
 
-# The blocks' attention, cross-attention and FFN 1x1 convs (dit.md section 2). Embedders, t_block, the final
-# layer and the camera path (the *_cam projections, plucker_proj) stay in bf16: the official release found that
-# quantising the camera path kills action-following.
+# Layer sets. Weight bytes of the release DiT (2.6B parameters, 5.32 GB in bf16; tests/test_quantize.py counts
+# them): NVFP4 costs 0.5625 bytes per weight (half a byte plus one E4M3 scale per 16) instead of 2.
+#
+# default (2.73 GB): the blocks' attention, cross-attention and FFN 1x1 convs (dit.md section 2). Embedders,
+# t_block, the final layer, the FFN temporal conv and the camera path (the *_cam projections, plucker_proj) stay in
+# bf16: the official release found that quantising the camera path kills action-following.
 DEFAULT_INCLUDE = ("blocks.*.attn.qkv", "blocks.*.attn.proj", "blocks.*.attn.output_gate",
                    "blocks.*.cross_attn.q_linear", "blocks.*.cross_attn.kv_linear", "blocks.*.cross_attn.proj",
                    "blocks.*.mlp.inverted_conv.conv", "blocks.*.mlp.point_conv.conv")
 DEFAULT_EXCLUDE = ("*_cam", "*plucker*")
+# small (1.57 GB, under issue 8's 1.6 GB goal): also the camera projections, plucker_proj and the FFN temporal
+# conv (3x1 over frames): every large layer of the blocks. This goes AGAINST the release's advice (the camera
+# path's 4-bit rounding costs action-following); it is for GPUs whose memory cannot spare the default's 2.73 GB.
+SMALL_INCLUDE = DEFAULT_INCLUDE + ("blocks.*.attn.*_proj_cam", "blocks.*.plucker_proj", "blocks.*.mlp.t_conv")
+SMALL_EXCLUDE = ()
+PRESETS = {"default": (DEFAULT_INCLUDE, DEFAULT_EXCLUDE), "small": (SMALL_INCLUDE, SMALL_EXCLUDE)}
 
 
 def _quantisable(module: nn.Module) -> bool:
@@ -479,12 +489,18 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Quantise the SANA-WM DiT weights to NVFP4.")
     parser.add_argument("--in", dest="src", required=True, help="DiT safetensors file or release folder")
     parser.add_argument("--out", required=True, help="output safetensors file")
-    parser.add_argument("--include", nargs="+", default=list(DEFAULT_INCLUDE), help="module-name globs")
-    parser.add_argument("--exclude", nargs="*", default=list(DEFAULT_EXCLUDE), help="module-name globs")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                        help="layer set: default (camera path kept bf16, as the release advises) or small "
+                             "(camera path and temporal conv too, against the release's advice: for small GPUs)")
+    parser.add_argument("--include", nargs="+", help="module-name globs (replace the preset's)")
+    parser.add_argument("--exclude", nargs="*", help="module-name globs (replace the preset's)")
     parser.add_argument("--device", default="cpu", help="where to quantise (cpu or cuda)")
     args = parser.parse_args(argv)
+    include, exclude = PRESETS[args.preset]
+    include = include if args.include is None else args.include
+    exclude = exclude if args.exclude is None else args.exclude
     try:
-        layers = quantize_checkpoint(args.src, args.out, args.include, args.exclude, args.device)
+        layers = quantize_checkpoint(args.src, args.out, include, exclude, args.device)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -6,9 +6,10 @@ bf16 torch.matmul at the DiT's linear shapes.
     python bench/quantize.py                 # CUDA machine; prints the matmul table, then the step table last
     python bench/quantize.py --frames 81     # only the short clip
 
-NVFP4 configs: "default" = quantize.py's DEFAULT_INCLUDE (attention, cross-attention, FFN 1x1 convs);
-"+camera" additionally quantises the camera projections and plucker_proj (smaller, but the release found it
-hurts action-following). The FFN temporal conv stays bf16 in both: dit.py reads its weight directly.
+NVFP4 configs, each quantising more of the same model: "default" = quantize.py's DEFAULT_INCLUDE (attention,
+cross-attention, FFN 1x1 convs); "+camera" adds the camera projections and plucker_proj (smaller, but the release
+found it hurts action-following); "small" adds the FFN temporal conv too: quantize.py's SMALL_INCLUDE
+(`--preset small`), the set that fits issue 8's 1.6 GB goal.
 """
 import argparse
 import math
@@ -17,10 +18,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+from reference import randomize_  # noqa: E402
 from quantize import nvfp4_linear_torch, nvfp4_linear_triton, quantize_model, quantize_nvfp4  # noqa: E402
 
 CAMERA_LAYERS = ("blocks.*.attn.*_cam", "blocks.*.plucker_proj")
+TEMPORAL_CONV = ("blocks.*.mlp.t_conv",)  # with the two sets above: quantize.py's SMALL_INCLUDE
 LATENT_HW = (22, 40)  # 704x1280 pixels / 32
 
 
@@ -64,27 +68,6 @@ def bench_matmul(tokens: list[int], repeats: int) -> list[tuple]:
                          err))
             del w, w16, x, packed, scale
     return rows
-
-
-@torch.no_grad()
-def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
-    """Full-size random weights of a sensible scale (the tests' recipe, dit.md section 13.1), on the GPU."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
-        if not p.is_floating_point():
-            continue
-        r = torch.randn(p.shape, device="cuda", generator=g)
-        if name.endswith("A_log"):
-            v = torch.log(torch.rand(p.shape, device="cuda", generator=g) * 2 + 0.1)
-        elif name.endswith("dt_bias"):
-            v = 0.5 * r
-        elif "norm" in name and name.endswith("weight"):
-            v = 1 + 0.1 * r
-        elif p.dim() > 1:
-            v = r * 0.5 / math.sqrt(p[0].numel())
-        else:
-            v = 0.1 * r
-        p.copy_(v)
 
 
 def weight_gb(model: torch.nn.Module) -> float:
@@ -136,11 +119,13 @@ def main() -> None:
     model = model.to(torch.bfloat16).to_empty(device="cuda").eval()
     randomize_(model)
     results, reference = {}, {}
-    for config in ("bf16", "nvfp4 default", "nvfp4 +camera"):
+    for config in ("bf16", "nvfp4 default", "nvfp4 +camera", "nvfp4 small"):
         if config == "nvfp4 default":
             quantize_model(model)
         elif config == "nvfp4 +camera":
             quantize_model(model, include=CAMERA_LAYERS, exclude=())
+        elif config == "nvfp4 small":
+            quantize_model(model, include=TEMPORAL_CONV, exclude=())
         torch.cuda.empty_cache()
         row = {"weights": weight_gb(model)}
         for frames in args.frames:

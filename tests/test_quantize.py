@@ -10,10 +10,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quantize import (DEFAULT_EXCLUDE, NVFP4Conv2d, NVFP4Linear, dequantize_nvfp4,
-                      e2m1_encode, is_nvfp4_state_dict, nvfp4_layer_names, nvfp4_linear_torch,
-                      nvfp4_linear_triton, nvfp4_linear_w4a4, pack_nibbles, quantize_model, quantize_nvfp4,
-                      read_nvfp4_header, save_nvfp4, swizzle_block_scales, unpack_nibbles)
+from quantize import (DEFAULT_EXCLUDE, DEFAULT_INCLUDE, PRESETS, SMALL_EXCLUDE, SMALL_INCLUDE, NVFP4Conv2d,
+                      NVFP4Linear, dequantize_nvfp4, e2m1_encode, is_nvfp4_state_dict, nvfp4_layer_names,
+                      nvfp4_linear_torch, nvfp4_linear_triton, nvfp4_linear_w4a4, pack_nibbles, quantize_model,
+                      quantize_nvfp4, read_nvfp4_header, save_nvfp4, swizzle_block_scales, unpack_nibbles)
 from reference import max_rel_err
 
 
@@ -428,31 +428,70 @@ def tiny_dit():
     return randomize_(DiT(cfg), seed=1).eval()
 
 
-def tiny_dit_args():
+def tiny_dit_args(thw=(3, 4, 6)):
     from reference import tiny_dit_inputs
 
-    inputs = tiny_dit_inputs(batch=1)
+    inputs = tiny_dit_inputs(batch=1, thw=thw)
     return (inputs["hidden_states"], inputs["timestep"][:, 0], inputs["encoder_hidden_states"][:, 0],
             inputs["encoder_attention_mask"], inputs["camera_conditions"], inputs["chunk_plucker"])
+
+
+def dequantised_tiny_dit(model: nn.Module, names: list[str]) -> nn.Module:
+    """The float tiny DiT whose quantised layers hold their dequantised weights: what `model` should equal."""
+    float_model = tiny_dit()
+    for name in names:
+        m, target = model.get_submodule(name), float_model.get_submodule(name).weight
+        target.copy_(dequantize_nvfp4(m.weight, m.weight_scale, m.weight_scale_2).view_as(target))
+    return float_model
 
 
 @torch.no_grad()
 def test_tiny_dit_quantises_and_equals_its_dequantised_self():
     model = tiny_dit()
-    float_model = tiny_dit()
     names = quantize_model(model, kernel="triton")
     assert len(names) == 8 * 4
-    assert not any("cam" in n or "plucker" in n or "t_block" in n or "final" in n for n in names)
-    for name in names:
-        m, target = model.get_submodule(name), float_model.get_submodule(name).weight
-        target.copy_(dequantize_nvfp4(m.weight, m.weight_scale, m.weight_scale_2).view_as(target))
+    assert not any(k in n for n in names for k in ("cam", "plucker", "t_block", "final", "mlp.t_conv"))
     args = tiny_dit_args()
     out = model(*args)
-    assert max_rel_err(out, float_model(*args)) < 1e-5  # measured 6.4e-6 (fp32 summation order)
+    assert max_rel_err(out, dequantised_tiny_dit(model, names)(*args)) < 1e-5  # measured 6.4e-6 (fp32 sum order)
 
 
 @torch.no_grad()
-def test_cli_round_trip_through_dit_checkpoint(tmp_path, capsys):
+def test_tiny_dit_small_preset_quantises_temporal_conv_and_camera_path():
+    # The FFN temporal conv (3x1 over frames) runs through dit.temporal_conv, chunk-causal included.
+    model = tiny_dit()
+    names = quantize_model(model, SMALL_INCLUDE, SMALL_EXCLUDE, kernel="torch")
+    assert len(names) == 14 * 4 and isinstance(model.blocks[2].mlp.t_conv, NVFP4Conv2d)
+    assert {"blocks.0.mlp.t_conv", "blocks.3.attn.k_proj_cam", "blocks.1.plucker_proj"} <= set(names)
+    float_model = dequantised_tiny_dit(model, names)
+    args = tiny_dit_args(thw=(5, 2, 3))
+    for chunk_size in (None, 2):
+        out = model(*args, chunk_size=chunk_size)
+        assert max_rel_err(out, float_model(*args, chunk_size=chunk_size)) < 1e-5  # measured 0 (kernel="torch")
+
+
+def test_release_dit_weight_bytes():
+    """Weight bytes of the release-size DiT per layer set, counted on the meta device (nothing allocated): the
+    "weights GB" column of BENCHMARKS.md (5.32 / 2.73 / 2.01 / 1.57) and issue 8's goal, <= 1.6 GB."""
+    from dit import DiT, DiTConfig
+
+    def weight_bytes(include=(), exclude=()):
+        with torch.device("meta"):
+            model = DiT(DiTConfig()).to(torch.bfloat16)
+        if include:
+            quantize_model(model, include, exclude)
+        return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+    assert weight_bytes() == 5_323_600_936
+    assert weight_bytes(DEFAULT_INCLUDE, DEFAULT_EXCLUDE) == 2_726_993_576
+    camera = DEFAULT_INCLUDE + ("blocks.*.attn.*_proj_cam", "blocks.*.plucker_proj")  # bench's "nvfp4 +camera"
+    assert weight_bytes(camera) == 2_005_713_976
+    assert weight_bytes(SMALL_INCLUDE, SMALL_EXCLUDE) == 1_572_946_056 <= 1.6e9
+
+
+@pytest.mark.parametrize("preset,n_layers", [("default", 32), ("small", 56)])
+@torch.no_grad()
+def test_cli_round_trip_through_dit_checkpoint(tmp_path, capsys, preset, n_layers):
     import json
 
     from dit import DiT
@@ -467,18 +506,22 @@ def test_cli_round_trip_through_dit_checkpoint(tmp_path, capsys):
     save_file(model.state_dict(), str(dit_dir / "diffusion_pytorch_model.safetensors"))
     (dit_dir / "config.json").write_text(json.dumps({**TINY_DIT, "_class_name": "SanaWMTransformer3DModel"}))
     out = tmp_path / "dit_nvfp4.safetensors"
-    main(["--in", str(tmp_path / "release"), "--out", str(out)])
-    assert "32 NVFP4 layers" in capsys.readouterr().out
+    main(["--in", str(tmp_path / "release"), "--out", str(out)] + ([] if preset == "default" else ["--preset", preset]))
+    assert f"{n_layers} NVFP4 layers" in capsys.readouterr().out
     state_dict = load_file(str(out))
     assert read_nvfp4_header(str(out))["layers"] == nvfp4_layer_names(state_dict)
+    assert ("blocks.0.mlp.t_conv.weight_scale" in state_dict) == (preset == "small")
     # DiT.from_pretrained loads the NVFP4 file transparently (packed weights and scales keep their dtypes)
     loaded = DiT.from_pretrained(out, dtype=torch.bfloat16, config=model.config)
-    quantize_model(model)
+    quantize_model(model, *PRESETS[preset])
     expected = model.state_dict()
     assert loaded.state_dict().keys() == expected.keys()
     bits = lambda t: t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t  # noqa: E731 (no fp8 equal)
     assert all(t.dtype == expected[k].dtype and torch.equal(bits(t), bits(expected[k]))
                for k, t in loaded.state_dict().items())
+    x, timestep, text, text_mask, raymap, plucker = tiny_dit_args()
+    args = (x.bfloat16(), timestep, text.bfloat16(), text_mask, raymap, plucker.bfloat16())
+    assert torch.equal(loaded(*args, chunk_size=2), model(*args, chunk_size=2))
     # errors: one line on stderr, exit code 2
     with pytest.raises(SystemExit) as e:
         main(["--in", str(tmp_path / "missing"), "--out", str(out)])
