@@ -688,7 +688,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     except (ValueError, OSError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, even for a key list
         return 2
     return 0
 

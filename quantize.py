@@ -502,7 +502,7 @@ def main(argv=None) -> None:
     try:
         layers = quantize_checkpoint(args.src, args.out, include, exclude, args.device)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, even for a key list
         sys.exit(2)
     print(f"wrote {args.out}: {len(layers)} NVFP4 layers")
 

@@ -819,7 +819,7 @@ def main(argv=None) -> int:
             if _rank() == 0 and losses:
                 print(f"step {args.steps}: loss {losses[-1]:.5f}")
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, even for a key list
         return 2
     finally:
         if dist.is_initialized():

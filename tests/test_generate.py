@@ -154,6 +154,30 @@ def test_load_release_reads_the_release_layout(models, tmp_path):
     assert torch.equal(text, text_back) and torch.equal(mask, mask_back)
 
 
+
+def test_mismatched_checkpoint_is_one_error_line(models, tmp_path, capsys):
+    """A dit/ whose keys do not match the model: the CLI's error names the key problems on one line."""
+    from safetensors.torch import load_file, save_file
+
+    pipe, (dit, vae, tokenizer, gemma) = models
+    pipe.transformer.save_pretrained(tmp_path / "dit")
+    pipe.vae.save_pretrained(tmp_path / "vae")
+    gemma.save_pretrained(tmp_path / "text_encoder")
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    weights = next((tmp_path / "dit").glob("*.safetensors"))
+    state = load_file(str(weights))
+    state["bogus.weight"] = state.pop("final_layer.linear.bias")
+    save_file(state, str(weights))
+    image = str(tmp_path / "image.png")
+    G.demo_image().save(image)
+    argv = ["--weights", str(tmp_path), "--image", image, "--prompt", "p", "--action", "w-8", "--no_refiner",
+            "--dtype", "fp32", "--output_dir", str(tmp_path / "out")]
+    capsys.readouterr()  # the savers' progress bars
+    assert G.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # transformers' loading bars may come first
+    assert [line for line in err if line.startswith("error: ")] == err[-1:], err
+    assert "final_layer.linear.bias" in err[-1] and "bogus.weight" in err[-1], err
+
 # ----------------------------------------------------------------------------------------------------------------
 # Stage 2: the hand-off to the refiner, as diffusers' two-stage use does it (refiner.md §8)
 
