@@ -8,9 +8,29 @@ gdn.py and shares the parameter layout defined here (`CameraSelfAttention`).
 Layouts: tokens (B, N, C) frame-major (n = (t*h + i)*w + j); per-head tensors (B, N, H, D); RoPE tables
 (N, D/2) complex64; per-token camera matrices (B, N, 4, 4).
 """
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+def fused_on_cuda(fn):
+    """Run fn's chain of pointwise ops as fused kernels on CUDA tensors. Each op of the fp32 islands (dit.md §10:
+    casts, RoPE rotations, RMS statistics and caps, modulation) is otherwise one pass over memory: unfused they
+    cost ~20% of a 961-frame step (BENCHMARKS.md). torch.compile fuses them; CPU tensors (and the tests) run fn as
+    written. The first call at a new shape compiles (seconds)."""
+    compiled = None
+
+    @functools.wraps(fn)
+    def run(x, *args, **kwargs):
+        nonlocal compiled
+        if not x.is_cuda or torch.compiler.is_compiling():  # called from another fused function: inlined there
+            return fn(x, *args, **kwargs)
+        if compiled is None:  # made on first use, so that importing the module stays cheap
+            compiled = torch.compile(fn)  # shapes that vary between calls (frames, text length) become symbolic
+        return compiled(x, *args, **kwargs)
+    return run
 
 
 class RMSNorm(nn.Module):
@@ -22,8 +42,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)  # promoted to fp32
-        return x.to(self.weight.dtype) * self.weight
+        return rms_norm(x, self.weight, self.eps)
+
+
+@fused_on_cuda
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)  # promoted to fp32
+    return x.to(weight.dtype) * weight
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -57,6 +82,7 @@ def camera_rope_table(table: torch.Tensor, head_dim: int) -> torch.Tensor:
     return torch.cat([table[:, :m_t], table[:, n_t:n_t + m_hw], table[:, n_t + n_hw:n_t + n_hw + m_hw]], dim=-1)
 
 
+@fused_on_cuda
 def apply_rope(x: torch.Tensor, table: torch.Tensor, conjugate: bool = False) -> torch.Tensor:
     """Rotate channel pairs (2p, 2p+1) of x (B, N, H, 2P) by table (N, P); in fp32, cast back (dit.md §10)."""
     z = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2)))
@@ -68,6 +94,7 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor, conjugate: bool = False) ->
 # UCPE (dit.md §6.6, camera.md §7): per head, the first half of the channels is a stack of 4-vectors multiplied by
 # the token's 4x4 ray matrix, the second half is rotated by the camera RoPE.
 
+@fused_on_cuda
 def ucpe(x: torch.Tensor, M: torch.Tensor, rope_cam: torch.Tensor, conjugate: bool = False) -> torch.Tensor:
     """x (B, N, H, D), M (B, N, 4, 4), rope_cam (N, D/4) -> [M a_g for each 4-group a_g of x[..., :D/2] |
     RoPE(x[..., D/2:])]. Decoding uses M = P and the conjugate rotation."""
@@ -77,6 +104,7 @@ def ucpe(x: torch.Tensor, M: torch.Tensor, rope_cam: torch.Tensor, conjugate: bo
     return torch.cat([a, apply_rope(b, rope_cam, conjugate)], dim=-1)
 
 
+@fused_on_cuda
 def rms_cap(reference: torch.Tensor, x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Scale x down (never up) so that its per-token, per-head RMS over D does not exceed the reference's."""
     ref_rms = reference.square().mean(-1, keepdim=True).add(eps).sqrt()

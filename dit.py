@@ -18,7 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 
-from attention import CrossAttention, RMSNorm, SoftmaxSelfAttention, camera_rope_table, rope_table
+from attention import (CrossAttention, RMSNorm, SoftmaxSelfAttention, camera_rope_table, fused_on_cuda,
+                       rope_table)
 from camera import ray_matrices, se3_inverse
 from gdn import GDNSelfAttention
 from quantize import nvfp4_layer_names, quantize_model
@@ -180,6 +181,7 @@ class GLUMBConvTemp(nn.Module):
 # --------------------------------------------------------------------------------------------------------------
 # Block and final layer (dit.md §4, §3.5)
 
+@fused_on_cuda
 def _modulate(x, shift, scale, T):
     """Per-frame AdaLN: LN(x) (no affine, eps 1e-6) * (1 + scale) + shift, with shift/scale (B, T, 1, C)."""
     B, N, C = x.shape

@@ -613,9 +613,10 @@ def gdn_scan(q_rot, k_rot, v, beta, decay, q=None, k=None, *, chunk_size=None, e
 # shared output gate come from attention.CameraSelfAttention.
 import torch.nn.functional as F  # noqa: E402
 
-from attention import CameraSelfAttention, apply_rope, rms_cap, ucpe  # noqa: E402
+from attention import CameraSelfAttention, apply_rope, fused_on_cuda, rms_cap, ucpe  # noqa: E402
 
 
+@fused_on_cuda
 def short_conv(x: torch.Tensor, weight: torch.Tensor, num_frames: int, chunk_size: int | None = None):
     """Depthwise temporal filter of x (B, N, C) with taps weight (C, 1, K), per spatial position (dit.md §6.2):
     y[t] = sum_j w_j x[t-K+1+j] + sum_j w_j x[t+K-1-j] - w_{K-1} x[t], zero outside [0, T), i.e. the symmetric
