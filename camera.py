@@ -411,5 +411,6 @@ def ray_matrices(raymap: torch.Tensor, thw: tuple[int, int, int], patch_size: in
         translation = -torch.einsum("bthwij,bthwj->bthwi", world_to_ray, centre[:, :, None, None].expand_as(z_axis))
         bottom = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=dtype, device=device).expand(*z_axis.shape[:-1], 1, 4)
         P = torch.cat([torch.cat([world_to_ray, translation[..., None]], dim=-1), bottom], dim=-2)
-        P[torch.isnan(d_world).any(-1)] = torch.eye(4, dtype=dtype, device=device)
+        # A NaN ray gets the identity (as the reference); torch.where keeps this free of a host sync on the GPU.
+        P = torch.where(torch.isnan(d_world).any(-1)[..., None, None], torch.eye(4, dtype=dtype, device=device), P)
     return P.reshape(batch, t_dim * h * w, 4, 4)

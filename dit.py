@@ -54,9 +54,10 @@ class DiTConfig:
         if C % self.num_attention_heads:
             raise ValueError(f"num_attention_heads: expected a divisor of hidden_size={C}, "
                              f"got {self.num_attention_heads}")
-        if self.t_kernel_size % 2 == 0 or self.conv_kernel_size < 1:
-            raise ValueError(f"t_kernel_size/conv_kernel_size: expected odd / >= 1, "
-                             f"got {self.t_kernel_size}/{self.conv_kernel_size}")
+        if self.t_kernel_size % 2 == 0:
+            raise ValueError(f"t_kernel_size: expected an odd number of frames, got {self.t_kernel_size}")
+        if self.conv_kernel_size < 1:
+            raise ValueError(f"conv_kernel_size: expected >= 1, got {self.conv_kernel_size}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "DiTConfig":
@@ -293,6 +294,9 @@ class DiT(nn.Module):
         config.json uses `config` (default: the release). Built on the meta device; tensors are assigned.
         An NVFP4 file written by quantize.py loads too: its quantised layers become NVFP4 modules first."""
         cfg_dict, files = find_checkpoint(path)
+        if cfg_dict is not None and config is not None:
+            raise ValueError(f"config: {path} has its own config.json; pass config only for a file or folder "
+                             f"without one")
         cfg = DiTConfig.from_dict(cfg_dict) if cfg_dict is not None else (config or DiTConfig())
         state = read_safetensors(files, dtype, device, drop={"pos_embed"})
         with torch.device("meta"):
@@ -321,7 +325,7 @@ def _check_inputs(cfg, x, timestep, text, text_mask, raymap, plucker, chunk_size
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Loading: plain functions so other formats (e.g. quantized weights) can hook in.
+# Loading (find the files, read them, check keys and shapes, assign).
 
 def find_checkpoint(path) -> tuple[dict | None, list[Path]]:
     """(config.json contents or None, safetensors files) of a single file or a directory."""

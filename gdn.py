@@ -1,4 +1,5 @@
-"""Frame-wise Gated DeltaNet (SANA-WM §3, spec dit.md §6.3-6.5): the bidirectional gated delta rule scan.
+"""Frame-wise Gated DeltaNet (SANA-WM §3, spec dit.md §6): the bidirectional gated delta rule scan, and at the end
+of the file the GDN self-attention layer of the DiT around it (dit.md §6.1-6.2, §6.5).
 
 One DxD state per (batch, head) is updated once per latent frame by all S tokens of that frame jointly:
 
@@ -26,7 +27,7 @@ Kernel data layout (all float32, D padded to a power of two inside the kernels b
     X       (2, B, H, T, R, D)    the states read by frame t: X[0] = forward (S_t; z_t), X[1] = backward
     Rows of a state evolve independently (S_t[i,:] = S_{t-1}[i,:] A_t + U_t[i,:]), so the scan kernel runs one
     program per (batch*head, block of BV state rows, direction): B*H*(ceil(D/BV)+1)*2 programs instead of B*H,
-    the normaliser being the extra 1-row block. Both directions' states are stored so that the output is ONE
+    the normaliser being the extra 1-row block (absent in the numerator-only camera scan). Both directions' states are stored so that the output is ONE
     product per token with the summed state (num_fwd + num_bwd = (S_t + S^b_t) q~_s).
 All products keep float32 accuracy on tensor cores (`DOT_PRECISION`, `_dot_split` below); the interpreter computes
 in float32. The kernels are written for head dims up to 128 (the release: D = 112).
@@ -36,8 +37,11 @@ forward scan runs across chunks, the backward state is reset at the last frame o
 frame t only sees future frames of its own chunk. chunk_size None (the release) = one chunk of all T frames.
 """
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from attention import CameraSelfAttention, apply_rope, fused_on_cuda, rms_cap, ucpe
 
 BACKENDS = ("auto", "torch", "triton", "reference")
 
@@ -607,13 +611,10 @@ def gdn_scan(q_rot, k_rot, v, beta, decay, q=None, k=None, *, chunk_size=None, e
     return _GDNScanTriton.apply(q_rot, k_rot, v, beta, decay, q, k, chunk_size, eps)
 
 
-# === GDN self-attention layer (dit.md §6.1-6.5) ===
-# The layer around the scan: gates, the temporal short conv on K, norms, ReLU kernel, key scaling, RoPE on the
-# numerator stream, and the UCPE camera branch. Its parameters (one layout with the softmax variant) and the
-# shared output gate come from attention.CameraSelfAttention.
-import torch.nn.functional as F  # noqa: E402
-
-from attention import CameraSelfAttention, apply_rope, fused_on_cuda, rms_cap, ucpe  # noqa: E402
+# ---------------------------------------------------------------------------------------------------------------
+# The GDN self-attention layer (dit.md §6.1-6.5): the layer around the scan: gates, the temporal short conv on K,
+# norms, ReLU kernel, key scaling, RoPE on the numerator stream, and the UCPE camera branch. Its parameters (one
+# layout with the softmax variant) and the shared output gate come from attention.CameraSelfAttention.
 
 
 @fused_on_cuda

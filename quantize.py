@@ -5,7 +5,8 @@ FP32 scale per tensor) to fit small GPUs. This file holds the whole story top to
 
 1. the format from first principles: `quantize_nvfp4(w) -> (packed, scale, scale_2)` and `dequantize_nvfp4`;
 2. the matmul `y = x W^T + b` with W kept in NVFP4: a readable torch reference (dequantise, then matmul), a
-   Triton kernel that dequantises tile by tile inside the matmul (Hopper and older: no FP4 tensor cores), and
+   Triton kernel that dequantises tile by tile inside the matmul (sm_89+, e.g. Hopper: no FP4 tensor cores;
+   older GPUs run the torch reference), and
    on Blackwell (sm_100 / sm_120) torch's native block-scaled FP4 matmul (W4A4, opt-in);
 3. `NVFP4Linear` / `NVFP4Conv2d` (drop-in for nn.Linear / nn.Conv2d) and `quantize_model`, which swaps them in
    by qualified module name; two layer sets: the default (camera path kept bf16, as the release advises) and
@@ -24,6 +25,7 @@ casting them: the packed weights are uint8, the scales float8_e4m3fn and fp32 by
 """
 import argparse
 import fnmatch
+import functools
 import json
 import sys
 from pathlib import Path
@@ -77,7 +79,12 @@ def e2m1_encode(x: torch.Tensor) -> torch.Tensor:
 
 def e2m1_decode(code: torch.Tensor) -> torch.Tensor:
     """E2M1 codes (uint8 in 0..15) -> fp32 values."""
-    return torch.tensor(E2M1_VALUES, device=code.device)[code.long()]
+    return _e2m1_table(code.device)[code.long()]
+
+
+@functools.cache
+def _e2m1_table(device: torch.device) -> torch.Tensor:
+    return torch.tensor(E2M1_VALUES, device=device)  # once per device: no host-to-device copy per decode
 
 
 def pack_nibbles(code: torch.Tensor) -> torch.Tensor:
@@ -214,15 +221,21 @@ def _nvfp4_matmul_kernel(x_ptr, w_ptr, s_ptr, s2_ptr, b_ptr, y_ptr, M, N, K, str
              mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
-def nvfp4_linear_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, scale_2: torch.Tensor,
-                        bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x W^T + b, W dequantised tile by tile inside a Triton matmul; x (..., in) bf16/fp16/fp32."""
+def _check_linear_input(x, packed, scale, scale_2) -> tuple[int, int]:
+    """(out_features N, in_features K) after checking the NVFP4 tensors and that x is (..., K) in bf16/fp16/fp32."""
     _check_nvfp4(packed, scale, scale_2)
     N, K = packed.shape[0], packed.shape[1] * 2
     if x.shape[-1] != K:
         raise ValueError(f"x: expected last dim {K} (in_features), got shape {tuple(x.shape)}")
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"x: expected bf16, fp16 or fp32, got {x.dtype}")
+    return N, K
+
+
+def nvfp4_linear_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, scale_2: torch.Tensor,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x W^T + b, W dequantised tile by tile inside a Triton matmul; x (..., in) bf16/fp16/fp32."""
+    N, K = _check_linear_input(x, packed, scale, scale_2)
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -261,7 +274,7 @@ def nvfp4_linear_w4a4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor
     block-scaled FP4 matmul. Lossier than the W4A16 paths (activations are rounded too); opt-in."""
     if not blackwell_scaled_mm_available(x.device):
         raise ValueError("kernel='w4a4' needs a Blackwell GPU (sm_100/sm_120) and torch.nn.functional.scaled_mm")
-    K = packed.shape[1] * 2
+    _, K = _check_linear_input(x, packed, scale, scale_2)
     x2 = x.reshape(-1, K)
     x_packed, x_scale, x_scale_2 = _quantize(x2)
     recipe = [F.ScalingType.BlockWise1x16, F.ScalingType.TensorWise]
@@ -442,11 +455,6 @@ def nvfp4_layer_names(state_dict) -> list[str]:
     """Names of the NVFP4 layers in a state dict (those with `<layer>.weight_scale_2`); [] for a float file."""
     suffix = ".weight_scale_2"
     return sorted(k[: -len(suffix)] for k in state_dict if k.endswith(suffix))
-
-
-def is_nvfp4_state_dict(state_dict) -> bool:
-    """Whether a state dict (or any mapping of its keys) holds NVFP4 layers."""
-    return len(nvfp4_layer_names(state_dict)) > 0
 
 
 def save_nvfp4(model: nn.Module, path: str) -> list[str]:

@@ -124,7 +124,6 @@ SELF_ATTENTION = {
 def test_self_attention(kind, with_camera, thw):
     """The full self-attention modules (dit.md §5-§7), with and without the UCPE camera branch."""
     ref_cls, make_ours = SELF_ATTENTION[kind]
-    torch.manual_seed(0)
     theirs = randomize_(ref_cls(C, C, cam_dim=C, cam_heads=HEADS, heads=HEADS, eps=1e-8, qk_norm=True,
                                 patch_size=(1, 1, 1), conv_kernel_size=4).eval())
     ours = make_ours()

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from quantize import (DEFAULT_EXCLUDE, DEFAULT_INCLUDE, PRESETS, SMALL_EXCLUDE, SMALL_INCLUDE, NVFP4Conv2d,
-                      NVFP4Linear, dequantize_nvfp4, e2m1_encode, is_nvfp4_state_dict, nvfp4_layer_names,
+                      NVFP4Linear, dequantize_nvfp4, e2m1_encode, nvfp4_layer_names,
                       nvfp4_linear_torch, nvfp4_linear_triton, nvfp4_linear_w4a4, pack_nibbles, quantize_model,
                       quantize_nvfp4, read_nvfp4_header, save_nvfp4, swizzle_block_scales, unpack_nibbles)
 from reference import max_rel_err
@@ -332,8 +332,8 @@ def test_quantize_model_default_layers_and_equivalence():
     for name, m in model.named_modules():
         if name in expected:
             assert isinstance(m, NVFP4Conv2d if "conv" in name else NVFP4Linear)
-        elif isinstance(m, (nn.Linear, nn.Conv2d)):
-            assert not isinstance(m, NVFP4Linear)
+        else:
+            assert not isinstance(m, NVFP4Linear), name
     # the camera path, plucker_proj, t_block, final layer and t_conv stayed float
     assert type(model.blocks[0].attn.q_proj_cam) is nn.Linear and type(model.blocks[1].plucker_proj) is nn.Linear
     assert type(model.t_block[1]) is nn.Linear and type(model.blocks[0].mlp.t_conv) is nn.Conv2d
@@ -377,7 +377,7 @@ def test_checkpoint_round_trip_strict(tmp_path):
     assert state_dict[f"{key}.weight_scale"].dtype == torch.float8_e4m3fn
     assert state_dict[f"{key}.weight_scale"].shape == (192, 2)
     assert state_dict[f"{key}.weight_scale_2"].dtype == torch.float32 and state_dict[f"{key}.weight_scale_2"].dim() == 0
-    assert is_nvfp4_state_dict(state_dict) and not is_nvfp4_state_dict(tiny_model().state_dict())
+    assert nvfp4_layer_names(state_dict) and not nvfp4_layer_names(tiny_model().state_dict())
     # the loader's recipe: structure on the meta device, then a strict, assigning load
     with torch.device("meta"):
         loaded = Tiny()
