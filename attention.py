@@ -154,6 +154,20 @@ class CameraSelfAttention(nn.Module):
         if conv_kernel:
             self.conv_k_cam = nn.Conv1d(dim, dim, conv_kernel, groups=dim, bias=False)
 
+    @staticmethod
+    def to_rays(qc, kc, vc, camera):
+        """The camera branch's UCPE encoding (dit.md §6.5, §7.2): queries with P^T, keys and values with P^-1, each
+        capped to its pre-transform RMS. camera = (P, P^T, P^-1, rope_cam); q/k/v (B, N, H, D)."""
+        _, P_T, P_inv, rope_cam = camera
+        return (rms_cap(qc, ucpe(qc, P_T, rope_cam)), rms_cap(kc, ucpe(kc, P_inv, rope_cam)),
+                rms_cap(vc, ucpe(vc, P_inv, rope_cam)))
+
+    @staticmethod
+    def from_rays(oc, camera):
+        """Decode the camera branch's output (B, N, H, D) back to world space with P and the conjugate RoPE."""
+        P, _, _, rope_cam = camera
+        return ucpe(oc, P, rope_cam, conjugate=True).flatten(2)
+
     def output(self, u: torch.Tensor, main: torch.Tensor, camera: torch.Tensor | None) -> torch.Tensor:
         """Both branches (B, N, C) share one output gate computed from the block input u, in fp32 (dit.md §10)."""
         if camera is not None:
@@ -180,20 +194,16 @@ class SoftmaxSelfAttention(CameraSelfAttention):
 
         cam = None
         if camera is not None:
-            P, P_T, P_inv, rope_cam = camera
             qc = self.q_norm_cam(self.q_proj_cam(u)).view(B, N, H, D)
             kc = self.k_norm_cam(self.k_proj_cam(u)).view(B, N, H, D)
             vc = self.v_proj_cam(u).view(B, N, H, D)
-            # Queries with P^T, keys and values with P^-1, each capped to its pre-transform RMS (dit.md §7.2).
-            qh = rms_cap(qc, ucpe(qc, P_T, rope_cam))
-            kh = rms_cap(kc, ucpe(kc, P_inv, rope_cam))
-            vh = rms_cap(vc, ucpe(vc, P_inv, rope_cam))
+            qh, kh, vh = self.to_rays(qc, kc, vc, camera)
             # Always bf16, zero-padded to a flash-attention width (112 -> 128); the default SDPA scale then is
             # 1/sqrt(padded width), which the released weights were trained with (dit.md §7.2).
             width = D if D in (32, 64, 128) or D >= 256 else (128 if D < 128 else 256)
             qh, kh, vh = (F.pad(t.transpose(1, 2).to(torch.bfloat16), (0, width - D)) for t in (qh, kh, vh))
             oc = block_causal_sdpa(qh, kh, vh, thw[0], chunk_size)[..., :D].transpose(1, 2).to(u.dtype)
-            cam = ucpe(oc, P, rope_cam, conjugate=True).reshape(B, N, C)
+            cam = self.from_rays(oc, camera)
         return self.output(u, main, cam)
 
 

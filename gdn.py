@@ -41,7 +41,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from attention import CameraSelfAttention, apply_rope, fused_on_cuda, rms_cap, ucpe
+from attention import CameraSelfAttention, apply_rope, fused_on_cuda
 
 BACKENDS = ("auto", "torch", "triton", "reference")
 
@@ -665,19 +665,16 @@ class GDNSelfAttention(CameraSelfAttention):
 
         cam = None
         if camera is not None:  # §6.5
-            P, P_T, P_inv, rope_cam = camera
             qc = F.relu(self.q_norm_cam(self.q_proj_cam(u))).view(B, N, H, D)
             kc = short_conv(self.k_proj_cam(u), self.conv_k_cam.weight, T, chunk_size)
             kc = F.relu(self.k_norm_cam(kc)).view(B, N, H, D) * key_scale
             vc = self.v_proj_cam(u).view(B, N, H, D)
             norm_before = torch.linalg.vector_norm(kc, dim=-1).clamp_min(1e-6)
-            qh = rms_cap(qc, ucpe(qc, P_T, rope_cam))
-            kh = rms_cap(kc, ucpe(kc, P_inv, rope_cam))
-            vh = rms_cap(vc, ucpe(vc, P_inv, rope_cam))
+            qh, kh, vh = self.to_rays(qc, kc, vc, camera)
             # Whatever energy UCPE still adds to the keys is taken out of the write strength, one divisor per frame.
             inflation = (torch.linalg.vector_norm(kh, dim=-1).clamp_min(1e-6) / norm_before) ** 2
             divisor = inflation.view(B, T, S, H).mean(2, keepdim=True).clamp_min(1.0)
             beta_cam = (beta.view(B, T, S, H) / divisor).view(B, N, H)
             oc = gdn_scan(qh, kh, vh, beta_cam, decay, chunk_size=chunk_size)  # numerator only
-            cam = ucpe(oc, P, rope_cam, conjugate=True).reshape(B, N, C)
+            cam = self.from_rays(oc, camera)
         return self.output(u, main.reshape(B, N, C), cam)
