@@ -404,8 +404,9 @@ class Refiner(nn.Module):
     checkpoint round-trips with strict loading; no forward ever reads them (see `_add_audio_holders`).
     """
 
-    def __init__(self, cfg: RefinerConfig = RefinerConfig(), keep_audio: bool = False):
+    def __init__(self, cfg: RefinerConfig | None = None, keep_audio: bool = False):
         super().__init__()
+        cfg = cfg or RefinerConfig()
         self.cfg = cfg
         d = cfg.inner_dim
         self.proj_in = nn.Linear(cfg.in_channels, d)
@@ -541,8 +542,9 @@ class TextConnectors(nn.Module):
     """LTX-2.0 text connectors. Only the video connector is run; `keep_audio=True` also holds the audio connector's
     parameters (the reference runs it and discards its output)."""
 
-    def __init__(self, cfg: ConnectorsConfig = ConnectorsConfig(), keep_audio: bool = False):
+    def __init__(self, cfg: ConnectorsConfig | None = None, keep_audio: bool = False):
         super().__init__()
+        cfg = cfg or ConnectorsConfig()
         self.cfg = cfg
         c = cfg.caption_channels
         self.text_proj_in = nn.Linear(c * cfg.text_proj_in_factor, c, bias=False)
@@ -640,7 +642,7 @@ def _component_dir(path, name: str) -> Path:
 
 
 def _load(cls, args, folder: Path, dtype, device, keep_audio: bool):
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ValueError(f"no .safetensors files in {folder}")
@@ -651,11 +653,14 @@ def _load(cls, args, folder: Path, dtype, device, keep_audio: bool):
     wanted = set(model.state_dict())
     state, found = {}, {}
     for file in files:
-        with safe_open(file, framework="pt", device=str(device)) as f:
-            for key in f.keys():
-                found[key] = tuple(f.get_slice(key).get_shape())
-                if key in wanted and found[key] == expected.get(key):
-                    state[key] = f.get_tensor(key).to(dtype)
+        try:
+            with safe_open(file, framework="pt", device=str(device)) as f:
+                for key in f.keys():
+                    found[key] = tuple(f.get_slice(key).get_shape())
+                    if key in wanted and found[key] == expected.get(key):
+                        state[key] = f.get_tensor(key).to(dtype)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"path: {file} is not a readable safetensors file ({e})") from e
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     wrong = sorted(f"{k}: file {found[k]} vs model {expected[k]}" for k in set(found) & set(expected)
@@ -748,19 +753,29 @@ def save_lora(model: nn.Module, path):
 
 def load_lora(model: nn.Module, path) -> list:
     """Wrap the Linears named in the file (rank/alpha from its metadata) and load its tensors, every one of which
-    must find its adapter with the right shape. Returns the wrapped names."""
+    must find its adapter with the right shape; layers already wrapped must hold unmerged adapters of the file's
+    rank/alpha. Returns the wrapped names."""
     from safetensors import safe_open
     with safe_open(str(path), framework="pt", device="cpu") as f:
         meta = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     if "rank" not in meta or "alpha" not in meta:
         raise ValueError(f"{path} has no rank/alpha metadata: not written by save_lora")
-    names = sorted({k.rsplit(".lora_", 1)[0] for k in tensors})
-    if any(not isinstance(model.get_submodule(n), (nn.Linear, LoRALinear)) for n in names):
-        raise ValueError(f"{path} names modules that are not Linear layers of this model")
-    fresh = [n for n in names if isinstance(model.get_submodule(n), nn.Linear)]
+    rank, alpha = int(meta["rank"]), float(meta["alpha"])
+    modules = dict(model.named_modules())
+    for k in tensors:
+        name, _, rest = k.rpartition(".lora_")
+        if rest not in ("A.weight", "B.weight") or not isinstance(modules.get(name), (nn.Linear, LoRALinear)):
+            raise ValueError(f"{path}: key {k} is not <a Linear layer of this model>.lora_A/B.weight")
+    names = sorted({k.rpartition(".lora_")[0] for k in tensors})
+    for n in names:   # an existing adapter keeps its own rank/alpha, and a merged one is never read by forward
+        m = modules[n]
+        if isinstance(m, LoRALinear) and (m.merged or (m.rank, m.alpha) != (rank, alpha)):
+            raise ValueError(f"{path}: rank {rank}, alpha {alpha} cannot load into the adapter {n} (rank {m.rank}, "
+                             f"alpha {m.alpha}, {'merged' if m.merged else 'not merged'})")
+    fresh = [n for n in names if isinstance(modules[n], nn.Linear)]
     if fresh:
-        add_lora(model, int(meta["rank"]), float(meta["alpha"]), targets="|".join(map(re.escape, fresh)))
+        add_lora(model, rank, alpha, targets="|".join(map(re.escape, fresh)))
     own = {f"{n}.lora_{ab}.weight": getattr(model.get_submodule(n), f"lora_{ab}").weight for n in names for ab in "AB"}
     if set(own) != set(tensors) or any(own[k].shape != tensors[k].shape for k in own):
         raise ValueError(f"{path} does not match the model's adapters (keys or shapes differ)")
@@ -804,6 +819,8 @@ def refine(refiner: Refiner, latents: torch.Tensor, text: torch.Tensor, text_mas
     B, _, T, h, w = latents.shape
     if text.dim() != 3 or text.shape[0] != B or text.shape[2] != cfg.caption_channels:
         raise ValueError(f"text must be (B={B}, L, {cfg.caption_channels}), got {tuple(text.shape)}")
+    if text_mask is not None and text_mask.shape != text.shape[:2]:
+        raise ValueError(f"text_mask: expected (B, L) = {tuple(text.shape[:2])}, got {tuple(text_mask.shape)}")
     if not 1 <= sink_size < T:
         raise ValueError(f"sink_size must be in [1, T={T}), got {sink_size}")
     if block_size < 1:

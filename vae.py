@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 # (temporal, height, width) strides of the re-sampling layers (vae.md §3.5, §3.6)
 STRIDES = {"spatial": (1, 2, 2), "temporal": (2, 1, 1), "spatiotemporal": (2, 2, 2)}
@@ -204,8 +204,9 @@ class Downsampler(nn.Module):
         self.conv = CausalConv3d(c_in, c_out // math.prod(stride), causal, pad_mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # s_t - 1 copies of frame 0 in front make 1 + 2k frames even; both branches see them
-        x = torch.cat([x[:, :, :self.stride[0] - 1], x], dim=2)
+        # s_t - 1 copies of frame 0 in front make 1 + 2k frames even; both branches see them (none when s_t = 1)
+        if self.stride[0] > 1:
+            x = torch.cat([x[:, :, :self.stride[0] - 1], x], dim=2)
         residual = space_to_depth(x, self.stride).unflatten(1, (-1, self.group)).mean(2)
         return space_to_depth(self.conv(x), self.stride) + residual
 
@@ -525,9 +526,12 @@ class VAE(nn.Module):
             model = cls(cfg)
         state = {}
         for file in files:
-            with safe_open(file, framework="pt") as f:
-                for key in f.keys():
-                    state[key] = f.get_tensor(key).to(device=device, dtype=dtype)
+            try:
+                with safe_open(file, framework="pt") as f:
+                    for key in f.keys():
+                        state[key] = f.get_tensor(key).to(device=device, dtype=dtype)
+            except (SafetensorError, OSError) as e:
+                raise ValueError(f"path: {file} is not a readable safetensors file ({e})") from e
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         missing = sorted(expected.keys() - state.keys())
         unexpected = sorted(state.keys() - expected.keys())

@@ -182,6 +182,8 @@ def test_refine_explicit_generator_and_bad_input(pipe):
         R.refine(ours, z[0], text, fps=16)
     with pytest.raises(ValueError, match="text"):
         R.refine(ours, z, text[:, :, :-1], fps=16)
+    with pytest.raises(ValueError, match="text_mask"):           # (B, 1) would broadcast over the text keys
+        R.refine(ours, z, text, torch.ones(1, 1), fps=16)
     with pytest.raises(ValueError, match="sink_size"):
         R.refine(ours, z, text, fps=16, sink_size=5)
     with pytest.raises(ValueError, match="sigmas"):
@@ -280,6 +282,42 @@ def test_lora_save_load_round_trip(tmp_path):
         R.save_lora(_lora_model(), tmp_path / "none.safetensors")
 
 
+def test_lora_load_into_existing_adapters_and_bad_files(tmp_path):
+    from safetensors.torch import save_file
+    model = _lora_model()
+    R.add_lora(model, rank=3, alpha=6)
+    randomize_(model, seed=15)
+    file = tmp_path / "adapter.safetensors"
+    R.save_lora(model, file)
+    x = _lora_inputs(model)
+
+    same = _lora_model()                      # unmerged adapters of the file's rank/alpha: loaded in place
+    same.load_state_dict({k: v for k, v in model.state_dict().items() if ".lora_" not in k})
+    R.add_lora(same, rank=3, alpha=6)
+    R.load_lora(same, file)
+    with torch.no_grad():
+        assert torch.equal(model(*x), same(*x))
+    other_alpha = _lora_model()               # the file's alpha=6 would be silently replaced by 3
+    R.add_lora(other_alpha, rank=3, alpha=3)
+    with pytest.raises(ValueError, match="adapter.safetensors.*alpha"):
+        R.load_lora(other_alpha, file)
+    merged = _lora_model()                    # forward never reads a merged adapter's A/B
+    R.add_lora(merged, rank=3, alpha=6)
+    for m in merged.modules():
+        if isinstance(m, R.LoRALinear):
+            m.merge()
+    with pytest.raises(ValueError, match="adapter.safetensors.*merged"):
+        R.load_lora(merged, file)
+
+    meta = {"rank": "3", "alpha": "6.0"}
+    for key in ("single_transformer_blocks.0.attn.to_q.lora_A.weight",   # another model's layer
+                "transformer_blocks.0.attn1.to_q.weight"):               # not an adapter tensor
+        save_file({key: torch.zeros(3, 16)}, tmp_path / "foreign.safetensors", metadata=meta)
+        with pytest.raises(ValueError) as err:
+            R.load_lora(_lora_model(), tmp_path / "foreign.safetensors")
+        assert "foreign.safetensors" in str(err.value) and key in str(err.value)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # State dicts and loading
 
@@ -372,6 +410,17 @@ def test_release_layout_errors(tmp_path):
         R.TextConnectors.from_pretrained(tmp_path / "empty")
     with pytest.raises(ValueError, match="missing config"):
         R.TextConnectors.from_pretrained(tmp_path / "tokenizer")
+
+
+def test_release_layout_unreadable_file(tmp_path):
+    """A corrupt .safetensors file is a ValueError naming it (the CLI reports ValueErrors), not SafetensorError."""
+    refiner_cfg, connectors_cfg = TINY_REFINER_VARIANTS["spec"][:2]
+    for name, cfg, cls in (("transformer", refiner_cfg, R.Refiner), ("connectors", connectors_cfg, R.TextConnectors)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(cfg))
+        (tmp_path / name / "model.safetensors").write_bytes(b"not a safetensors file" * 4)
+        with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors file"):
+            cls.from_pretrained(tmp_path, dtype=torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -21,9 +21,9 @@ REFERENCE = Path(__file__).parent / "data" / "vae_state_dict_full.txt"  # a copy
 
 # A second config: 16 latent channels, decoder *causal*, upsamplers of all three kinds (spatial / temporal only,
 # channel factor 1), other down-sampling order and group sizes, uneven layer counts (so the decoder's reversed
-# lists are exercised), 4 decoder stages.
+# lists are exercised), 4 decoder stages, and a scaling_factor != 1 (normalize/denormalize against the pipeline).
 ALT_VAE = dict(
-    latent_channels=16, block_out_channels=(16, 32, 32, 64), layers_per_block=(2, 1, 1, 1, 2),
+    latent_channels=16, scaling_factor=0.7, block_out_channels=(16, 32, 32, 64), layers_per_block=(2, 1, 1, 1, 2),
     downsample_type=("spatiotemporal", "spatial", "temporal", "spatiotemporal"),
     decoder_block_out_channels=(16, 32, 32, 64), decoder_layers_per_block=(1, 2, 1, 1, 2),
     decoder_spatio_temporal_scaling=(True,) * 4, decoder_inject_noise=(False,) * 5,
@@ -309,6 +309,14 @@ def test_from_pretrained_reports_mismatches(tmp_path):
         assert key in str(err.value)
     with pytest.raises(ValueError, match="path"):
         V.VAE.from_pretrained(tmp_path / "missing")
+
+
+def test_from_pretrained_unreadable_file(tmp_path):
+    """A corrupt .safetensors file is a ValueError naming it (the CLI reports ValueErrors), not SafetensorError."""
+    (tmp_path / "config.json").write_text(json.dumps(TINY_VAE))
+    (tmp_path / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file" * 4)
+    with pytest.raises(ValueError, match="diffusion_pytorch_model.safetensors is not a readable safetensors file"):
+        V.VAE.from_pretrained(tmp_path)
 
 
 def test_bad_inputs():
