@@ -232,6 +232,28 @@ def _load_image(image) -> Image.Image:
         raise ValueError(f"--image: {image!r} is not a readable image ({e})") from None
 
 
+def check_inputs(prompt: str, action: str | None, c2w, translation_speed: float, rotation_speed_deg: float,
+                 steps: int, num_frames: int, fps: float) -> np.ndarray:
+    """generate()'s checks that need no model, on their own so that run() makes them before loading any; returns
+    the camera trajectory (F, 4, 4), rolled out of `action` or checked from `c2w` (camera.md §1-§2)."""
+    if (action is None) == (c2w is None):
+        raise ValueError("camera: give exactly one of action (--action, a WASD/IJKL string) or c2w (--camera)")
+    if not prompt.strip():
+        raise ValueError("--prompt is empty")
+    if not 1 <= steps <= 1000:
+        raise ValueError(f"--steps must be in [1, 1000], got {steps}")
+    if num_frames < 9:
+        raise ValueError(f"--num_frames must be >= 9 (8k+1), got {num_frames}")
+    if not fps > 0:
+        raise ValueError(f"--fps must be positive, got {fps}")
+    if action is not None:
+        c2w = camera.action_to_c2w(action, translation_speed, rotation_speed_deg)
+    c2w = camera.check_c2w(c2w)
+    if len(c2w) < 9:
+        raise ValueError(f"camera: the trajectory has {len(c2w)} poses; at least 9 frames are needed (8k + 1, k >= 1)")
+    return c2w
+
+
 @torch.no_grad()
 def generate(dit, vae, tokenizer, text_encoder, image, prompt: str, *, refiner: Stage2 | None = None,
              action: str | None = None, c2w: np.ndarray | None = None, intrinsics=None,
@@ -251,33 +273,19 @@ def generate(dit, vae, tokenizer, text_encoder, image, prompt: str, *, refiner: 
     (num_frames - 1 frames, camera c2w[1:]). Before stage 2 the stage-1 DiT and Gemma-2 are moved to the CPU, where
     they stay, so the GPU holds only stage 2 and, without offload, the VAE (refiner.md §10).
     """
-    if (action is None) == (c2w is None):
-        raise ValueError("camera: give exactly one of action (--action, a WASD/IJKL string) or c2w (--camera)")
-    if not prompt.strip():
-        raise ValueError("--prompt is empty")
-    if not 1 <= steps <= 1000:
-        raise ValueError(f"--steps must be in [1, 1000], got {steps}")
-    if num_frames < 1:
-        raise ValueError(f"--num_frames must be >= 1, got {num_frames}")
-    if not fps > 0:
-        raise ValueError(f"--fps must be positive, got {fps}")
+    c2w = check_inputs(prompt, action, c2w, translation_speed, rotation_speed_deg, steps, num_frames, fps)
     pil = _load_image(image)
     memory = _PeakMemory(device)
 
-    # Camera trajectory (camera.md §1-§2): snapped to 8k + 1 frames, at most the trajectory's length.
-    if action is not None:
-        c2w = camera.action_to_c2w(action, translation_speed, rotation_speed_deg)
-    c2w = camera.check_c2w(c2w)
-    num_frames = camera.snap_num_frames(min(num_frames, len(c2w)), 8, upper_bound=len(c2w))
-    if num_frames < 9:
-        raise ValueError(f"camera: the trajectory has {len(c2w)} poses; at least 9 frames are needed (8k + 1, k >= 1)")
-    c2w = c2w[:num_frames]
+    # Camera trajectory (camera.md §1-§2): snapped to 8k + 1 frames (>= 9: both counts were checked), at most the
+    # trajectory's length; the intrinsics per frame.
     if intrinsics is None:
         fx = pil.width / (2 * math.tan(math.radians(DEFAULT_FOV_DEG) / 2))
         intrinsics = [fx, fx, pil.width / 2, pil.height / 2]
         print(f"warning: no --intrinsics given; assuming a {DEFAULT_FOV_DEG:g} deg horizontal field of view "
               f"(fx = fy = {fx:.1f}, principal point at the image centre)", file=sys.stderr)
-    intrinsics = camera.normalize_intrinsics(intrinsics, num_frames)
+    c2w, intrinsics = camera.prepare_trajectory(c2w, intrinsics, min(num_frames, len(c2w)))
+    num_frames = len(c2w)
 
     # First frame: resize + centre crop to H x W in [-1, 1], intrinsics moved onto the crop (camera.md §3); this
     # also refuses a field of view outside [25, 120] deg on the input image.
@@ -615,8 +623,6 @@ def _threads(n: int):
 
 def run(args: argparse.Namespace) -> str:
     """The CLI's work; returns the path of the mp4. Every input is read and checked before any model loads."""
-    if args.fps <= 0:
-        raise ValueError(f"--fps must be positive, got {args.fps}")
     if args.action is not None and args.camera is not None:
         raise ValueError("give exactly one of --action or --camera, not both")
     if args.demo:
@@ -636,10 +642,9 @@ def run(args: argparse.Namespace) -> str:
             raise ValueError(f"--device {args.device}: no CUDA device here; use --device cpu")
     image = _load_image(args.image) if args.image is not None else demo_image()
     prompt = _read_prompt(args.prompt) if args.prompt is not None else DEMO_PROMPT
-    c2w = _read_camera(args.camera) if args.camera is not None else None
+    c2w = check_inputs(prompt, args.action, _read_camera(args.camera) if args.camera is not None else None,
+                       args.translation_speed, args.rotation_speed_deg, args.steps, args.num_frames, args.fps)
     intrinsics = _read_intrinsics(args.intrinsics)
-    if args.action is not None:
-        camera.parse_action(args.action)
     if intrinsics is not None:
         camera.check_field_of_view(intrinsics, *image.size)
 
@@ -655,12 +660,10 @@ def run(args: argparse.Namespace) -> str:
         dit, vae, tokenizer, text_encoder = load_release(args.weights, dtype, "cpu" if offload else device)
 
     with _threads(1 if args.demo else torch.get_num_threads()):
-        result = generate(dit, vae, tokenizer, text_encoder, image, prompt, refiner=stage2, action=args.action,
-                          c2w=c2w, intrinsics=intrinsics, translation_speed=args.translation_speed,
-                          rotation_speed_deg=args.rotation_speed_deg, num_frames=args.num_frames,
-                          steps=args.steps, guidance_scale=args.guidance_scale,
-                          negative_prompt=args.negative_prompt, seed=args.seed, fps=args.fps, device=device,
-                          offload=offload, **size)
+        result = generate(dit, vae, tokenizer, text_encoder, image, prompt, refiner=stage2, c2w=c2w,
+                          intrinsics=intrinsics, num_frames=args.num_frames, steps=args.steps,
+                          guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt, seed=args.seed,
+                          fps=args.fps, device=device, offload=offload, **size)
 
     os.makedirs(args.output_dir, exist_ok=True)
     stem = "demo" if args.image is None else os.path.splitext(os.path.basename(args.image))[0]

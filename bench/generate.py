@@ -22,7 +22,6 @@ diffusers is not run here: its pipeline at this size is compared step by step in
 bench/vae.py and bench/refiner.py.
 """
 import argparse
-import gc
 import math
 import pathlib
 import sys
@@ -55,12 +54,6 @@ def random_stage2(cfg: RefinerConfig, text_length: int, device, dtype) -> G.Stag
         text = torch.randn(1, text_length, cfg.caption_channels, generator=g, device=device, dtype=dtype)
         return text, torch.ones(1, text_length, dtype=torch.int64, device=device)
     return G.Stage2(lambda: encode, lambda: random_model(Refiner, cfg, device, dtype, seed=4))
-
-
-def free_memory(device):
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
 
 
 def main():
@@ -111,7 +104,7 @@ def main():
         stage2 = random_stage2(refiner_cfg, refiner_text, device, dtype) if args.refiner and not offload else None
         for model in (dit, vae, text_encoder):  # offload: the models wait on the CPU; else all on the GPU
             model.to("cpu" if offload else device)
-        free_memory(device)
+        G._free_memory(device)
         name = "offload" if offload else "resident" + (" + refiner" if stage2 else "")
         start = time.perf_counter()
         try:
@@ -120,7 +113,7 @@ def main():
         except torch.OutOfMemoryError as e:
             r, failure = None, str(e).splitlines()[0]
         wall = time.perf_counter() - start
-        free_memory(device)  # after the except clause, whose traceback held the failed run's tensors
+        G._free_memory(device)  # after the except clause, whose traceback held the failed run's tensors
         if r is None:
             print(f"# {name}: out of GPU memory ({failure})")
             rows.append((name, "OOM", "", "", "", "", "", "", ""))

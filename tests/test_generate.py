@@ -333,7 +333,17 @@ def _bad_inputs(tmp):
     (no_gemma3 / "refiner" / "connectors").mkdir()
     (no_gemma3 / "refiner" / "connectors" / "config.json").write_text("{}")
     (no_gemma3 / "refiner" / "connectors" / "model.safetensors").write_bytes(b"")
+    # Stage 1 passes the file checks but cannot load (empty weights, tokenizer.json "{}"): an error reported with
+    # it comes from a check made before loading. (argparse: a repeated flag's last value wins.)
+    unloadable = ["--weights", str(no_connectors), "--image", image, "--prompt", "p", "--action", "w-8",
+                  "--no_refiner"]
     return [
+        (unloadable + ["--steps", "0"], ["--steps", "[1, 1000]", "got 0"]),
+        (unloadable + ["--prompt", "  "], ["--prompt", "empty"]),
+        (unloadable + ["--num_frames", "3"], ["--num_frames must be >= 9 (8k+1), got 3"]),
+        (["--demo", "--num_frames", "3"], ["--num_frames must be >= 9 (8k+1), got 3"]),
+        (unloadable + ["--fps", "0"], ["--fps", "positive"]),
+        (unloadable + ["--action", "w-3"], ["4 poses", "at least 9 frames"]),
         (["--demo", "--image", str(tmp / "missing.png")], ["--image", "no such file"]),
         (["--demo", "--image", str(text)], ["--image", "not a readable image"]),
         (["--demo", "--prompt", str(empty)], ["--prompt", "empty"]),

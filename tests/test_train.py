@@ -259,9 +259,10 @@ def test_resume_is_bit_identical(data, tmp_path):
     # and the run really moved: parameters differ from the initial ones
     initial, _ = T.build_model(T.parse_args(dit_argv(data, tmp_path / "c")), "cpu")
     assert not torch.equal(initial.final_layer.linear.weight, a["model"]["final_layer.linear.weight"])
-    # the exported weights are where a next stage starts from (--weights)
-    exported, _ = T.build_model(T.parse_args(dit_argv(data, tmp_path / "c", "--weights", str(tmp_path / "a" / "model"))),
-                                "cpu")
+    # the exported weights are where a next stage starts from (--weights; their config.json replaces --config)
+    argv = dit_argv(data, tmp_path / "c", "--weights", str(tmp_path / "a" / "model"))
+    del argv[argv.index("--config"):argv.index("--config") + 2]
+    exported, _ = T.build_model(T.parse_args(argv), "cpu")
     assert all(torch.equal(p, a["model"][k]) for k, p in exported.named_parameters())
 
 
@@ -293,6 +294,19 @@ def test_cli_errors_exit_2(data, tmp_path, capsys):
     wrong[wrong.index("--height") + 1] = "96"
     assert T.main(wrong) == 2
     assert "precompute with the same stage" in capsys.readouterr().err
+    for config, words in ((tmp_path, ["Is a directory"]),  # an OSError other than FileNotFoundError
+                          (tmp_path / "bad.json", ["--config", "bad.json", "not a JSON config"])):
+        (tmp_path / "bad.json").write_text("{'hidden_size': 32}")
+        argv = dit_argv(data, tmp_path / "out")
+        argv[argv.index("--config") + 1] = str(config)
+        assert T.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and all(w in err[0] for w in words), err
+    refiner = ["train", "--model", "refiner", "--data", str(data["data"]), "--out", str(tmp_path / "out"),
+               "--weights", str(tmp_path), "--config", str(tmp_path / "bad.json")]
+    with pytest.raises(SystemExit, match="2"):  # --config would be silently ignored: refused by the parser
+        T.main(refiner)
+    assert "--config" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------------------------
