@@ -6,7 +6,7 @@ Spec: shared/reference/dit.md §3.4 (RoPE), §5 (self-attention skeleton), §6.6
 gdn.py and shares the parameter layout defined here (`CameraSelfAttention`).
 
 Layouts: tokens (B, N, C) frame-major (n = (t*h + i)*w + j); per-head tensors (B, N, H, D); RoPE tables
-(N, D/2) complex64; per-token camera matrices (B, N, 4, 4).
+(N, D/2, 2) fp32 (cos, sin); per-token camera matrices (B, N, 4, 4).
 """
 import functools
 
@@ -16,20 +16,28 @@ import torch.nn.functional as F
 
 
 def fused_on_cuda(fn):
-    """Run fn's chain of pointwise ops as fused kernels on CUDA tensors. Each op of the fp32 islands (dit.md §10:
-    casts, RoPE rotations, RMS statistics and caps, modulation) is otherwise one pass over memory: unfused they
-    cost ~20% of a 961-frame step (BENCHMARKS.md). torch.compile fuses them; CPU tensors (and the tests) run fn as
-    written. The first call at a new shape compiles (seconds)."""
+    """Run fn through torch.compile when its tensors live on CUDA and no autograd graph is recorded (inference);
+    elsewhere (the CPU, the tests, training) as written.
+
+    Applied to the DiT block: its fp32 islands (dit.md §10: casts, RoPE rotations, RMS statistics and caps, UCPE,
+    modulation, gating) are chains of pointwise ops, each one pass over memory when run op by op. Compiled, each
+    chain is one kernel between the matmuls, attention kernels and GDN scans (BENCHMARKS.md: the step time). The
+    first call at a new shape compiles (seconds to a minute), for each of the model's shapes anew. Training stays
+    eager: compiling the blocks' backward (through the GDN operator and activation checkpointing) did not finish
+    an 81-frame training step within five minutes on an H200, and was not pursued."""
     compiled = None
 
     @functools.wraps(fn)
-    def run(x, *args, **kwargs):
+    def run(*args, **kwargs):
         nonlocal compiled
-        if not x.is_cuda or torch.compiler.is_compiling():  # called from another fused function: inlined there
-            return fn(x, *args, **kwargs)
+        first = next(a for a in args if isinstance(a, torch.Tensor))
+        if not first.is_cuda or torch.is_grad_enabled() or torch.compiler.is_compiling():  # (compiling: inlined)
+            return fn(*args, **kwargs)
         if compiled is None:  # made on first use, so that importing the module stays cheap
-            compiled = torch.compile(fn)  # shapes that vary between calls (frames, text length) become symbolic
-        return compiled(x, *args, **kwargs)
+            # Sizes as constants (symbolic ones slow the indexing). No layout optimisation: made for conv nets, it
+            # stores 4-d tensors channels-last, and our (B, N, H, D) heads would get the tokens innermost.
+            compiled = torch.compile(fn, dynamic=False, options={"layout_optimization": False})
+        return compiled(*args, **kwargs)
     return run
 
 
@@ -45,17 +53,17 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-@fused_on_cuda
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)  # promoted to fp32
     return x.to(weight.dtype) * weight
 
 
 # --------------------------------------------------------------------------------------------------------------
-# RoPE (dit.md §3.4): complex pairs split over (time, row, column); interleaved-pair convention.
+# RoPE (dit.md §3.4): complex pairs split over (time, row, column); interleaved-pair convention. A table holds
+# each pair's rotation as (cos, sin): the reference's complex table seen as real numbers (torch.view_as_real).
 
 def rope_table(head_dim: int, thw: tuple[int, int, int], device=None, theta: float = 10000.0) -> torch.Tensor:
-    """(N, head_dim/2) complex64 table: per token (t, i, j) the angles [t*inv_t | i*inv_h | j*inv_w]."""
+    """(N, head_dim/2, 2) fp32 (cos, sin) table: per token (t, i, j) the angles [t*inv_t | i*inv_h | j*inv_w]."""
     n_hw = head_dim // 6
     n_t = head_dim // 2 - 2 * n_hw
 
@@ -63,13 +71,13 @@ def rope_table(head_dim: int, thw: tuple[int, int, int], device=None, theta: flo
         # Built on the CPU in fp32 like the reference's precomputed table, then moved: identical bits everywhere.
         inv = 1.0 / theta ** (torch.arange(0, 2 * n_pairs, 2, dtype=torch.float32) / (2 * n_pairs))
         angles = torch.outer(torch.arange(length), inv)
-        return torch.polar(torch.ones_like(angles), angles).to(device)
+        return torch.view_as_real(torch.polar(torch.ones_like(angles), angles)).to(device)
 
     T, h, w = thw
-    parts = (axis(n_t, T).view(T, 1, 1, -1).expand(T, h, w, -1),
-             axis(n_hw, h).view(1, h, 1, -1).expand(T, h, w, -1),
-             axis(n_hw, w).view(1, 1, w, -1).expand(T, h, w, -1))
-    return torch.cat(parts, dim=-1).reshape(T * h * w, -1)
+    parts = (axis(n_t, T).view(T, 1, 1, -1, 2).expand(T, h, w, -1, 2),
+             axis(n_hw, h).view(1, h, 1, -1, 2).expand(T, h, w, -1, 2),
+             axis(n_hw, w).view(1, 1, w, -1, 2).expand(T, h, w, -1, 2))
+    return torch.cat(parts, dim=-2).reshape(T * h * w, -1, 2)
 
 
 def camera_rope_table(table: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -79,32 +87,34 @@ def camera_rope_table(table: torch.Tensor, head_dim: int) -> torch.Tensor:
     n_t = head_dim // 2 - 2 * n_hw
     m_hw = r // 6
     m_t = r // 2 - 2 * m_hw
-    return torch.cat([table[:, :m_t], table[:, n_t:n_t + m_hw], table[:, n_t + n_hw:n_t + n_hw + m_hw]], dim=-1)
+    return torch.cat([table[:, :m_t], table[:, n_t:n_t + m_hw], table[:, n_t + n_hw:n_t + n_hw + m_hw]], dim=1)
 
 
-@fused_on_cuda
 def apply_rope(x: torch.Tensor, table: torch.Tensor, conjugate: bool = False) -> torch.Tensor:
-    """Rotate channel pairs (2p, 2p+1) of x (B, N, H, 2P) by table (N, P); in fp32, cast back (dit.md §10)."""
-    z = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2)))
-    freqs = table.conj() if conjugate else table
-    return torch.view_as_real(z * freqs[:, None]).flatten(-2).to(x.dtype)
+    """Rotate channel pairs (2p, 2p+1) of x (B, N, H, 2P) by table (N, P, 2); in fp32, cast back (dit.md §10).
+    The complex product (x0 + i x1)(cos + i sin), written out in real numbers."""
+    cos, sin = table[:, None, :, 0], table[:, None, :, 1]
+    if conjugate:
+        sin = -sin
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # UCPE (dit.md §6.6, camera.md §7): per head, the first half of the channels is a stack of 4-vectors multiplied by
 # the token's 4x4 ray matrix, the second half is rotated by the camera RoPE.
 
-@fused_on_cuda
 def ucpe(x: torch.Tensor, M: torch.Tensor, rope_cam: torch.Tensor, conjugate: bool = False) -> torch.Tensor:
-    """x (B, N, H, D), M (B, N, 4, 4), rope_cam (N, D/4) -> [M a_g for each 4-group a_g of x[..., :D/2] |
+    """x (B, N, H, D), M (B, N, 4, 4), rope_cam (N, D/4, 2) -> [M a_g for each 4-group a_g of x[..., :D/2] |
     RoPE(x[..., D/2:])]. Decoding uses M = P and the conjugate rotation."""
     B, N, H, D = x.shape
     a, b = x.split(D // 2, dim=-1)
-    a = (a.reshape(B, N, H * D // 8, 4) @ M.transpose(-1, -2)).view(B, N, H, D // 2)  # rows: (M a_g)^T
-    return torch.cat([a, apply_rope(b, rope_cam, conjugate)], dim=-1)
+    # (M a_g)_i = sum_j M_ij a_gj, as a broadcast product and a sum of 4 (one fused pass when compiled; a batched
+    # 4x4 matmul per group would be a separate, slow kernel), accumulated in fp32 and rounded once like a matmul.
+    a = a.float().unflatten(-1, (-1, 1, 4)) * M.float()[:, :, None, None]       # (B, N, H, D/8, 4, 4)
+    return torch.cat([a.sum(-1).flatten(-2).to(x.dtype), apply_rope(b, rope_cam, conjugate)], dim=-1)
 
 
-@fused_on_cuda
 def rms_cap(reference: torch.Tensor, x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Scale x down (never up) so that its per-token, per-head RMS over D does not exceed the reference's."""
     ref_rms = reference.square().mean(-1, keepdim=True).add(eps).sqrt()
@@ -112,16 +122,18 @@ def rms_cap(reference: torch.Tensor, x: torch.Tensor, eps: float = 1e-6) -> torc
     return x * (ref_rms / x_rms.clamp_min(eps)).clamp(max=1.0)
 
 
-def block_causal_sdpa(q, k, v, num_frames: int, chunk_size: int | None) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v over (B, H, N, d) tensors. With chunk_size, the queries of frame chunk c only
-    see the keys of chunks <= c: one SDPA call per chunk on a key prefix, so no N x N mask is ever built."""
+def block_causal_sdpa(q, k, v, num_frames: int, chunk_size: int | None, scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale) v over (B, H, N, d) tensors, scale 1/sqrt(d) by default. With chunk_size, the queries
+    of frame chunk c only see the keys of chunks <= c: one SDPA call per chunk on a key prefix, so no N x N mask
+    is ever built."""
     if chunk_size is None:
-        return F.scaled_dot_product_attention(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
     S = q.shape[2] // num_frames
     outs = []
     for start in range(0, num_frames, chunk_size):
         end = min(start + chunk_size, num_frames)
-        outs.append(F.scaled_dot_product_attention(q[:, :, start * S:end * S], k[:, :, :end * S], v[:, :, :end * S]))
+        outs.append(F.scaled_dot_product_attention(q[:, :, start * S:end * S], k[:, :, :end * S], v[:, :, :end * S],
+                                                   scale=scale))
     return torch.cat(outs, dim=2)
 
 
@@ -178,7 +190,7 @@ class CameraSelfAttention(nn.Module):
 class SoftmaxSelfAttention(CameraSelfAttention):
     """Softmax self-attention over all N tokens with RoPE, plus a softmax UCPE camera branch (dit.md §7).
 
-    forward(u (B, N, C), thw, rope (N, D/2), camera=(P, P^T, P^-1, rope_cam) or None, chunk_size) -> (B, N, C).
+    forward(u (B, N, C), thw, rope (N, D/2, 2), camera=(P, P^T, P^-1, rope_cam) or None, chunk_size) -> (B, N, C).
     """
 
     def forward(self, u, thw, rope, camera=None, chunk_size=None):
@@ -198,11 +210,12 @@ class SoftmaxSelfAttention(CameraSelfAttention):
             kc = self.k_norm_cam(self.k_proj_cam(u)).view(B, N, H, D)
             vc = self.v_proj_cam(u).view(B, N, H, D)
             qh, kh, vh = self.to_rays(qc, kc, vc, camera)
-            # Always bf16, zero-padded to a flash-attention width (112 -> 128); the default SDPA scale then is
-            # 1/sqrt(padded width), which the released weights were trained with (dit.md §7.2).
+            # Always bf16. The reference zero-pads the heads to a flash-attention width (112 -> 128), so its scale
+            # is 1/sqrt(padded width), which the released weights were trained with (dit.md §7.2). The padding adds
+            # nothing to q.k nor to the output: the same attention is D wide with that scale, 13% fewer FLOPs.
             width = D if D in (32, 64, 128) or D >= 256 else (128 if D < 128 else 256)
-            qh, kh, vh = (F.pad(t.transpose(1, 2).to(torch.bfloat16), (0, width - D)) for t in (qh, kh, vh))
-            oc = block_causal_sdpa(qh, kh, vh, thw[0], chunk_size)[..., :D].transpose(1, 2).to(u.dtype)
+            qh, kh, vh = (t.transpose(1, 2).to(torch.bfloat16) for t in (qh, kh, vh))
+            oc = block_causal_sdpa(qh, kh, vh, thw[0], chunk_size, scale=width ** -0.5).transpose(1, 2).to(u.dtype)
             cam = self.from_rays(oc, camera)
         return self.output(u, main, cam)
 

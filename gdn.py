@@ -17,7 +17,7 @@ forms, all tested equal:
    The normaliser is one more state row: z^T_t = z^T_{t-1} A^z_t + u^z_t with A^z from plain keys and
    u^z_t = K_t^T beta_t (the same rule with value 1).
 3. Triton (CUDA): the same three stages as kernels (`_frame_gram_kernel`, `_state_scan_kernel`,
-   `_read_out_kernel`); the backward (`_GDNScanTriton`, a `torch.autograd.Function`) runs the mirrored kernels
+   `_read_out_kernel`); the backward (`_scan_op`, a torch.library operator with autograd) runs the mirrored kernels
    (`_read_out_bwd_kernel`, the adjoint scan, `_frame_bwd_kernel`) with the small DxD-per-frame algebra in torch.
 
 Kernel data layout (all float32, D padded to a power of two inside the kernels by masked loads):
@@ -36,12 +36,14 @@ Chunk-causal option (paper: "the reversed-time scan is reset at chunk boundaries
 forward scan runs across chunks, the backward state is reset at the last frame of every chunk [jc, (j+1)c), so
 frame t only sees future frames of its own chunk. chunk_size None (the release) = one chunk of all T frames.
 """
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from attention import CameraSelfAttention, apply_rope, fused_on_cuda
+from attention import CameraSelfAttention, apply_rope
 
 BACKENDS = ("auto", "torch", "triton", "reference")
 
@@ -567,22 +569,56 @@ def _gdn_backward(dout, q_rot, k_rot, v, beta, decay, q, k, M, X, chunk, eps):
     return dq_rot, dk_rot, dv, dbeta.to(beta.dtype), dg.transpose(1, 2).to(decay.dtype), dq, dk
 
 
-class _GDNScanTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q_rot, k_rot, v, beta, decay, q, k, chunk_size, eps):
-        T = decay.shape[1]
-        chunk = T if chunk_size is None else chunk_size
-        g = _fp32(decay).transpose(1, 2).contiguous()       # (B, H, T)
-        M, U = _frame_terms_triton(k_rot, v, beta, k, T)
-        X = _scan_triton(M, U, g, chunk, grad=False)
-        ctx.save_for_backward(q_rot, k_rot, v, beta, decay, q, k, M, X)
-        ctx.chunk, ctx.eps = chunk, eps
-        return _read_out_triton(X, q_rot, q, eps, v.dtype)
+# The Triton scan as one operator (torch.library): torch.compile sees it as an opaque call with known output shapes
+# (`_scan_shapes`), and autograd differentiates it with `_gdn_backward`. It also returns the per-frame M and the
+# states X, which the backward reuses.
+@torch.library.custom_op("nano_sana_wm::gdn_scan", mutates_args=())
+def _scan_op(q_rot: torch.Tensor, k_rot: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, decay: torch.Tensor,
+             q: Optional[torch.Tensor], k: Optional[torch.Tensor], chunk: int, eps: float
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = _fp32(decay).transpose(1, 2).contiguous()           # (B, H, T)
+    M, U = _frame_terms_triton(k_rot, v, beta, k, decay.shape[1])
+    X = _scan_triton(M, U, g, chunk, grad=False)
+    return _read_out_triton(X, q_rot, q, eps, v.dtype), M, X
 
-    @staticmethod
-    def backward(ctx, dout):
-        grads = _gdn_backward(dout, *ctx.saved_tensors, ctx.chunk, ctx.eps)
-        return grads + (None, None)
+
+@_scan_op.register_fake
+def _scan_shapes(q_rot, k_rot, v, beta, decay, q, k, chunk, eps):
+    B, N, H, D = v.shape
+    T = decay.shape[1]
+    NA, R = (1, D) if k is None else (2, D + 1)
+    return (v.new_empty(B, N, H, D), v.new_empty(B, H, T, NA, D, D, dtype=torch.float32),
+            v.new_empty(2, B, H, T, R, D, dtype=torch.float32))
+
+
+def _scan_op_setup(ctx, inputs, output):
+    q_rot, k_rot, v, beta, decay, q, k, chunk, eps = inputs
+    ctx.save_for_backward(q_rot, k_rot, v, beta, decay, q, k, output[1], output[2])
+    ctx.chunk, ctx.eps = chunk, eps
+
+
+@torch.library.custom_op("nano_sana_wm::gdn_scan_backward", mutates_args=())
+def _scan_backward_op(dout: torch.Tensor, q_rot: torch.Tensor, k_rot: torch.Tensor, v: torch.Tensor,
+                      beta: torch.Tensor, decay: torch.Tensor, q: Optional[torch.Tensor], k: Optional[torch.Tensor],
+                      M: torch.Tensor, X: torch.Tensor, chunk: int, eps: float) -> list[torch.Tensor]:
+    """Gradients for (q_rot, k_rot, v, beta, decay, q, k); an empty tensor stands for q's and k's when absent."""
+    grads = _gdn_backward(dout, q_rot, k_rot, v, beta, decay, q, k, M, X, chunk, eps)
+    return [dout.new_empty(0) if grad is None else grad.contiguous() for grad in grads]
+
+
+@_scan_backward_op.register_fake
+def _scan_backward_shapes(dout, q_rot, k_rot, v, beta, decay, q, k, M, X, chunk, eps):
+    return [torch.empty_like(x, memory_format=torch.contiguous_format) if x is not None else dout.new_empty(0)
+            for x in (q_rot, k_rot, v, beta, decay, q, k)]
+
+
+def _scan_op_backward(ctx, dout, dM, dX):                   # M and X are saved for the backward, not trained
+    saved = ctx.saved_tensors                               # unpacked once (activation checkpointing allows no more)
+    grads = _scan_backward_op(dout, *saved, ctx.chunk, ctx.eps)
+    return tuple(grads[:5]) + ((None, None) if saved[5] is None else tuple(grads[5:])) + (None, None)
+
+
+_scan_op.register_autograd(_scan_op_backward, setup_context=_scan_op_setup)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -608,7 +644,7 @@ def gdn_scan(q_rot, k_rot, v, beta, decay, q=None, k=None, *, chunk_size=None, e
         return gdn_recurrent(q_rot, k_rot, v, beta, decay, q, k, chunk_size=chunk_size, eps=eps)
     if backend == "torch":
         return _gdn_torch(q_rot, k_rot, v, beta, decay, q, k, chunk_size, eps)
-    return _GDNScanTriton.apply(q_rot, k_rot, v, beta, decay, q, k, chunk_size, eps)
+    return _scan_op(q_rot, k_rot, v, beta, decay, q, k, decay.shape[1] if chunk_size is None else chunk_size, eps)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -617,29 +653,30 @@ def gdn_scan(q_rot, k_rot, v, beta, decay, q=None, k=None, *, chunk_size=None, e
 # layout with the softmax variant) and the shared output gate come from attention.CameraSelfAttention.
 
 
-@fused_on_cuda
 def short_conv(x: torch.Tensor, weight: torch.Tensor, num_frames: int, chunk_size: int | None = None):
     """Depthwise temporal filter of x (B, N, C) with taps weight (C, 1, K), per spatial position (dit.md §6.2):
-    y[t] = sum_j w_j x[t-K+1+j] + sum_j w_j x[t+K-1-j] - w_{K-1} x[t], zero outside [0, T), i.e. the symmetric
-    filter [w_0 .. w_{K-1} .. w_0]. Computed as the reference does (causal conv forwards, on the reversed
-    sequence, minus the shared centre tap) so bf16 rounds alike. With chunk_size the reversed pass runs per
-    chunk: a frame reads no frame of a later chunk."""
+    y[t] = sum_m w_{K-1-m} x[t-m] + sum_m w_{K-1-m} x[t+m] - w_{K-1} x[t] (m = 0..K-1), zero outside [0, T), i.e.
+    the symmetric filter [w_0 .. w_{K-1} .. w_0]. Rounded as the reference computes it (a causal conv forwards,
+    one on the reversed sequence, minus the shared centre tap), but written as sums of shifted frames: pointwise
+    work that compiles into the kernels around it, where a conv1d needs the tokens transposed to (B*S, C, T) and
+    back. With chunk_size the future sum stops at the chunk's end: a frame reads no frame of a later chunk."""
     B, N, C = x.shape
     T, K = num_frames, weight.shape[-1]
-    z = x.view(B, T, N // T, C).permute(0, 2, 3, 1).reshape(-1, C, T)  # (B*S, C, T)
-
-    def causal(s):
-        return F.conv1d(s, weight, groups=C, padding=K - 1)[..., :s.shape[-1]]
-
-    backward = torch.cat([causal(c.flip(-1)).flip(-1) for c in z.split(chunk_size or T, dim=-1)], dim=-1)
-    y = causal(z) + backward - z * weight[:, 0, -1:]
-    return y.view(B, N // T, C, T).permute(0, 3, 1, 2).reshape(B, N, C)
+    z = x.view(B, T, N // T, C)
+    w = weight[:, 0].float()                                # (C, K)
+    frame = torch.arange(T, device=x.device)[:, None, None]
+    chunk = chunk_size or T
+    past = sum(w[:, K - 1 - m] * F.pad(z, (0, 0, 0, 0, m, 0))[:, :T].float() for m in range(K))
+    future = sum(w[:, K - 1 - m] * F.pad(z, (0, 0, 0, 0, 0, m))[:, m:].float() * ((frame + m) // chunk == frame // chunk)
+                 for m in range(K))
+    y = past.to(x.dtype) + future.to(x.dtype) - z * weight[:, 0, -1]
+    return y.view(B, N, C)
 
 
 class GDNSelfAttention(CameraSelfAttention):
     """Frame-wise bidirectional GDN self-attention with a UCPE camera branch (dit.md §6).
 
-    forward(u (B, N, C), thw, rope (N, D/2), camera=(P, P^T, P^-1, rope_cam) or None, chunk_size) -> (B, N, C).
+    forward(u (B, N, C), thw, rope (N, D/2, 2), camera=(P, P^T, P^-1, rope_cam) or None, chunk_size) -> (B, N, C).
     """
 
     def __init__(self, dim: int, head_dim: int, conv_kernel: int = 4):

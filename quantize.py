@@ -331,6 +331,7 @@ class NVFP4Linear(nn.Module):
                 setattr(self, name, old.to(new.device))
         return self
 
+    @torch.compiler.disable  # inside a compiled DiT block (attention.fused_on_cuda) this stays an eager call
     def _linear(self, x: torch.Tensor) -> torch.Tensor:
         args = (self.weight, self.weight_scale, self.weight_scale_2, self.bias)
         kernel = self.kernel

@@ -8,7 +8,7 @@ Per size: median seconds per step (CUDA events, after warm-up); peak memory (max
 share one copy of the weights, so each peak counts it once); ours / diffusers; max|ours - theirs| / max|theirs|;
 our step over the practical floor measured in the same run: the full attentions (main + camera branch of each
 softmax block: ten) at the best SDPA backend's time plus the linears, 2 * params * tokens FLOP (the issue's
-2 * 2.66e9 * N), at the measured bf16 matmul rate. --profile F: the 15 costliest kernels of our step at F frames.
+2 * 2.66e9 * N), at the measured bf16 matmul rate. --profile F: the 25 costliest kernels of our step at F frames.
 """
 import argparse
 import contextlib
@@ -132,7 +132,7 @@ def profile_step(fn, device):
         if device.type == "cuda":
             torch.cuda.synchronize()
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=key, row_limit=15), flush=True)
+    print(prof.key_averages().table(sort_by=key, row_limit=25), flush=True)
 
 
 def main():
@@ -194,7 +194,9 @@ def main():
             run_ours = lambda: ours(x, t, text, mask, raymap, plucker)  # noqa: E731
             mine = measure(run_ours, warmup, reps, device)
             (o_s, o_m), (d_s, d_m), err = summary(mine), summary(False), "-"
-            print(f"  ours: {cell(o_s, '.3f', 0)} s, {cell(o_m, '.2f', 0)} GiB", flush=True)
+            reserved = torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else float("nan")
+            print(f"  ours: {cell(o_s, '.3f', 0)} s, {cell(o_m, '.2f', 0)} GiB ({reserved:.2f} GiB reserved by the "
+                  f"caching allocator)", flush=True)
             if mine and args.profile == frames and batch == batches[0]:
                 profile_step(run_ours, device)
             if theirs is not None:

@@ -2,6 +2,7 @@
 backward), the chunk-causal option. Triton runs in its interpreter on CPU (tiny sizes), natively on CUDA."""
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
 
 import gdn
 from reference import diffusers_gdn_bidirectional, max_rel_err
@@ -85,6 +86,18 @@ def test_triton_matches_torch_forward_backward(normalised, chunk_size):
     names = ["q_rot", "k_rot", "v", "beta", "decay", "q", "k"]
     for name, g, g_ref in zip(names, grads, grads_ref):
         assert max_rel_err(g, g_ref) <= 1e-5, name
+
+
+def test_triton_under_activation_checkpointing():
+    """train.py recomputes each block in the backward (non-reentrant torch.utils.checkpoint), under which the
+    operator's backward may unpack its saved tensors only once: same gradients as without checkpointing."""
+    args = make_inputs()
+    weight = torch.randn(B, T * S, H, D, generator=torch.Generator().manual_seed(5))
+    _, grads = _forward_backward(args, "triton", None, weight)
+    leaves = [x.detach().requires_grad_() for x in args]
+    out = checkpoint(lambda *xs: gdn.gdn_scan(*xs, backend="triton"), *leaves, use_reentrant=False)
+    grads_checkpointed = torch.autograd.grad((out.float() * weight).sum(), leaves)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_checkpointed))
 
 
 def test_triton_bf16_pieces_are_float32_accurate():
