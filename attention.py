@@ -21,8 +21,11 @@ def fused_on_cuda(fn):
 
     Applied to the DiT block: its fp32 islands (dit.md §10: casts, RoPE rotations, RMS statistics and caps, UCPE,
     modulation, gating) are chains of pointwise ops, each one pass over memory when run op by op. Compiled, each
-    chain is one kernel between the matmuls, attention kernels and GDN scans (BENCHMARKS.md: the step time). The
-    first call at a new shape compiles (seconds to a minute), for each of the model's shapes anew. Training stays
+    chain is one kernel between the matmuls, attention kernels and GDN scans (BENCHMARKS.md: the step time).
+    Inside a fused kernel the intermediate values stay fp32 where the code as written rounds them to bf16 between
+    ops (Inductor's default): the compiled step is a little more precise than the reference, not bit-equal. The
+    first call at a new shape compiles (seconds to a minute), for each of the model's shapes anew (every size,
+    batch, camera on or off and block kind is one graph: up to RECOMPILE_LIMIT of them). Training stays
     eager: compiling the blocks' backward (through the GDN operator and activation checkpointing) did not finish
     an 81-frame training step within five minutes on an H200, and was not pursued."""
     compiled = None
@@ -30,15 +33,20 @@ def fused_on_cuda(fn):
     @functools.wraps(fn)
     def run(*args, **kwargs):
         nonlocal compiled
-        first = next(a for a in args if isinstance(a, torch.Tensor))
-        if not first.is_cuda or torch.is_grad_enabled() or torch.compiler.is_compiling():  # (compiling: inlined)
-            return fn(*args, **kwargs)
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if first is None or not first.is_cuda or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return fn(*args, **kwargs)                      # (called from compiled code: inlined there)
         if compiled is None:  # made on first use, so that importing the module stays cheap
             # Sizes as constants (symbolic ones slow the indexing). No layout optimisation: made for conv nets, it
             # stores 4-d tensors channels-last, and our (B, N, H, D) heads would get the tokens innermost.
             compiled = torch.compile(fn, dynamic=False, options={"layout_optimization": False})
-        return compiled(*args, **kwargs)
+        # Dynamo's default of 8 graphs per function would send the blocks back to eager after four video sizes.
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            return compiled(*args, **kwargs)
     return run
+
+
+RECOMPILE_LIMIT = 64
 
 
 class RMSNorm(nn.Module):

@@ -154,12 +154,15 @@ def _conv(*args, **kwargs) -> nn.Module:
     return nn.ModuleDict({"conv": nn.Conv2d(*args, **kwargs)})  # `.conv` mirrors the checkpoint's key names
 
 
-def depthwise_glu(s: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def depthwise_glu(s: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The FFN's middle (dit.md §9) after the SiLU: the 3x3 depthwise conv (zero padding 1, weight (2F, 1, 3, 3),
     bias (2F,)) and the GLU value * SiLU(gate) of its two channel halves; s (n, 2F, h, w) -> (n, F, h, w).
     On CUDA in inference, one Triton kernel (`_depthwise_glu_kernel`): the FFN's widest tensor is read once and
     only the half-width result written (a depthwise conv kernel and the GLU's pointwise ops are three passes)."""
-    if s.is_cuda and not (torch.is_grad_enabled() and (s.requires_grad or weight.requires_grad)):
+    if bias is None:
+        bias = s.new_zeros(s.shape[1])
+    trained = torch.is_grad_enabled() and any(t.requires_grad for t in (s, weight, bias))
+    if s.is_cuda and not trained:                           # the kernel has no backward
         return _depthwise_glu_op(s, weight, bias).permute(0, 3, 1, 2)   # channels-last (n, F, h, w)
     value, gate = F.conv2d(s, weight, bias, padding=1, groups=s.shape[1]).chunk(2, dim=1)
     return value * F.silu(gate)
@@ -175,10 +178,10 @@ def _glu_store(out, value, gate, n, i, h, w, half, c, j, mask):
 
 
 @triton.jit
-def _depthwise_glu_kernel(S, taps, bias, out, h, w, half, ssn, ssh, ssw, ssc, BW: tl.constexpr, BC: tl.constexpr):
+def _depthwise_glu_kernel(hidden, taps, bias, out, h, w, half, ssn, ssh, ssw, ssc, BW: tl.constexpr, BC: tl.constexpr):
     """One program per (image n, block of BC value channels c) walks down the rows. Input row r (value channels c
     and gate channels half + c, three column shifts each, loaded once) feeds output rows r-1, r and r+1 with the
-    kernel's bottom, middle and top taps (9, 2 half); row r-1 is then complete and stored. fp32 accumulation."""
+    kernel's bottom, middle and top taps (taps: (9, 2*half)); row r-1 is then complete and stored. fp32 accumulation."""
     n = tl.program_id(1).to(tl.int64)
     c = tl.program_id(0) * BC + tl.arange(0, BC)           # neighbouring programs share the image's cache lines
     cmask = c < half
@@ -193,7 +196,7 @@ def _depthwise_glu_kernel(S, taps, bias, out, h, w, half, ssn, ssh, ssw, ssc, BW
         for dj in tl.static_range(3):
             col = j + dj - 1
             m = ((col >= 0) & (col < w))[:, None] & cmask[None, :]
-            src = S + n * ssn + r * ssh + col[:, None] * ssw + c[None, :] * ssc
+            src = hidden + n * ssn + r * ssh + col[:, None] * ssw + c[None, :] * ssc
             x_v = tl.load(src, mask=m, other=0.0).to(tl.float32)
             x_g = tl.load(src + half * ssc, mask=m, other=0.0).to(tl.float32)
             for di in tl.static_range(3):                   # tap row di: input row r = output row + di - 1

@@ -17,8 +17,8 @@ forms, all tested equal:
    The normaliser is one more state row: z^T_t = z^T_{t-1} A^z_t + u^z_t with A^z from plain keys and
    u^z_t = K_t^T beta_t (the same rule with value 1).
 3. Triton (CUDA): the same three stages as kernels (`_frame_gram_kernel`, `_state_scan_kernel`,
-   `_read_out_kernel`); the backward (`_scan_op`, a torch.library operator with autograd) runs the mirrored kernels
-   (`_read_out_bwd_kernel`, the adjoint scan, `_frame_bwd_kernel`) with the small DxD-per-frame algebra in torch.
+   `_read_out_kernel`); the backward (`_scan_backward_op`, registered as `_scan_op`'s gradient) runs the mirrored
+   kernels (`_read_out_bwd_kernel`, the adjoint scan, `_frame_bwd_kernel`) with the small DxD algebra in torch.
 
 Kernel data layout (all float32, D padded to a power of two inside the kernels by masked loads):
     inputs  (B, N, H, D) any strides (N = T*S frame-major), beta (B, N, H), decay -> g (B, H, T)
@@ -656,20 +656,37 @@ def gdn_scan(q_rot, k_rot, v, beta, decay, q=None, k=None, *, chunk_size=None, e
 def short_conv(x: torch.Tensor, weight: torch.Tensor, num_frames: int, chunk_size: int | None = None):
     """Depthwise temporal filter of x (B, N, C) with taps weight (C, 1, K), per spatial position (dit.md §6.2):
     y[t] = sum_m w_{K-1-m} x[t-m] + sum_m w_{K-1-m} x[t+m] - w_{K-1} x[t] (m = 0..K-1), zero outside [0, T), i.e.
-    the symmetric filter [w_0 .. w_{K-1} .. w_0]. Rounded as the reference computes it (a causal conv forwards,
-    one on the reversed sequence, minus the shared centre tap), but written as sums of shifted frames: pointwise
-    work that compiles into the kernels around it, where a conv1d needs the tokens transposed to (B*S, C, T) and
-    back. With chunk_size the future sum stops at the chunk's end: a frame reads no frame of a later chunk."""
+    the symmetric filter [w_0 .. w_{K-1} .. w_0]. Computed as the reference does (a causal conv forwards, one on
+    the reversed sequence, minus the shared centre tap) so bf16 rounds alike. With chunk_size the reversed pass
+    runs per chunk: a frame reads no frame of a later chunk. Inside a compiled block: `_short_conv_shifted`."""
+    if torch.compiler.is_compiling():
+        return _short_conv_shifted(x, weight, num_frames, chunk_size)
+    B, N, C = x.shape
+    T, K = num_frames, weight.shape[-1]
+    z = x.view(B, T, N // T, C).permute(0, 2, 3, 1).reshape(-1, C, T)  # (B*S, C, T)
+
+    def causal(s):
+        return F.conv1d(s, weight, groups=C, padding=K - 1)[..., :s.shape[-1]]
+
+    backward = torch.cat([causal(c.flip(-1)).flip(-1) for c in z.split(chunk_size or T, dim=-1)], dim=-1)
+    y = causal(z) + backward - z * weight[:, 0, -1:]
+    return y.view(B, N // T, C, T).permute(0, 3, 1, 2).reshape(B, N, C)
+
+
+def _short_conv_shifted(x, weight, num_frames, chunk_size=None):
+    """short_conv as sums of shifted frames in the token layout: pointwise work that torch.compile fuses into the
+    kernels around it, where the conv1d form needs the tokens transposed to (B*S, C, T) and back. (Eager, as in
+    training, it would keep ~8x more for the backward than the conv1d form.)"""
     B, N, C = x.shape
     T, K = num_frames, weight.shape[-1]
     z = x.view(B, T, N // T, C)
     w = weight[:, 0].float()                                # (C, K)
-    frame = torch.arange(T, device=x.device)[:, None, None]
-    chunk = chunk_size or T
     past = sum(w[:, K - 1 - m] * F.pad(z, (0, 0, 0, 0, m, 0))[:, :T].float() for m in range(K))
-    future = sum(w[:, K - 1 - m] * F.pad(z, (0, 0, 0, 0, 0, m))[:, m:].float() * ((frame + m) // chunk == frame // chunk)
-                 for m in range(K))
-    y = past.to(x.dtype) + future.to(x.dtype) - z * weight[:, 0, -1]
+    future = [w[:, K - 1 - m] * F.pad(z, (0, 0, 0, 0, 0, m))[:, m:].float() for m in range(K)]
+    if chunk_size is not None:                              # x[t+m] counts only inside t's chunk
+        frame = torch.arange(T, device=x.device)[:, None, None]
+        future = [f * ((frame + m) // chunk_size == frame // chunk_size) for m, f in enumerate(future)]
+    y = past.to(x.dtype) + sum(future).to(x.dtype) - z * weight[:, 0, -1]
     return y.view(B, N, C)
 
 

@@ -5,7 +5,8 @@ Run on a CUDA machine from the repository root (needs diffusers):
     python bench/dit_step.py [--frames 81,321,961] [--batch 1,2] [--skip-diffusers] [--profile 961]
     python bench/dit_step.py --tiny      # dit.md §13.1 config, fp32 on the CPU: checks the script end to end
 Per size: median seconds per step (CUDA events, after warm-up); peak memory (max_memory_allocated; the models
-share one copy of the weights, so each peak counts it once); ours / diffusers; max|ours - theirs| / max|theirs|;
+share one copy of the weights, so each peak counts it once; for ours also the caching allocator's reserved
+peak); ours / diffusers; max|ours - theirs| / max|theirs|;
 our step over the practical floor measured in the same run: the full attentions (main + camera branch of each
 softmax block: ten) at the best SDPA backend's time plus the linears, 2 * params * tokens FLOP (the issue's
 2 * 2.66e9 * N), at the measured bf16 matmul rate. --profile F: the 25 costliest kernels of our step at F frames.

@@ -8,8 +8,9 @@ from diffusers.models.transformers import transformer_sana_wm as ref
 
 from attention import (CrossAttention, RMSNorm, SoftmaxSelfAttention, apply_rope, block_causal_sdpa,
                        camera_rope_table, rms_cap, rope_table, ucpe)
+import gdn
 from gdn import GDNSelfAttention, short_conv
-from reference import randomize_, tiny_camera
+from reference import max_rel_err, randomize_, tiny_camera
 
 ATOL = 1e-6
 C, HEADS, D = 48, 2, 24
@@ -99,6 +100,16 @@ def test_short_conv(K, T):
     z = x.view(2, T, 6, C).permute(0, 2, 3, 1).reshape(-1, C, T)
     sym = F.conv1d(z, w, groups=C, padding=K - 1).view(2, 6, C, T).permute(0, 3, 1, 2).reshape(2, T * 6, C)
     assert max_abs(short_conv(x, theirs.weight, T), sym) <= ATOL
+
+
+@pytest.mark.parametrize("K,T", [(4, 5), (3, 2), (1, 3), (7, 9)])
+@pytest.mark.parametrize("chunk_size", [None, 1, 2, 4, 11])
+def test_short_conv_shifted_form(K, T, chunk_size):
+    """The form compiled blocks use (sums of shifted frames) equals the conv1d form, chunk boundaries included."""
+    weight = torch.randn(C, 1, K, generator=gen(1))
+    x = torch.randn(2, T * 6, C, generator=gen())
+    expected = short_conv(x, weight, T, chunk_size)
+    assert max_rel_err(gdn._short_conv_shifted(x, weight, T, chunk_size), expected) <= 1e-6
 
 
 def test_cross_attention():

@@ -190,9 +190,9 @@ def test_dit_bf16():
 
 
 @pytest.mark.gpu
-def test_fused_pointwise_on_cuda_equals_eager():
-    """On CUDA the pointwise helpers run through torch.compile (attention.fused_on_cuda); the tiny DiT gives the
-    same velocity as with every helper run as written (force_eager), at the whole-model fp32 tolerance."""
+def test_compiled_blocks_on_cuda_equal_eager():
+    """On CUDA in inference the DiT blocks run through torch.compile (attention.fused_on_cuda); the tiny DiT gives
+    the same velocity as with everything run as written (force_eager), at the whole-model fp32 tolerance."""
     theirs = tiny_sana_wm_transformer()
     ours = ours_from(theirs).cuda()
     args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in ours_args(tiny_dit_inputs())]
