@@ -15,6 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+RECOMPILE_LIMIT = 64  # compiled graphs per function (fused_on_cuda); Dynamo's default is 8
+
+
 def fused_on_cuda(fn):
     """Run fn through torch.compile when its tensors live on CUDA and no autograd graph is recorded (inference);
     elsewhere (the CPU, the tests, training) as written.
@@ -46,9 +49,6 @@ def fused_on_cuda(fn):
     return run
 
 
-RECOMPILE_LIMIT = 64
-
-
 class RMSNorm(nn.Module):
     """v / sqrt(mean(v^2) + eps) * weight over the last dim; the statistic is taken in fp32 (dit.md §10)."""
 
@@ -58,12 +58,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    x = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)  # promoted to fp32
-    return x.to(weight.dtype) * weight
+        x = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)  # promoted to fp32
+        return x.to(self.weight.dtype) * self.weight
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -250,9 +250,8 @@ class GLUMBConvTemp(nn.Module):
         T, h, w = thw
         z = m.reshape(B * T, h, w, C).permute(0, 3, 1, 2)
         frames_per_call = max(1, self.MAX_CONV_ELEMENTS // (self.inverted_conv.conv.out_channels * h * w))
-        outs = []
+        depth, outs = self.depth_conv.conv, []
         for part in z.split(frames_per_call):
-            depth = self.depth_conv.conv
             hidden = F.silu(self.inverted_conv.conv(part))
             outs.append(self.point_conv.conv(depthwise_glu(hidden, depth.weight, depth.bias)))
         z = (outs[0] if len(outs) == 1 else torch.cat(outs)).view(B, T, C, h * w).permute(0, 2, 1, 3)
