@@ -22,9 +22,11 @@ def fused_on_cuda(fn):
     """Run fn through torch.compile when its tensors live on CUDA and no autograd graph is recorded (inference);
     elsewhere (the CPU, the tests, training) as written.
 
-    Applied to the DiT block: its fp32 islands (dit.md §10: casts, RoPE rotations, RMS statistics and caps, UCPE,
-    modulation, gating) are chains of pointwise ops, each one pass over memory when run op by op. Compiled, each
-    chain is one kernel between the matmuls, attention kernels and GDN scans (BENCHMARKS.md: the step time).
+    Applied to the DiT block, and to the pieces of it that the memory mode (dit.DiT's part_frames) calls one part at
+    a time (inlined when called from a compiled block): its fp32 islands (dit.md §10: casts, RoPE rotations, RMS
+    statistics and caps, UCPE, modulation, gating) are chains of pointwise ops, each one pass over memory when run
+    op by op. Compiled, each chain is one kernel between the matmuls, attention kernels and GDN scans
+    (BENCHMARKS.md: the step time).
     Inside a fused kernel the intermediate values stay fp32 where the code as written rounds them to bf16 between
     ops (Inductor's default): the compiled step is a little more precise than the reference, not bit-equal. The
     first call at a new shape compiles (seconds to a minute), for each of the model's shapes anew (every size,
@@ -36,9 +38,11 @@ def fused_on_cuda(fn):
     @functools.wraps(fn)
     def run(*args, **kwargs):
         nonlocal compiled
+        if torch.compiler.is_compiling():                   # called from compiled code: inlined there
+            return fn(*args, **kwargs)
         first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
-        if first is None or not first.is_cuda or torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return fn(*args, **kwargs)                      # (called from compiled code: inlined there)
+        if first is None or not first.is_cuda or torch.is_grad_enabled():
+            return fn(*args, **kwargs)
         if compiled is None:  # made on first use, so that importing the module stays cheap
             # Sizes as constants (symbolic ones slow the indexing). No layout optimisation: made for conv nets, it
             # stores 4-d tensors channels-last, and our (B, N, H, D) heads would get the tokens innermost.
@@ -126,18 +130,36 @@ def rms_cap(reference: torch.Tensor, x: torch.Tensor, eps: float = 1e-6) -> torc
     return x * (ref_rms / x_rms.clamp_min(eps)).clamp(max=1.0)
 
 
-def block_causal_sdpa(q, k, v, num_frames: int, chunk_size: int | None, scale: float | None = None) -> torch.Tensor:
-    """softmax(q k^T * scale) v over (B, H, N, d) tensors, scale 1/sqrt(d) by default. With chunk_size, the queries
-    of frame chunk c only see the keys of chunks <= c: one SDPA call per chunk on a key prefix, so no N x N mask
-    is ever built."""
+def chunk_stop(t: int, num_frames: int, chunk_size: int | None) -> int:
+    """The frame after the last one of frame t's causal chunk (chunks: multiples of chunk_size; None: one chunk)."""
+    return num_frames if chunk_size is None else min(num_frames, (t // chunk_size + 1) * chunk_size)
+
+
+def frame_spans(first: int, end: int, chunk_size: int | None, part_frames: int | None = None):
+    """(start, stop) spans covering frames [first, end) in order, none crossing a causal-chunk boundary (multiples
+    of chunk_size) nor longer than part_frames; one span when both are None."""
+    spans, t = [], first
+    while t < end:
+        stop = chunk_stop(t, end, chunk_size)
+        stop = stop if part_frames is None else min(stop, t + part_frames)
+        spans.append((t, stop))
+        t = stop
+    return spans
+
+
+def block_causal_sdpa(q, k, v, num_frames: int, chunk_size: int | None, scale: float | None = None,
+                      first_frame: int = 0) -> torch.Tensor:
+    """softmax(q k^T * scale) v over (B, H, n, d) tensors, scale 1/sqrt(d) by default; k and v hold num_frames
+    frames, q whole frames from first_frame on. With chunk_size, the queries of frame chunk c only see the keys of
+    chunks <= c: one SDPA call per chunk on a key prefix, so no N x N mask is ever built."""
     if chunk_size is None:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    S = q.shape[2] // num_frames
+    S = k.shape[2] // num_frames
     outs = []
-    for start in range(0, num_frames, chunk_size):
-        end = min(start + chunk_size, num_frames)
-        outs.append(F.scaled_dot_product_attention(q[:, :, start * S:end * S], k[:, :, :end * S], v[:, :, :end * S],
-                                                   scale=scale))
+    for start, stop in frame_spans(first_frame, first_frame + q.shape[2] // S, chunk_size):
+        keys = chunk_stop(start, num_frames, chunk_size) * S   # up to the end of the chunk
+        outs.append(F.scaled_dot_product_attention(q[:, :, (start - first_frame) * S:(stop - first_frame) * S],
+                                                   k[:, :, :keys], v[:, :, :keys], scale=scale))
     return torch.cat(outs, dim=2)
 
 
@@ -178,26 +200,44 @@ class CameraSelfAttention(nn.Module):
         return (rms_cap(qc, ucpe(qc, P_T, rope_cam)), rms_cap(kc, ucpe(kc, P_inv, rope_cam)),
                 rms_cap(vc, ucpe(vc, P_inv, rope_cam)))
 
-    @staticmethod
-    def from_rays(oc, camera):
-        """Decode the camera branch's output (B, N, H, D) back to world space with P and the conjugate RoPE."""
-        P, _, _, rope_cam = camera
-        return ucpe(oc, P, rope_cam, conjugate=True).flatten(2)
-
-    def output(self, u: torch.Tensor, main: torch.Tensor, camera: torch.Tensor | None) -> torch.Tensor:
-        """Both branches (B, N, C) share one output gate computed from the block input u, in fp32 (dit.md §10)."""
-        if camera is not None:
-            main = main + self.out_proj_cam(camera)
+    @fused_on_cuda
+    def output(self, u: torch.Tensor, main: torch.Tensor, oc: torch.Tensor | None, camera) -> torch.Tensor:
+        """The layer's output (B, n, C) from the main branch's (B, n, H, D) and the camera branch's oc (B, n, H, D)
+        in ray space (or None), decoded back to world space with P and the conjugate RoPE. Both branches share one
+        output gate computed from the block input u, in fp32 (dit.md §10)."""
+        main = main.flatten(2).to(u.dtype)
+        if oc is not None:
+            P, _, _, rope_cam = camera
+            main = main + self.out_proj_cam(ucpe(oc.to(u.dtype), P, rope_cam, conjugate=True).flatten(2))
         return self.proj((main * F.silu(self.output_gate(u).float())).to(u.dtype))
+
+
+def camera_rows(camera, rows: slice):
+    """The camera tuple (P, P^T, P^-1, rope_cam) of a range of tokens, or None."""
+    return None if camera is None else tuple(m[:, rows] for m in camera[:3]) + (camera[3][rows],)
+
+
+def padded_width_scale(head_dim: int) -> float:
+    """The camera branch's softmax scale. The reference zero-pads the heads to a flash-attention width (112 -> 128),
+    so its scale is 1/sqrt(padded width), which the released weights were trained with (dit.md §7.2). The padding
+    adds nothing to q.k nor to the output: the same attention is D wide with that scale, 13% fewer FLOPs."""
+    width = head_dim if head_dim in (32, 64, 128) or head_dim >= 256 else (128 if head_dim < 128 else 256)
+    return width ** -0.5
 
 
 class SoftmaxSelfAttention(CameraSelfAttention):
     """Softmax self-attention over all N tokens with RoPE, plus a softmax UCPE camera branch (dit.md §7).
 
-    forward(u (B, N, C), thw, rope (N, D/2, 2), camera=(P, P^T, P^-1, rope_cam) or None, chunk_size) -> (B, N, C).
+    forward(u (B, N, C), thw, rope (N, D/2, 2), camera=(P, P^T, P^-1, rope_cam) or None, chunk_size, part_frames)
+    -> (B, N, C). part_frames (the memory mode, inference): the keys and values of all frames are made part_frames
+    frames at a time, then each part's queries attend to them and its output is written; the only (B, N, C)-sized
+    tensors are then the two (four with the camera) keys and values and the output.
     """
 
-    def forward(self, u, thw, rope, camera=None, chunk_size=None):
+    @fused_on_cuda
+    def operands(self, u, rope, camera):
+        """SDPA operands (B, H, n, D) of the tokens u (B, n, C), rope and camera being their rows: the main branch's
+        (q, k, v) and the camera branch's (or None)."""
         B, N, C = u.shape
         H, D = self.heads, self.head_dim
         q, k, v = self.qkv(u).view(B, N, 3, H, D).unbind(2)
@@ -205,23 +245,47 @@ class SoftmaxSelfAttention(CameraSelfAttention):
         k = apply_rope(self.k_norm(k.reshape(B, N, C)).view(B, N, H, D), rope)
         # The reference runs this SDPA in bf16 even in an fp32 model (dit.md §7.1, §10).
         sdpa_dtype = torch.bfloat16 if u.dtype == torch.float32 else u.dtype
-        q, k, v = (t.transpose(1, 2).to(sdpa_dtype) for t in (q, k, v))
-        main = block_causal_sdpa(q, k, v, thw[0], chunk_size).transpose(1, 2).reshape(B, N, C).to(u.dtype)
+        main = tuple(t.transpose(1, 2).to(sdpa_dtype) for t in (q, k, v))
+        if camera is None:
+            return main, None
+        qc = self.q_norm_cam(self.q_proj_cam(u)).view(B, N, H, D)
+        kc = self.k_norm_cam(self.k_proj_cam(u)).view(B, N, H, D)
+        vc = self.v_proj_cam(u).view(B, N, H, D)
+        # The camera branch's SDPA always runs in bf16 (dit.md §7.2), with padded_width_scale.
+        return main, tuple(t.transpose(1, 2).to(torch.bfloat16) for t in self.to_rays(qc, kc, vc, camera))
 
-        cam = None
-        if camera is not None:
-            qc = self.q_norm_cam(self.q_proj_cam(u)).view(B, N, H, D)
-            kc = self.k_norm_cam(self.k_proj_cam(u)).view(B, N, H, D)
-            vc = self.v_proj_cam(u).view(B, N, H, D)
-            qh, kh, vh = self.to_rays(qc, kc, vc, camera)
-            # Always bf16. The reference zero-pads the heads to a flash-attention width (112 -> 128), so its scale
-            # is 1/sqrt(padded width), which the released weights were trained with (dit.md §7.2). The padding adds
-            # nothing to q.k nor to the output: the same attention is D wide with that scale, 13% fewer FLOPs.
-            width = D if D in (32, 64, 128) or D >= 256 else (128 if D < 128 else 256)
-            qh, kh, vh = (t.transpose(1, 2).to(torch.bfloat16) for t in (qh, kh, vh))
-            oc = block_causal_sdpa(qh, kh, vh, thw[0], chunk_size, scale=width ** -0.5).transpose(1, 2).to(u.dtype)
-            cam = self.from_rays(oc, camera)
-        return self.output(u, main, cam)
+    def attend(self, u, main, cam, num_frames, chunk_size, camera, first_frame=0):
+        """The output rows of the tokens u (whole frames from first_frame on) from their queries main[0], cam[0]
+        and the keys and values of all num_frames frames."""
+        main = block_causal_sdpa(*main, num_frames, chunk_size, first_frame=first_frame).transpose(1, 2)
+        if cam is not None:
+            scale = padded_width_scale(self.head_dim)
+            cam = block_causal_sdpa(*cam, num_frames, chunk_size, scale, first_frame).transpose(1, 2)
+        return self.output(u, main, cam, camera)
+
+    def forward(self, u, thw, rope, camera=None, chunk_size=None, part_frames=None):
+        T = thw[0]
+        if part_frames is None:
+            return self.attend(u, *self.operands(u, rope, camera), T, chunk_size, camera)
+        B, N, C = u.shape
+        S = N // T
+        spans = [slice(t0 * S, t1 * S) for t0, t1 in frame_spans(0, T, None, part_frames)]
+        kv = None
+        for rows in spans:                                  # keys and values of every frame (queries dropped)
+            main, cam = self.operands(u[:, rows], rope[rows], camera_rows(camera, rows))
+            part = main[1:] + (cam[1:] if cam is not None else ())
+            if kv is None:
+                kv = [x.new_empty(B, N, self.heads, self.head_dim) for x in part]
+            for buffer, x in zip(kv, part):
+                buffer[:, rows] = x.transpose(1, 2)
+        kv = [buffer.transpose(1, 2) for buffer in kv]
+        out = torch.empty_like(u)
+        for rows in spans:  # then each part's queries: its operands made again (the memory mode's extra work)
+            main, cam = self.operands(u[:, rows], rope[rows], camera_rows(camera, rows))
+            cam = None if cam is None else (cam[0], *kv[2:])
+            out[:, rows] = self.attend(u[:, rows], (main[0], *kv[:2]), cam, T, chunk_size,
+                                       camera_rows(camera, rows), rows.start // S)
+        return out
 
 
 class CrossAttention(nn.Module):

@@ -7,6 +7,8 @@ State-dict keys and shapes equal the official checkpoint's (dit_state_dict_full.
 
 `chunk_size` (frames) turns the bidirectional model into a chunk-causal one: frames of chunk c only see frames
 of chunks <= c, in every temporal operator (GDN backward scan, softmax attention, the temporal convolutions).
+`part_frames` (DiT.forward) is the memory mode: the same velocity with the blocks' token-wise work done a few
+frames at a time (Block.forward_in_parts).
 """
 import json
 import math
@@ -20,8 +22,8 @@ import triton
 import triton.language as tl
 from safetensors import SafetensorError, safe_open
 
-from attention import (CrossAttention, RMSNorm, SoftmaxSelfAttention, camera_rope_table, fused_on_cuda,
-                       rope_table)
+from attention import (CrossAttention, RMSNorm, SoftmaxSelfAttention, camera_rope_table, chunk_stop, frame_spans,
+                       fused_on_cuda, rope_table)
 from camera import ray_matrices, se3_inverse
 from gdn import GDNSelfAttention
 from quantize import nvfp4_layer_names, quantize_model
@@ -134,20 +136,23 @@ class CaptionEmbedder(nn.Module):
 # --------------------------------------------------------------------------------------------------------------
 # FFN (dit.md §9)
 
-def temporal_conv(x: torch.Tensor, conv: nn.Module, chunk_size: int | None) -> torch.Tensor:
-    """The zero-padded 'same' conv over T of x (B, C, T, S) by `conv`: a (C, C, K, 1) conv with padding (K//2, 0),
-    K odd (nn.Conv2d, or a drop-in such as quantize.NVFP4Conv2d). With chunk_size each chunk is convolved as if
-    the video ended with it (earlier frames still seen), so nothing leaks backwards."""
-    if chunk_size is None:
-        return conv(x)
-    p = conv.padding[0]
-    T, outs = x.shape[2], []
-    for start in range(0, T, chunk_size):
-        end, lo = min(start + chunk_size, T), max(0, start - p)
-        # The conv's own zero padding after `end` ends the video there; the p frames before `start` are only
-        # context (before frame 0 the padding is the video's own), so their outputs are dropped.
-        outs.append(conv(x[:, :, lo:end])[:, :, start - lo:])
-    return torch.cat(outs, dim=2)
+def temporal_residual(x: torch.Tensor, conv: nn.Module, chunk_size: int | None,
+                      part_frames: int | None = None) -> torch.Tensor:
+    """x + conv(x) for x (B, C, T, S) and `conv` a zero-padded 'same' conv over T: (C, C, K, 1) weights, padding
+    (K//2, 0), K odd (nn.Conv2d, or a drop-in such as quantize.NVFP4Conv2d). With chunk_size each chunk is
+    convolved as if the video ended with it (earlier frames still seen), so nothing leaks backwards. part_frames:
+    the output is made that many frames at a time (the memory mode)."""
+    T = x.shape[2]
+    spans = frame_spans(0, T, chunk_size, part_frames)
+    if len(spans) == 1:
+        return x + conv(x)
+    p, out = conv.padding[0], torch.empty_like(x)
+    for start, stop in spans:
+        lo, hi = max(0, start - p), min(chunk_stop(start, T, chunk_size), stop + p)  # (the chunk's stop: video ends)
+        # The conv's own zero padding at `hi` ends the video there (or hi - stop = p frames are only context); the
+        # p frames before `start` are only context (before frame 0 the padding is the video's own).
+        out[:, :, start:stop] = x[:, :, start:stop] + conv(x[:, :, lo:hi])[:, :, start - lo:stop - lo]
+    return out
 
 
 def _conv(*args, **kwargs) -> nn.Module:
@@ -169,48 +174,31 @@ def depthwise_glu(s: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 @triton.jit
-def _glu_store(out, value, gate, n, i, h, w, half, c, j, mask):
-    """value * SiLU(gate) for output row i, with the reference's roundings (conv output, SiLU, product)."""
+def _depthwise_glu_kernel(hidden, taps, bias, out, h, w, half, ssn, ssh, ssw, ssc, BP: tl.constexpr, BC: tl.constexpr):
+    """One program per (image n, block of BP pixels p in row-major order, block of BC value channels c): the nine
+    taps as nine shifted loads of the input tile (value channels c and gate channels half + c; the overlapping
+    loads hit the cache), fp32 accumulation, then the GLU with the reference's roundings (conv output, SiLU(gate),
+    product)."""
+    n = tl.program_id(2).to(tl.int64)
+    p = tl.program_id(1) * BP + tl.arange(0, BP)
+    c = tl.program_id(0) * BC + tl.arange(0, BC)           # neighbouring programs share the pixels' cache lines
+    cmask, pmask = c < half, p < h * w
+    i, j = p // w, p % w
+    value = tl.zeros((BP, BC), tl.float32) + tl.load(bias + c, mask=cmask, other=0.0)[None, :]
+    gate = tl.zeros((BP, BC), tl.float32) + tl.load(bias + half + c, mask=cmask, other=0.0)[None, :]
+    for di in tl.static_range(3):
+        for dj in tl.static_range(3):
+            row, col = i + di - 1, j + dj - 1
+            m = (pmask & (row >= 0) & (row < h) & (col >= 0) & (col < w))[:, None] & cmask[None, :]
+            src = hidden + n * ssn + (row * ssh + col * ssw)[:, None] + c[None, :] * ssc
+            tap = taps + (3 * di + dj) * 2 * half + c
+            value += tl.load(src, mask=m, other=0.0).to(tl.float32) * tl.load(tap, mask=cmask, other=0.0)[None, :]
+            gate += (tl.load(src + half * ssc, mask=m, other=0.0).to(tl.float32)
+                     * tl.load(tap + half, mask=cmask, other=0.0)[None, :])
     dtype = out.dtype.element_ty
     value, gate = value.to(dtype).to(tl.float32), gate.to(dtype).to(tl.float32)
     result = value * (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
-    tl.store(out + ((n * h + i) * w + j)[:, None] * half + c[None, :], result.to(dtype), mask=mask)
-
-
-@triton.jit
-def _depthwise_glu_kernel(hidden, taps, bias, out, h, w, half, ssn, ssh, ssw, ssc, BW: tl.constexpr, BC: tl.constexpr):
-    """One program per (image n, block of BC value channels c) walks down the rows. Input row r (value channels c
-    and gate channels half + c, three column shifts each, loaded once) feeds output rows r-1, r and r+1 with the
-    kernel's bottom, middle and top taps (taps: (9, 2*half)); row r-1 is then complete and stored. fp32 accumulation."""
-    n = tl.program_id(1).to(tl.int64)
-    c = tl.program_id(0) * BC + tl.arange(0, BC)           # neighbouring programs share the image's cache lines
-    cmask = c < half
-    j = tl.arange(0, BW)
-    out_mask = (j < w)[:, None] & cmask[None, :]
-    b_value = tl.zeros((BW, BC), tl.float32) + tl.load(bias + c, mask=cmask, other=0.0)[None, :]
-    b_gate = tl.zeros((BW, BC), tl.float32) + tl.load(bias + half + c, mask=cmask, other=0.0)[None, :]
-    prev_v, prev_g = b_value, b_gate                        # output row r-1 (a dummy row -1 at r = 0)
-    cur_v, cur_g = b_value, b_gate                          # output row r
-    for r in range(h):
-        next_v, next_g = b_value, b_gate                    # output row r+1
-        for dj in tl.static_range(3):
-            col = j + dj - 1
-            m = ((col >= 0) & (col < w))[:, None] & cmask[None, :]
-            src = hidden + n * ssn + r * ssh + col[:, None] * ssw + c[None, :] * ssc
-            x_v = tl.load(src, mask=m, other=0.0).to(tl.float32)
-            x_g = tl.load(src + half * ssc, mask=m, other=0.0).to(tl.float32)
-            for di in tl.static_range(3):                   # tap row di: input row r = output row + di - 1
-                w_v = tl.load(taps + (3 * di + dj) * 2 * half + c, mask=cmask, other=0.0)[None, :]
-                w_g = tl.load(taps + (3 * di + dj) * 2 * half + half + c, mask=cmask, other=0.0)[None, :]
-                if di == 2:
-                    prev_v, prev_g = prev_v + x_v * w_v, prev_g + x_g * w_g
-                elif di == 1:
-                    cur_v, cur_g = cur_v + x_v * w_v, cur_g + x_g * w_g
-                else:
-                    next_v, next_g = next_v + x_v * w_v, next_g + x_g * w_g
-        _glu_store(out, prev_v, prev_g, n, r - 1, h, w, half, c, j, out_mask & (r > 0))
-        prev_v, prev_g, cur_v, cur_g = cur_v, cur_g, next_v, next_g
-    _glu_store(out, prev_v, prev_g, n, h - 1, h, w, half, c, j, out_mask)
+    tl.store(out + (n * h * w + p)[:, None] * half + c[None, :], result.to(dtype), mask=pmask[:, None] & cmask[None, :])
 
 
 @torch.library.custom_op("nano_sana_wm::depthwise_glu", mutates_args=())
@@ -219,10 +207,10 @@ def _depthwise_glu_op(s: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor)
     n, c2, h, w = s.shape
     out = s.new_empty(n, h, w, c2 // 2)
     taps = weight.view(c2, 9).T.float().contiguous()        # (9, 2F): tap 3*di + dj of every channel
-    BC = 32  # with 8 warps: 1.0 ms at the release's 22-frame part on an H200 (BENCHMARKS.md), cuDNN conv + GLU 1.9
-    _depthwise_glu_kernel[(triton.cdiv(c2 // 2, BC), n)](
+    BP, BC = 64, 64  # 0.99 ms at the release's 22-frame part on an H100 (BENCHMARKS.md); cuDNN conv + GLU 2.1 ms
+    _depthwise_glu_kernel[(triton.cdiv(c2 // 2, BC), triton.cdiv(h * w, BP), n)](
         s, taps, bias.float().contiguous(), out, h, w, c2 // 2, s.stride(0), s.stride(2), s.stride(3), s.stride(1),
-        BW=max(16, triton.next_power_of_2(w)), BC=BC, num_warps=8)
+        BP=BP, BC=BC, num_warps=4)
     return out
 
 
@@ -245,23 +233,30 @@ class GLUMBConvTemp(nn.Module):
         self.point_conv = _conv(hidden, dim, 1, bias=False)
         self.t_conv = nn.Conv2d(dim, dim, (t_kernel, 1), padding=(t_kernel // 2, 0), bias=False)
 
-    def forward(self, m, thw, chunk_size=None):
+    def forward(self, m, thw, chunk_size=None, part_frames=None):
+        """m (B, N, C) -> (B, N, C); part_frames: at most that many frames at a time (the memory mode)."""
         B, N, C = m.shape
         T, h, w = thw
-        z = m.reshape(B * T, h, w, C).permute(0, 3, 1, 2)
+        images = m.reshape(B * T, h, w, C).permute(0, 3, 1, 2)
         frames_per_call = max(1, self.MAX_CONV_ELEMENTS // (self.inverted_conv.conv.out_channels * h * w))
-        depth, outs = self.depth_conv.conv, []
-        for part in z.split(frames_per_call):
-            hidden = F.silu(self.inverted_conv.conv(part))
-            outs.append(self.point_conv.conv(depthwise_glu(hidden, depth.weight, depth.bias)))
-        z = (outs[0] if len(outs) == 1 else torch.cat(outs)).view(B, T, C, h * w).permute(0, 2, 1, 3)
-        z = z + temporal_conv(z, self.t_conv, chunk_size)
+        frames_per_call = min(frames_per_call, part_frames or frames_per_call)
+        depth, z = self.depth_conv.conv, None
+        for start in range(0, B * T, frames_per_call):
+            hidden = F.silu(self.inverted_conv.conv(images[start:start + frames_per_call]))
+            part = self.point_conv.conv(depthwise_glu(hidden, depth.weight, depth.bias))
+            if frames_per_call >= B * T:
+                z = part                                    # one call: no copy
+            else:                                           # parts written into one tensor, no concatenation
+                z = torch.empty_like(images) if z is None else z
+                z[start:start + frames_per_call] = part
+        z = temporal_residual(z.view(B, T, C, h * w).permute(0, 2, 1, 3), self.t_conv, chunk_size, part_frames)
         return z.permute(0, 2, 3, 1).reshape(B, N, C)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Block and final layer (dit.md §4, §3.5)
 
+@fused_on_cuda
 def _modulate(x, shift, scale, T):
     """Per-frame AdaLN: LN(x) (no affine, eps 1e-6) * (1 + scale) + shift, with shift/scale (B, T, 1, C)."""
     B, N, C = x.shape
@@ -294,6 +289,31 @@ class Block(nn.Module):
         x = x + self.cross_attn(x, y, text_mask)  # no norm / modulation before cross-attention (dit.md §12.4)
         m = self.mlp(_modulate(x, shift_mlp, scale_mlp, T), thw, chunk_size)
         return x + (gate_mlp * m.view(B, T, N // T, C)).view(B, N, C)
+
+    @torch.no_grad()
+    def forward_in_parts(self, x, y, text_mask, t6, thw, rope, camera, plucker, chunk_size, part_frames):
+        """forward() for the memory mode (inference): x is updated in place, and the token-wise work (projections,
+        attention queries, cross-attention, FFN) runs part_frames frames at a time, so the (B, N, C)-sized tensors
+        alive at once are x, the plucker embedding, the block input u and the attention's keys and values (or the
+        GDN query streams, per-frame terms and states) and output, then the FFN's input, middle and output; no
+        (B, N, 6C) FFN tensor exists. Not compiled as a whole (the parts
+        would unroll into one huge graph); on CUDA its pointwise pieces are (`fused_on_cuda`)."""
+        B, N, C = x.shape
+        T, S = thw[0], N // thw[0]
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (self.scale_shift_table + t6).chunk(6, 2)
+        spans = frame_spans(0, T, None, part_frames)
+        a = self.attn(_modulate(x, shift_msa, scale_msa, T), thw, rope, camera, chunk_size, part_frames)
+        for t0, t1 in spans:
+            part = x[:, t0 * S:t1 * S]                      # a view: the updates land in x
+            part += (gate_msa[:, t0:t1] * a[:, t0 * S:t1 * S].view(B, t1 - t0, S, C)).view(B, -1, C)
+            if plucker is not None and hasattr(self, "plucker_proj"):
+                part += self.plucker_proj(plucker[:, t0 * S:t1 * S])
+            part += self.cross_attn(part, y, text_mask)
+        del a
+        m = self.mlp(_modulate(x, shift_mlp, scale_mlp, T), thw, chunk_size, part_frames)
+        for t0, t1 in spans:
+            x[:, t0 * S:t1 * S] += (gate_mlp[:, t0:t1] * m[:, t0 * S:t1 * S].view(B, t1 - t0, S, C)).view(B, -1, C)
+        return x
 
 
 class FinalLayer(nn.Module):
@@ -337,15 +357,22 @@ class DiT(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.x_embedder.proj.weight.dtype
 
-    def forward(self, x, timestep, text, text_mask, raymap=None, plucker=None, chunk_size=None):
+    def forward(self, x, timestep, text, text_mask, raymap=None, plucker=None, chunk_size=None, part_frames=None):
         """Flow velocity (B, 128, T, h, w) for noisy latents x (B, 128, T, h, w).
 
         timestep (B, T) per frame in [0, 1000]; text (B, L, 2304) Gemma-2 hidden states; text_mask (B, L),
         nonzero = keep; raymap (B, T, 20) and plucker (B, 48, T, h, w) from camera.prepare_camera (each optional);
         chunk_size: frames per causal chunk, None = the released bidirectional model.
+        part_frames: the memory mode (inference only): the blocks do their token-wise work part_frames latent
+        frames at a time (Block.forward_in_parts): the same velocity in about half the activation memory, slower
+        (BENCHMARKS.md). None: all frames at once, the fastest.
         """
         cfg, dtype = self.config, self.dtype
         B, T, h, w = _check_inputs(cfg, x, timestep, text, text_mask, raymap, plucker, chunk_size)
+        if part_frames is not None and (not isinstance(part_frames, int) or part_frames < 1):
+            raise ValueError(f"part_frames: expected None or a positive int (latent frames), got {part_frames!r}")
+        if part_frames is not None and torch.is_grad_enabled():
+            raise ValueError("part_frames: the memory mode is for inference; run it under torch.no_grad()")
         thw, C = (T, h, w), cfg.hidden_size
         x = self.x_embedder(x.to(dtype))
         # The reference truncates timesteps to integers before the sinusoid (dit.md §12.1): 998.26 -> 998.
@@ -362,8 +389,13 @@ class DiT(nn.Module):
         pl = self.plucker_embedder(plucker.to(dtype)) if plucker is not None else None
 
         mask = text_mask != 0
+        if part_frames is not None:
+            x = x.contiguous()  # updated in place by the blocks
         for block in self.blocks:
-            x = block(x, y, mask, t6, thw, rope, camera, pl, chunk_size)
+            if part_frames is None:
+                x = block(x, y, mask, t6, thw, rope, camera, pl, chunk_size)
+            else:
+                x = block.forward_in_parts(x, y, mask, t6, thw, rope, camera, pl, chunk_size, part_frames)
         x = self.final_layer(x, temb.view(B, T, 1, C))
         return x.view(B, T, h, w, -1).permute(0, 4, 1, 2, 3)
 

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from attention import CameraSelfAttention, apply_rope
+from attention import CameraSelfAttention, apply_rope, camera_rows, frame_spans, fused_on_cuda
 
 BACKENDS = ("auto", "torch", "triton", "reference")
 
@@ -647,20 +647,46 @@ def gdn_scan(q_rot, k_rot, v, beta, decay, q=None, k=None, *, chunk_size=None, e
     return _scan_op(q_rot, k_rot, v, beta, decay, q, k, decay.shape[1] if chunk_size is None else chunk_size, eps)[0]
 
 
+# The three stages one at a time, for inference in parts of frames (the DiT's memory mode): the per-frame terms are
+# independent across frames, so those of consecutive parts are concatenated (dim 2) before the states are scanned,
+# and a part's output needs only its frames' states. Triton on CUDA (no autograd there), torch otherwise.
+
+def frame_terms(k_rot, v, beta, k=None, *, num_frames):
+    """Stage 1: per-frame M (B,H,T,NA,D,D) and U (B,H,T,R,D), float32, of num_frames whole frames of tokens."""
+    return (_frame_terms_triton if v.is_cuda else _frame_terms)(k_rot, v, beta, k, num_frames)
+
+
+def scan_states(M, U, decay, chunk_size=None):
+    """Stage 2: the states X (2,B,H,T,R,D) read by each frame, from all frames' terms and decay (B, T, H)."""
+    g = _fp32(decay).transpose(1, 2).contiguous()
+    if U.is_cuda:
+        return _scan_triton(M, U, g, decay.shape[1] if chunk_size is None else chunk_size, grad=False)
+    return _scan_torch(M, U, g, chunk_size)
+
+
+def read_out(X, q_rot, q=None, eps=1e-8):
+    """Stage 3: the output (B, n, H, D) in q_rot's dtype of the tokens q_rot (and q) of X's frames."""
+    if X.is_cuda:
+        return _read_out_triton(X.contiguous(), q_rot, q, eps, q_rot.dtype)
+    return _read_out(X, q_rot, q, X.shape[3], eps).to(q_rot.dtype)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The GDN self-attention layer (dit.md §6.1-6.5): the layer around the scan: gates, the temporal short conv on K,
 # norms, ReLU kernel, key scaling, RoPE on the numerator stream, and the UCPE camera branch. Its parameters (one
 # layout with the softmax variant) and the shared output gate come from attention.CameraSelfAttention.
 
 
-def short_conv(x: torch.Tensor, weight: torch.Tensor, num_frames: int, chunk_size: int | None = None):
+def short_conv(x: torch.Tensor, weight: torch.Tensor, num_frames: int, chunk_size: int | None = None,
+               first_frame: int = 0):
     """Depthwise temporal filter of x (B, N, C) with taps weight (C, 1, K), per spatial position (dit.md §6.2):
     y[t] = sum_m w_{K-1-m} x[t-m] + sum_m w_{K-1-m} x[t+m] - w_{K-1} x[t] (m = 0..K-1), zero outside [0, T), i.e.
     the symmetric filter [w_0 .. w_{K-1} .. w_0]. Computed as the reference does (a causal conv forwards, one on
     the reversed sequence, minus the shared centre tap) so bf16 rounds alike. With chunk_size the reversed pass
-    runs per chunk: a frame reads no frame of a later chunk. Inside a compiled block: `_short_conv_shifted`."""
+    runs per chunk: a frame reads no frame of a later chunk. x may be frames first_frame.. of a longer video (the
+    chunks are counted from its frame 0). Inside a compiled block: `_short_conv_shifted`."""
     if torch.compiler.is_compiling():
-        return _short_conv_shifted(x, weight, num_frames, chunk_size)
+        return _short_conv_shifted(x, weight, num_frames, chunk_size, first_frame)
     B, N, C = x.shape
     T, K = num_frames, weight.shape[-1]
     z = x.view(B, T, N // T, C).permute(0, 2, 3, 1).reshape(-1, C, T)  # (B*S, C, T)
@@ -668,12 +694,13 @@ def short_conv(x: torch.Tensor, weight: torch.Tensor, num_frames: int, chunk_siz
     def causal(s):
         return F.conv1d(s, weight, groups=C, padding=K - 1)[..., :s.shape[-1]]
 
-    backward = torch.cat([causal(c.flip(-1)).flip(-1) for c in z.split(chunk_size or T, dim=-1)], dim=-1)
+    pieces = [stop - start for start, stop in frame_spans(first_frame, first_frame + T, chunk_size)]
+    backward = torch.cat([causal(c.flip(-1)).flip(-1) for c in z.split(pieces, dim=-1)], dim=-1)
     y = causal(z) + backward - z * weight[:, 0, -1:]
     return y.view(B, N // T, C, T).permute(0, 3, 1, 2).reshape(B, N, C)
 
 
-def _short_conv_shifted(x, weight, num_frames, chunk_size=None):
+def _short_conv_shifted(x, weight, num_frames, chunk_size=None, first_frame=0):
     """short_conv as sums of shifted frames in the token layout: pointwise work that torch.compile fuses into the
     kernels around it, where the conv1d form needs the tokens transposed to (B*S, C, T) and back. (Eager, as in
     training, it would keep ~8x more for the backward than the conv1d form.)"""
@@ -684,7 +711,7 @@ def _short_conv_shifted(x, weight, num_frames, chunk_size=None):
     past = sum(w[:, K - 1 - m] * F.pad(z, (0, 0, 0, 0, m, 0))[:, :T].float() for m in range(K))
     future = [w[:, K - 1 - m] * F.pad(z, (0, 0, 0, 0, 0, m))[:, m:].float() for m in range(K)]
     if chunk_size is not None:                              # x[t+m] counts only inside t's chunk
-        frame = torch.arange(T, device=x.device)[:, None, None]
+        frame = torch.arange(first_frame, first_frame + T, device=x.device)[:, None, None]
         future = [f * ((frame + m) // chunk_size == frame // chunk_size) for m, f in enumerate(future)]
     y = past.to(x.dtype) + sum(future).to(x.dtype) - z * weight[:, 0, -1]
     return y.view(B, N, C)
@@ -693,42 +720,107 @@ def _short_conv_shifted(x, weight, num_frames, chunk_size=None):
 class GDNSelfAttention(CameraSelfAttention):
     """Frame-wise bidirectional GDN self-attention with a UCPE camera branch (dit.md §6).
 
-    forward(u (B, N, C), thw, rope (N, D/2, 2), camera=(P, P^T, P^-1, rope_cam) or None, chunk_size) -> (B, N, C).
+    forward(u (B, N, C), thw, rope (N, D/2, 2), camera=(P, P^T, P^-1, rope_cam) or None, chunk_size, part_frames)
+    -> (B, N, C). part_frames (the memory mode, inference): the scans run in their three stages, the first and the
+    last part_frames frames at a time (`_forward_in_parts`).
     """
 
     def __init__(self, dim: int, head_dim: int, conv_kernel: int = 4):
         super().__init__(dim, head_dim, conv_kernel)
 
-    def forward(self, u, thw, rope, camera=None, chunk_size=None):
+    @fused_on_cuda
+    def gates(self, u, num_frames):
+        """§6.1 gates from the block input u (B, n, C) of num_frames whole frames, in fp32: beta (B, n, H) per token,
+        decay (B, num_frames, H) per frame (from the frame mean)."""
+        B, N, C = u.shape
+        beta = self.beta_proj(u).sigmoid()
+        g = self.gate_proj(u.view(B, num_frames, N // num_frames, C).mean(2)).float()
+        return beta, torch.exp(-self.A_log.float().exp() * F.softplus(g + self.dt_bias.float()))
+
+    def key_scale(self, tokens_per_frame):
+        return self.head_dim ** -0.5 * tokens_per_frame ** -0.5  # keeps k.q ~ 1 whatever the frame size (§6.2)
+
+    @fused_on_cuda
+    def main_streams(self, u, num_frames, rope, chunk_size, first_frame=0):
+        """§6.2 (q_rot, k_rot, v, q, k) of the tokens u (B, n, C) of num_frames whole frames from first_frame on
+        (rope: their rows): short conv on K before the norms, ReLU kernel, RoPE only on the numerator stream."""
+        B, N, C = u.shape
+        H, D = self.heads, self.head_dim
+        q, k, v = self.qkv(u).view(B, N, 3, H, D).unbind(2)
+        k = short_conv(k.reshape(B, N, C), self.conv_k.weight, num_frames, chunk_size, first_frame)
+        q = F.relu(self.q_norm(q.reshape(B, N, C))).view(B, N, H, D)
+        k = F.relu(self.k_norm(k)).view(B, N, H, D) * self.key_scale(N // num_frames)
+        return apply_rope(q, rope), apply_rope(k, rope), v, q, k
+
+    @fused_on_cuda
+    def camera_streams(self, u, num_frames, camera, beta, chunk_size, first_frame=0):
+        """§6.5 (qh, kh, vh, beta_cam) of the same tokens (camera: their rows; beta from `gates`)."""
+        B, N, C = u.shape
+        T, S, H, D = num_frames, N // num_frames, self.heads, self.head_dim
+        qc = F.relu(self.q_norm_cam(self.q_proj_cam(u))).view(B, N, H, D)
+        kc = short_conv(self.k_proj_cam(u), self.conv_k_cam.weight, T, chunk_size, first_frame)
+        kc = F.relu(self.k_norm_cam(kc)).view(B, N, H, D) * self.key_scale(S)
+        vc = self.v_proj_cam(u).view(B, N, H, D)
+        norm_before = torch.linalg.vector_norm(kc, dim=-1).clamp_min(1e-6)
+        qh, kh, vh = self.to_rays(qc, kc, vc, camera)
+        # Whatever energy UCPE still adds to the keys is taken out of the write strength, one divisor per frame.
+        inflation = (torch.linalg.vector_norm(kh, dim=-1).clamp_min(1e-6) / norm_before) ** 2
+        divisor = inflation.view(B, T, S, H).mean(2, keepdim=True).clamp_min(1.0)
+        return qh, kh, vh, (beta.view(B, T, S, H) / divisor).view(B, N, H)
+
+    def forward(self, u, thw, rope, camera=None, chunk_size=None, part_frames=None):
+        if part_frames is not None:
+            return self._forward_in_parts(u, thw, rope, camera, chunk_size, part_frames)
+        B, N, C = u.shape
+        T = thw[0]
+        beta, decay = self.gates(u, T)
+        q_rot, k_rot, v, q, k = self.main_streams(u, T, rope, chunk_size)
+        main = gdn_scan(q_rot, k_rot, v, beta, decay, q, k, chunk_size=chunk_size)
+        del q_rot, k_rot, v, q, k
+        cam = None
+        if camera is not None:  # made after the main scan, whose inputs are then free
+            qh, kh, vh, beta_cam = self.camera_streams(u, T, camera, beta, chunk_size)
+            cam = gdn_scan(qh, kh, vh, beta_cam, decay, chunk_size=chunk_size)  # numerator only
+        return self.output(u, main, cam, camera)
+
+    @torch.no_grad()
+    def _forward_in_parts(self, u, thw, rope, camera, chunk_size, part_frames):
+        """forward() in parts: each part's streams (with the frames the short conv reaches on either side) give its
+        frames' scan terms, and only its queries are kept; then the states of all frames; then each part reads out
+        its output. Kept whole: the query streams (two with the camera), the output, and per frame the terms, then
+        the states (fp32 DxD: ~5 MB per frame with the camera at the release size, about the size of the frame's
+        tokens in the four (B, N, C) tensors above)."""
         B, N, C = u.shape
         T, S = thw[0], N // thw[0]
-        H, D = self.heads, self.head_dim
-        key_scale = D ** -0.5 * S ** -0.5  # keeps k.q ~ 1 whatever the frame size (dit.md §6.2)
-
-        # §6.1 gates from the block input: beta per token, decay per frame (from the frame mean), in fp32.
-        beta = self.beta_proj(u).sigmoid()  # (B, N, H)
-        g = self.gate_proj(u.view(B, T, S, C).mean(2)).float()
-        decay = torch.exp(-self.A_log.float().exp() * F.softplus(g + self.dt_bias.float()))  # (B, T, H)
-
-        # §6.2 main branch: short conv on K before the norms, ReLU kernel, RoPE only on the numerator stream.
-        q, k, v = self.qkv(u).view(B, N, 3, H, D).unbind(2)
-        k = short_conv(k.reshape(B, N, C), self.conv_k.weight, T, chunk_size)
-        q = F.relu(self.q_norm(q.reshape(B, N, C))).view(B, N, H, D)
-        k = F.relu(self.k_norm(k)).view(B, N, H, D) * key_scale
-        main = gdn_scan(apply_rope(q, rope), apply_rope(k, rope), v, beta, decay, q, k, chunk_size=chunk_size)
-
-        cam = None
-        if camera is not None:  # §6.5
-            qc = F.relu(self.q_norm_cam(self.q_proj_cam(u))).view(B, N, H, D)
-            kc = short_conv(self.k_proj_cam(u), self.conv_k_cam.weight, T, chunk_size)
-            kc = F.relu(self.k_norm_cam(kc)).view(B, N, H, D) * key_scale
-            vc = self.v_proj_cam(u).view(B, N, H, D)
-            norm_before = torch.linalg.vector_norm(kc, dim=-1).clamp_min(1e-6)
-            qh, kh, vh = self.to_rays(qc, kc, vc, camera)
-            # Whatever energy UCPE still adds to the keys is taken out of the write strength, one divisor per frame.
-            inflation = (torch.linalg.vector_norm(kh, dim=-1).clamp_min(1e-6) / norm_before) ** 2
-            divisor = inflation.view(B, T, S, H).mean(2, keepdim=True).clamp_min(1.0)
-            beta_cam = (beta.view(B, T, S, H) / divisor).view(B, N, H)
-            oc = gdn_scan(qh, kh, vh, beta_cam, decay, chunk_size=chunk_size)  # numerator only
-            cam = self.from_rays(oc, camera)
-        return self.output(u, main.reshape(B, N, C), cam)
+        reach = self.conv_k.weight.shape[-1] - 1
+        spans = frame_spans(0, T, None, part_frames)
+        terms, decays, queries = [], [], []                # terms: [M, U] of all frames per stream (main, camera)
+        for t0, t1 in spans:
+            lo, hi = max(0, t0 - reach), min(T, t1 + reach)
+            rows, own = slice(lo * S, hi * S), slice((t0 - lo) * S, (t1 - lo) * S)
+            first = lo % chunk_size if chunk_size else 0    # all the short conv needs: few values to compile for
+            beta, decay = self.gates(u[:, rows], hi - lo)
+            decays.append(decay[:, t0 - lo:t1 - lo])
+            _, k_rot, v, q, k = (x[:, own] for x in self.main_streams(u[:, rows], hi - lo, rope[rows], chunk_size,
+                                                                      first))
+            part_terms = [frame_terms(k_rot, v, beta[:, own], k, num_frames=t1 - t0)]
+            queries.append([q.clone()])                     # RoPE'd again at the read-out
+            if camera is not None:
+                qh, kh, vh, beta_cam = (x[:, own] for x in self.camera_streams(
+                    u[:, rows], hi - lo, camera_rows(camera, rows), beta, chunk_size, first))
+                part_terms.append(frame_terms(kh, vh, beta_cam, num_frames=t1 - t0))
+                queries[-1].append(qh.clone())
+            if not terms:
+                terms = [[x.new_empty(*x.shape[:2], T, *x.shape[3:]) for x in pair] for pair in part_terms]
+            for whole, pair in zip(terms, part_terms):
+                whole[0][:, :, t0:t1], whole[1][:, :, t0:t1] = pair
+            del whole, pair, part_terms                     # (so that the terms die with `terms`' entries below)
+        decay = torch.cat(decays, 1)
+        states = [scan_states(*terms.pop(0), decay, chunk_size) for _ in range(len(terms))]  # each freed when used
+        out = torch.empty_like(u)
+        for (t0, t1), query in zip(spans, queries):
+            rows = slice(t0 * S, t1 * S)
+            main = read_out(states[0][:, :, :, t0:t1], apply_rope(query[0], rope[rows]), query[0])
+            cam = read_out(states[1][:, :, :, t0:t1], query[1]) if camera is not None else None
+            out[:, rows] = self.output(u[:, rows], main, cam, camera_rows(camera, rows))
+        return out

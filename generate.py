@@ -39,6 +39,7 @@ from vae import VAE, VAEConfig
 HEIGHT, WIDTH = 704, 1280  # the release was trained at this one resolution (dit.md §11.1)
 TEXT_LENGTH = 300  # text tokens the DiT cross-attends to (dit.md §11.2)
 DEFAULT_FOV_DEG = 60.0  # horizontal field of view assumed when no intrinsics are given
+LOW_MEMORY_PART_FRAMES = 16  # --low_memory: latent frames per part of the DiT's memory mode (BENCHMARKS.md)
 
 # The release's prompt prefix ("chi prompt"): SANA-WM was trained with these lines, joined by "\n", in front of
 # every user prompt. They are data of the release and must stay exactly as they are, the trailing space included.
@@ -106,12 +107,13 @@ def schedule(num_steps: int, shift: float = 9.8) -> torch.Tensor:
 
 @torch.no_grad()
 def sample(dit, x, sigmas, text, text_mask, raymap, plucker, guidance_scale=5.0, negative_text=None,
-           negative_mask=None) -> torch.Tensor:
+           negative_mask=None, part_frames=None) -> torch.Tensor:
     """Integrate dx/dsigma = v from sigma = 1 to 0 with Euler steps; x (1, C, T, h, w), frame 0 = the image latent.
 
     The DiT predicts the flow velocity v = noise - x0. Frame 0 is the conditioning image: it sees timestep 0 and
     is never updated. With guidance_scale > 1 the negative text runs in the same batch (classifier-free guidance):
-    v = v_neg + g (v_pos - v_neg); both halves see the same latents and camera.
+    v = v_neg + g (v_pos - v_neg); both halves see the same latents and camera. part_frames: the DiT's memory mode
+    (dit.DiT.forward), and the two halves then run one after the other.
     """
     guided = guidance_scale > 1
     if guided:
@@ -121,7 +123,13 @@ def sample(dit, x, sigmas, text, text_mask, raymap, plucker, guidance_scale=5.0,
     for i in tqdm(range(len(sigmas) - 1), desc="sampling", unit="step"):
         t = timesteps[i].expand(text.shape[0], x.shape[2]).clone()
         t[:, 0] = 0  # frame 0 is clean
-        v = dit(torch.cat([x, x]) if guided else x, t, text, text_mask, raymap=raymap, plucker=plucker)
+        if guided and part_frames is not None:
+            v = torch.cat([dit(x, t[half:half + 1], text[half:half + 1], text_mask[half:half + 1],
+                               raymap=raymap[half:half + 1], plucker=plucker[half:half + 1], part_frames=part_frames)
+                           for half in range(2)])
+        else:
+            v = dit(torch.cat([x, x]) if guided else x, t, text, text_mask, raymap=raymap, plucker=plucker,
+                    part_frames=part_frames)
         if guided:
             v_neg, v_pos = v.chunk(2)
             v = v_neg + guidance_scale * (v_pos - v_neg)
@@ -260,13 +268,14 @@ def generate(dit, vae, tokenizer, text_encoder, image, prompt: str, *, refiner: 
              translation_speed: float = 0.05, rotation_speed_deg: float = 1.2, num_frames: int = 161,
              steps: int = 60, guidance_scale: float = 5.0, negative_prompt: str = "", seed: int = 0,
              fps: float = 16, height: int = HEIGHT, width: int = WIDTH, device="cpu", offload: bool = False,
-             decode: bool = True) -> Result:
+             part_frames: int | None = None, decode: bool = True) -> Result:
     """First frame `image` (PIL image or path) + `prompt` + camera (`action` string or `c2w` (F, 4, 4)) -> video.
 
     dit: dit.DiT; vae: vae.VAE; tokenizer and text_encoder: Gemma-2's, the encoder being the decoder stack
     (transformers' Gemma2Model, whose last_hidden_state is read). intrinsics: [fx, fy, cx, cy], a 3x3 K, (F, 4)
     or (F, 3, 3), in pixels of the input image; None assumes a 60 deg horizontal field of view. The models run in
     their own dtype; with offload=True they live on the CPU and only the one running sits on `device`.
+    part_frames: the DiT's memory mode (dit.DiT.forward; CFG halves one at a time), None = the fastest.
 
     refiner: stage 2 (refiner.md §7-§8), None for stage 1 only. It refines the stage-1 latents at `fps` (the
     video's frame rate: it scales the refiner's RoPE time axis); the decoded video then loses its first frame
@@ -313,7 +322,7 @@ def generate(dit, vae, tokenizer, text_encoder, image, prompt: str, *, refiner: 
     with _on(dit, device, offload):
         start = time.perf_counter()
         x = sample(dit, x, schedule(steps).to(device), text, text_mask, raymap, plucker, guidance_scale,
-                   negative_text, negative_mask)
+                   negative_text, negative_mask, part_frames)
         seconds_per_step = _seconds_since(start, device) / steps
     memory.end("stage 1")
 
@@ -604,6 +613,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=DTYPES, default="bf16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--offload", action="store_true", help="keep only the running model on the GPU")
+    p.add_argument("--low_memory", action="store_true",
+                   help=f"the DiT's memory mode: {LOW_MEMORY_PART_FRAMES} latent frames at a time, CFG halves one "
+                        f"after the other (slower; a 961-frame step fits a 12 GiB GPU, BENCHMARKS.md)")
     p.add_argument("--demo", action="store_true",
                    help="tiny RANDOM-weight models on the CPU: checks the plumbing, the video is noise")
     return p.parse_args(argv)
@@ -663,7 +675,8 @@ def run(args: argparse.Namespace) -> str:
         result = generate(dit, vae, tokenizer, text_encoder, image, prompt, refiner=stage2, c2w=c2w,
                           intrinsics=intrinsics, num_frames=args.num_frames, steps=args.steps,
                           guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt, seed=args.seed,
-                          fps=args.fps, device=device, offload=offload, **size)
+                          fps=args.fps, device=device, offload=offload,
+                          part_frames=LOW_MEMORY_PART_FRAMES if args.low_memory else None, **size)
 
     os.makedirs(args.output_dir, exist_ok=True)
     stem = "demo" if args.image is None else os.path.splitext(os.path.basename(args.image))[0]
@@ -687,8 +700,8 @@ def main(argv=None) -> int:
         run(args)
     except torch.OutOfMemoryError:
         print(f"error: out of GPU memory at --num_frames {args.num_frames}: try --offload (only the running model "
-              f"on the GPU), fewer --num_frames" + ("" if args.no_refiner else ", or --no_refiner (stage 1 only)"),
-              file=sys.stderr)
+              f"on the GPU), --low_memory, fewer --num_frames"
+              + ("" if args.no_refiner else ", or --no_refiner (stage 1 only)"), file=sys.stderr)
         return 2
     except (ValueError, OSError, ImportError) as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, even for a key list

@@ -3,6 +3,7 @@ with the same random weights, bf16, 704x1280 video (22x40 latents), 300 text tok
 
 Run on a CUDA machine from the repository root (needs diffusers):
     python bench/dit_step.py [--frames 81,321,961] [--batch 1,2] [--skip-diffusers] [--profile 961]
+    python bench/dit_step.py --frames 961 --part-frames 16 --memory-cap 12   # also the memory mode, capped
     python bench/dit_step.py --tiny      # dit.md §13.1 config, fp32 on the CPU: checks the script end to end
 Per size: median seconds per step (CUDA events, after warm-up); peak memory (max_memory_allocated; the models
 share one copy of the weights, so each peak counts it once; for ours also the caching allocator's reserved
@@ -10,6 +11,9 @@ peak); ours / diffusers; max|ours - theirs| / max|theirs|;
 our step over the practical floor measured in the same run: the full attentions (main + camera branch of each
 softmax block: ten) at the best SDPA backend's time plus the linears, 2 * params * tokens FLOP (the issue's
 2 * 2.66e9 * N), at the measured bf16 matmul rate. --profile F: the 25 costliest kernels of our step at F frames.
+--part-frames P: also our memory mode (DiT(..., part_frames=P)), with the caching allocator limited to
+--memory-cap GiB for it (torch.cuda.set_per_process_memory_fraction; the weights count): its time, peak, and
+max|memory mode - ours| / max|ours|.
 """
 import argparse
 import contextlib
@@ -143,11 +147,15 @@ def main():
     parser.add_argument("--skip-diffusers", action="store_true")
     parser.add_argument("--profile", type=int, metavar="FRAMES", help="profile one step of ours at this size")
     parser.add_argument("--tiny", action="store_true", help="dit.md §13.1 config on CPU (checks the script)")
+    parser.add_argument("--part-frames", type=int, metavar="P", help="also run the memory mode, P frames per part")
+    parser.add_argument("--memory-cap", type=float, metavar="GIB", help="GPU memory limit for the memory mode")
     args = parser.parse_args()
     frame_list = [int(f) for f in (args.frames or ("9,17" if args.tiny else "81,321,961")).split(",")]
     batches = [int(b) for b in args.batch.split(",")]
     if any(f < 9 or (f - 1) % 8 for f in frame_list):
         parser.error(f"--frames: expected counts 8k+1 >= 9, got {frame_list}")
+    if args.memory_cap is not None and not args.part_frames:
+        parser.error("--memory-cap: applies to the memory mode only; give --part-frames too")
     if args.profile is not None and args.profile not in frame_list:
         parser.error(f"--profile: expected one of --frames {frame_list}, got {args.profile}")
 
@@ -178,7 +186,7 @@ def main():
         theirs.load_state_dict(state, strict=True, assign=True)  # shares our tensors: one copy of the weights
     del state
 
-    rows = []
+    rows, low = [], []
     for batch in batches:
         for frames in frame_list:
             x, t, text, mask, raymap, plucker = make_inputs(cfg, batch, frames, hw, text_len, device, dtype)
@@ -200,12 +208,17 @@ def main():
                   f"caching allocator)", flush=True)
             if mine and args.profile == frames and batch == batches[0]:
                 profile_step(run_ours, device)
+            low_run = memory_mode(ours, (x, t, text, mask, raymap, plucker), args, warmup, reps, device) \
+                if args.part_frames else None
+            ref = None
             if theirs is not None:
                 ref = measure(lambda: theirs(x, t[:, None], text[:, None], mask, camera_conditions=raymap,
                                              chunk_plucker=plucker, return_dict=False)[0], warmup, reps, device)
                 (d_s, d_m), err = summary(ref), max_rel_err(mine[2], ref[2]) if mine and ref else "-"
                 print(f"  diffusers: {cell(d_s, '.3f', 0)} s, {cell(d_m, '.2f', 0)} GiB", flush=True)
-                del ref
+            if low_run is not None:
+                low.append(memory_row(frames, batch, *low_run, mine, ref))
+            del ref
             rows.append(f"{frames:6d} {batch} | {cell(o_s, '.3f')} {cell(d_s, '.3f')} {cell(ratio(o_s, d_s), '.2f', 9)}"
                         f" | {cell(o_m, '.2f')} {cell(d_m, '.2f')} {cell(ratio(o_m, d_m), '.2f', 9)} | "
                         f"{cell(err, '.1e')} | {floor:8.3f} {best[1]:>7} {cell(ratio(o_s, floor), '.2f', 10)}")
@@ -216,7 +229,38 @@ def main():
     print("frames B |   ours s   diff s ours/diff | ours GiB diff GiB ours/diff |  rel.err |"
           "  floor s  (attn) ours/floor")
     print("\n".join(rows))
+    if low:
+        cap = f"allocator capped at {args.memory_cap:g} GiB" if args.memory_cap else "no cap"
+        print(f"\nmemory mode, part_frames={args.part_frames} ({cap}); rel.err = max|memory mode - x| / max|x| for x"
+              f" = ours, diffusers")
+        print("frames B |   mode s  ours s  mode/ours |  peak GiB  reserved GiB | err ours  err diff")
+        print("\n".join(low))
 
+
+def memory_mode(ours, inputs, args, warmup, reps, device):
+    """(measure() result, reserved GiB) of the memory mode at this size, run under the memory cap (the default steps
+    are not)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        total = torch.cuda.get_device_properties(device).total_memory
+        cap = min(1.0, args.memory_cap * 2**30 / total) if args.memory_cap else 1.0
+        torch.cuda.set_per_process_memory_fraction(cap)
+    try:
+        result = measure(lambda: ours(*inputs, part_frames=args.part_frames), warmup, reps, device)
+    finally:
+        if device.type == "cuda":
+            torch.cuda.set_per_process_memory_fraction(1.0)
+    reserved = torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else float("nan")
+    (m_s, m_m) = summary(result)
+    print(f"  memory mode: {cell(m_s, '.3f', 0)} s, {cell(m_m, '.2f', 0)} GiB ({reserved:.2f} reserved)", flush=True)
+    return result, reserved
+
+
+def memory_row(frames, batch, result, reserved, mine, ref):
+    (m_s, m_m), (o_s, _) = summary(result), summary(mine)
+    errors = [max_rel_err(result[2], other[2]) if result and other else "-" for other in (mine, ref)]
+    return (f"{frames:6d} {batch} | {cell(m_s, '.3f')} {cell(o_s, '.3f', 7)} {cell(ratio(m_s, o_s), '.2f', 10)} | "
+            f"{cell(m_m, '.2f', 9)} {cell(reserved, '.2f', 13)} | {cell(errors[0], '.1e')}  {cell(errors[1], '.1e')}")
 
 if __name__ == "__main__":
     main()

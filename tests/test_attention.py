@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from diffusers.models import normalization
 from diffusers.models.transformers import transformer_sana_wm as ref
 
-from attention import (CrossAttention, RMSNorm, SoftmaxSelfAttention, apply_rope, block_causal_sdpa,
+from attention import (CrossAttention, RMSNorm, SoftmaxSelfAttention, apply_rope, block_causal_sdpa, frame_spans,
                        camera_rope_table, rms_cap, rope_table, ucpe)
 import gdn
 from gdn import GDNSelfAttention, short_conv
@@ -88,6 +88,20 @@ def test_block_causal_sdpa():
     dense_mask = chunk_of[:, None] >= chunk_of[None, :]  # frames of chunk c see chunks <= c
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask)
     assert max_abs(block_causal_sdpa(q, k, v, T, 2), expected) <= ATOL
+    # Queries of some frames only (the memory mode's parts), crossing a chunk boundary or not.
+    for chunk_size in (None, 2):
+        whole = block_causal_sdpa(q, k, v, T, chunk_size)
+        for first, stop in ((0, 1), (1, 4), (3, 5)):
+            rows = slice(first * S, stop * S)
+            part = block_causal_sdpa(q[:, :, rows], k, v, T, chunk_size, first_frame=first)
+            assert max_abs(part, whole[:, :, rows]) <= ATOL
+
+
+def test_frame_spans():
+    assert frame_spans(0, 5, None) == [(0, 5)]
+    assert frame_spans(0, 5, 2) == [(0, 2), (2, 4), (4, 5)]
+    assert frame_spans(1, 7, 3, part_frames=2) == [(1, 3), (3, 5), (5, 6), (6, 7)]
+    assert frame_spans(0, 5, None, part_frames=2) == [(0, 2), (2, 4), (4, 5)]
 
 
 @pytest.mark.parametrize("K,T", [(4, 5), (3, 2)])
@@ -110,6 +124,13 @@ def test_short_conv_shifted_form(K, T, chunk_size):
     x = torch.randn(2, T * 6, C, generator=gen())
     expected = short_conv(x, weight, T, chunk_size)
     assert max_rel_err(gdn._short_conv_shifted(x, weight, T, chunk_size), expected) <= 1e-6
+    # Frames lo.. of the video (the memory mode's parts): from frame lo + K - 1 on, the window sees all it needs.
+    lo = 1 if T > K else 0
+    window = x.view(2, T, 6, C)[:, lo:].reshape(2, -1, C)
+    exact = slice((K - 1) * 6 if lo else 0, None)
+    for form in (short_conv, gdn._short_conv_shifted):
+        got = form(window, weight, T - lo, chunk_size, first_frame=lo)
+        assert max_rel_err(got[:, exact], expected[:, lo * 6:][:, exact]) <= 1e-6
 
 
 def test_cross_attention():

@@ -78,11 +78,17 @@ def test_ffn(t_kernel, thw):
     # Frames split across conv calls (to bound the hidden tensors' memory) change nothing.
     ours.MAX_CONV_ELEMENTS = ours.inverted_conv.conv.out_channels * thw[1] * thw[2]
     assert max_abs(ours(m, thw), theirs(m, thw)) <= MODULE_ATOL
+    # So do parts of frames in the temporal conv too (the memory mode), with and without causal chunks.
+    ours.MAX_CONV_ELEMENTS = GLUMBConvTemp.MAX_CONV_ELEMENTS
+    for chunk_size in (None, 2):
+        whole = ours(m, thw, chunk_size)
+        for part_frames in (1, 2, thw[0] + 1):
+            assert torch.equal(ours(m, thw, chunk_size, part_frames), whole)
 
 
 def depthwise_glu_case(dtype, device):
     """A channels-last input as the FFN passes it, with a width that is not a power of two, and its weights."""
-    n, c2, h, w = 3, 2 * 70, 5, 6
+    n, c2, h, w = 3, 2 * 70, 9, 11  # 99 pixels: two tiles of 64, the second partial
     s = torch.randn(n, h, w, c2, generator=gen(0)).to(device, dtype).permute(0, 3, 1, 2)
     weight, bias = torch.randn(c2, 1, 3, 3, generator=gen(1)), torch.randn(c2, generator=gen(2))
     return s, weight.to(device, dtype), bias.to(device, dtype)
@@ -239,6 +245,10 @@ def test_bad_inputs():
             ours(*args)
     with pytest.raises(ValueError, match="chunk_size"):
         ours(x, t, text, mask, chunk_size=0)
+    with torch.no_grad(), pytest.raises(ValueError, match="part_frames"):
+        ours(x, t, text, mask, part_frames=0)
+    with pytest.raises(ValueError, match="part_frames: the memory mode is for inference"):
+        ours(x, t, text, mask, part_frames=1)
 
 
 # ---------------------------------------------------------------------------------------------------- loading
@@ -297,6 +307,48 @@ def test_from_pretrained_errors(tmp_path):
     theirs.save_pretrained(tmp_path / "transformer")
     with pytest.raises(ValueError, match="config: .* has its own config.json"):  # never silently ignored
         DiT.from_pretrained(tmp_path / "transformer", config=cfg)
+
+
+# ---------------------------------------------------------------------------------------------------- memory mode
+
+@pytest.mark.parametrize("name,frames", [("spec", None), ("varied", None), ("varied", 9)])
+def test_memory_mode(name, frames):
+    """DiT(..., part_frames=P) (token-wise work in parts of P frames, GDN scans in stages, softmax queries against
+    all keys) matches diffusers like the whole-video path, and the whole-video path itself, with and without the
+    camera, bidirectional and chunk-causal (chunks that parts cross and parts that chunks cross). At 9 frames the
+    GDN parts' windows (the short conv's reach on either side) start and end inside the video."""
+    overrides, thw, timesteps = CONFIGS[name]
+    if frames is not None:
+        thw, timesteps = (frames, *thw[1:]), None
+    theirs = tiny_sana_wm_transformer(**overrides)
+    ours = ours_from(theirs)
+    inputs = tiny_dit_inputs(thw=thw, in_channels=theirs.config.in_channels, timesteps=timesteps,
+                             caption_channels=theirs.config.caption_channels)
+    args = ours_args(inputs)
+    with torch.no_grad():
+        expected = theirs(**inputs)[0]
+        no_cam = theirs(**{**inputs, "camera_conditions": None})[0]
+        for part_frames in (1, 2):
+            assert max_abs(ours(*args, part_frames=part_frames), expected) <= MODEL_ATOL
+            assert max_abs(ours(*args[:4], None, args[5], part_frames=part_frames), no_cam) <= MODEL_ATOL
+            for chunk_size in (1, 2, 3):
+                whole = ours(*args, chunk_size=chunk_size)
+                assert max_abs(ours(*args, chunk_size=chunk_size, part_frames=part_frames), whole) <= MODEL_ATOL
+
+
+@pytest.mark.gpu
+def test_memory_mode_on_cuda():
+    """On CUDA the memory mode runs the three Triton scan stages one at a time: the same velocity as the compiled
+    whole-video step (fp32, the whole-model tolerance); 9 frames, so that parts' windows start inside the video."""
+    overrides, thw, _ = CONFIGS["varied"]
+    theirs = tiny_sana_wm_transformer(**overrides)
+    ours = ours_from(theirs).cuda()
+    inputs = tiny_dit_inputs(thw=(9, *thw[1:]), in_channels=6, caption_channels=24)
+    args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in ours_args(inputs)]
+    with torch.no_grad():
+        for chunk_size, part_frames in ((None, 1), (None, 2), (2, 3), (4, 3)):
+            whole = ours(*args, chunk_size=chunk_size)
+            assert max_abs(ours(*args, chunk_size=chunk_size, part_frames=part_frames), whole) <= MODEL_ATOL
 
 
 # ---------------------------------------------------------------------------------------------------- chunk-causal

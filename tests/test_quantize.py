@@ -458,7 +458,7 @@ def test_tiny_dit_quantises_and_equals_its_dequantised_self():
 
 @torch.no_grad()
 def test_tiny_dit_small_preset_quantises_temporal_conv_and_camera_path():
-    # The FFN temporal conv (3x1 over frames) runs through dit.temporal_conv, chunk-causal included.
+    # The FFN temporal conv (3x1 over frames) runs through dit.temporal_residual, chunk-causal included.
     model = tiny_dit()
     names = quantize_model(model, SMALL_INCLUDE, SMALL_EXCLUDE, kernel="torch")
     assert len(names) == 14 * 4 and isinstance(model.blocks[2].mlp.t_conv, NVFP4Conv2d)
