@@ -281,10 +281,10 @@ class SoftmaxSelfAttention(CameraSelfAttention):
         kv = [buffer.transpose(1, 2) for buffer in kv]
         out = torch.empty_like(u)
         for rows in spans:  # then each part's queries: its operands made again (the memory mode's extra work)
-            main, cam = self.operands(u[:, rows], rope[rows], camera_rows(camera, rows))
+            part_camera = camera_rows(camera, rows)
+            main, cam = self.operands(u[:, rows], rope[rows], part_camera)
             cam = None if cam is None else (cam[0], *kv[2:])
-            out[:, rows] = self.attend(u[:, rows], (main[0], *kv[:2]), cam, T, chunk_size,
-                                       camera_rows(camera, rows), rows.start // S)
+            out[:, rows] = self.attend(u[:, rows], (main[0], *kv[:2]), cam, T, chunk_size, part_camera, rows.start // S)
         return out
 
 

@@ -233,6 +233,12 @@ class GLUMBConvTemp(nn.Module):
         self.point_conv = _conv(hidden, dim, 1, bias=False)
         self.t_conv = nn.Conv2d(dim, dim, (t_kernel, 1), padding=(t_kernel // 2, 0), bias=False)
 
+    def per_frame(self, images):
+        """(n, C, h, w) -> (n, C, h, w): 1x1 conv + SiLU, depthwise conv + GLU, 1x1 conv."""
+        depth = self.depth_conv.conv
+        hidden = F.silu(self.inverted_conv.conv(images))
+        return self.point_conv.conv(depthwise_glu(hidden, depth.weight, depth.bias))
+
     def forward(self, m, thw, chunk_size=None, part_frames=None):
         """m (B, N, C) -> (B, N, C); part_frames: at most that many frames at a time (the memory mode)."""
         B, N, C = m.shape
@@ -240,15 +246,12 @@ class GLUMBConvTemp(nn.Module):
         images = m.reshape(B * T, h, w, C).permute(0, 3, 1, 2)
         frames_per_call = max(1, self.MAX_CONV_ELEMENTS // (self.inverted_conv.conv.out_channels * h * w))
         frames_per_call = min(frames_per_call, part_frames or frames_per_call)
-        depth, z = self.depth_conv.conv, None
-        for start in range(0, B * T, frames_per_call):
-            hidden = F.silu(self.inverted_conv.conv(images[start:start + frames_per_call]))
-            part = self.point_conv.conv(depthwise_glu(hidden, depth.weight, depth.bias))
-            if frames_per_call >= B * T:
-                z = part                                    # one call: no copy
-            else:                                           # parts written into one tensor, no concatenation
-                z = torch.empty_like(images) if z is None else z
-                z[start:start + frames_per_call] = part
+        if frames_per_call >= B * T:
+            z = self.per_frame(images)
+        else:                                               # parts written into one tensor, no concatenation
+            z = torch.empty_like(images)
+            for start in range(0, B * T, frames_per_call):
+                z[start:start + frames_per_call] = self.per_frame(images[start:start + frames_per_call])
         z = temporal_residual(z.view(B, T, C, h * w).permute(0, 2, 1, 3), self.t_conv, chunk_size, part_frames)
         return z.permute(0, 2, 3, 1).reshape(B, N, C)
 
@@ -296,8 +299,8 @@ class Block(nn.Module):
         attention queries, cross-attention, FFN) runs part_frames frames at a time, so the (B, N, C)-sized tensors
         alive at once are x, the plucker embedding, the block input u and the attention's keys and values (or the
         GDN query streams, per-frame terms and states) and output, then the FFN's input, middle and output; no
-        (B, N, 6C) FFN tensor exists. Not compiled as a whole (the parts
-        would unroll into one huge graph); on CUDA its pointwise pieces are (`fused_on_cuda`)."""
+        (B, N, 6C) FFN tensor exists. Not compiled as a whole (the parts would unroll into one huge graph); on CUDA
+        its pointwise pieces are (`fused_on_cuda`)."""
         B, N, C = x.shape
         T, S = thw[0], N // thw[0]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (self.scale_shift_table + t6).chunk(6, 2)
