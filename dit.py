@@ -155,6 +155,36 @@ def temporal_residual(x: torch.Tensor, conv: nn.Module, chunk_size: int | None,
     return out
 
 
+@torch.library.custom_op("nano_sana_wm::temporal_residual", mutates_args=())
+def _temporal_residual_op(z: torch.Tensor, weight: torch.Tensor, num_frames: int, chunk: int) -> torch.Tensor:
+    """temporal_residual in the token layout: z (B, N, C) frame-major, weight (C, C, K, 1), chunk = chunk_size (or
+    num_frames) -> z + conv(z). Each tap is one matrix product over frame-shifted rows, out[t] += z[t + d] W_d^T
+    (d = k - K//2), accumulated in place by cuBLAS: no transposes to (B, C, T, S) and back, no cuDNN layout
+    conversions (BENCHMARKS.md). Past taps cross chunk boundaries (earlier frames are seen); future taps stop at
+    the chunk's last frame. An operator, so that torch.compile calls it as is."""
+    B, N, C = z.shape
+    T, K = num_frames, weight.shape[2]
+    S, p = N // T, K // 2
+    taps = weight[:, :, :, 0].transpose(0, 1)               # (C_in, C_out, K): tap k is taps[:, :, k]
+    out = torch.empty_like(z)
+    for b in range(B):
+        zb, ob = z[b], out[b]
+        torch.addmm(zb, zb, taps[:, :, p], out=ob)          # residual + centre tap, one rounding
+        for k in range(K):
+            d = k - p
+            if d < 0 and T + d > 0:                         # frames t >= -d read frame t + d
+                ob[-d * S:].addmm_(zb[:(T + d) * S], taps[:, :, k])
+            for start, stop in (frame_spans(0, T, chunk) if d > 0 else ()):
+                if stop - start > d:                        # frames t < stop - d of the chunk read t + d
+                    ob[start * S:(stop - d) * S].addmm_(zb[(start + d) * S:stop * S], taps[:, :, k])
+    return out
+
+
+@_temporal_residual_op.register_fake
+def _temporal_residual_shape(z, weight, num_frames, chunk):
+    return torch.empty_like(z)
+
+
 def _conv(*args, **kwargs) -> nn.Module:
     return nn.ModuleDict({"conv": nn.Conv2d(*args, **kwargs)})  # `.conv` mirrors the checkpoint's key names
 
@@ -252,7 +282,11 @@ class GLUMBConvTemp(nn.Module):
             z = torch.empty_like(images)
             for start in range(0, B * T, frames_per_call):
                 z[start:start + frames_per_call] = self.per_frame(images[start:start + frames_per_call])
-        z = temporal_residual(z.view(B, T, C, h * w).permute(0, 2, 1, 3), self.t_conv, chunk_size, part_frames)
+        conv = self.t_conv
+        trained = torch.is_grad_enabled() and (z.requires_grad or getattr(conv, "weight", z).requires_grad)
+        if part_frames is None and type(conv) is nn.Conv2d and not trained:  # z is channels-last: token order
+            return _temporal_residual_op(z.permute(0, 2, 3, 1).reshape(B, N, C), conv.weight, T, chunk_size or T)
+        z = temporal_residual(z.view(B, T, C, h * w).permute(0, 2, 1, 3), conv, chunk_size, part_frames)
         return z.permute(0, 2, 3, 1).reshape(B, N, C)
 
 
@@ -288,16 +322,28 @@ class Block(nn.Module):
         a = self.attn(_modulate(x, shift_msa, scale_msa, T), thw, rope, camera, chunk_size)
         x = x + (gate_msa * a.view(B, T, N // T, C)).view(B, N, C)
         if plucker is not None and hasattr(self, "plucker_proj"):
-            x = x + self.plucker_proj(plucker)  # ungated (dit.md §4, camera.md §8)
+            x = x + self.plucker_term(plucker)  # ungated (dit.md §4, camera.md §8)
         x = x + self.cross_attn(x, y, text_mask)  # no norm / modulation before cross-attention (dit.md §12.4)
         m = self.mlp(_modulate(x, shift_mlp, scale_mlp, T), thw, chunk_size)
         return x + (gate_mlp * m.view(B, T, N // T, C)).view(B, N, C)
+
+    def plucker_term(self, plucker):
+        """plucker_proj(plucker_embedder(p)) (camera.md §8) for plucker = (p (B, n, 48) Plücker tokens, the embedder's
+        weight (C, 48) and bias (C,)). Both maps are linear, so for a dense plucker_proj their product is one 48 -> C
+        map (W_b W_e, W_b b_e + b_b), made in fp32: the (B, N, C) embedding never exists and each block reads 48
+        channels a token instead of C (the same function; in bf16 the embedding's rounding is skipped)."""
+        p, w_e, b_e = plucker
+        proj = self.plucker_proj
+        if type(proj) is not nn.Linear:                     # e.g. an NVFP4 layer: embed, then project
+            return proj(F.linear(p, w_e, b_e))
+        w_b = proj.weight.float()
+        return F.linear(p, (w_b @ w_e.float()).to(p.dtype), (w_b @ b_e.float() + proj.bias.float()).to(p.dtype))
 
     @torch.no_grad()
     def forward_in_parts(self, x, y, text_mask, t6, thw, rope, camera, plucker, chunk_size, part_frames):
         """forward() for the memory mode (inference): x is updated in place, and the token-wise work (projections,
         attention queries, cross-attention, FFN) runs part_frames frames at a time, so the (B, N, C)-sized tensors
-        alive at once are x, the plucker embedding, the block input u and the attention's keys and values (or the
+        alive at once are x, the block input u and the attention's keys and values (or the
         GDN query streams, per-frame terms and states) and output, then the FFN's input, middle and output; no
         (B, N, 6C) FFN tensor exists. Not compiled as a whole (the parts would unroll into one huge graph); on CUDA
         its pointwise pieces are (`fused_on_cuda`)."""
@@ -310,7 +356,7 @@ class Block(nn.Module):
             part = x[:, t0 * S:t1 * S]                      # a view: the updates land in x
             part += (gate_msa[:, t0:t1] * a[:, t0 * S:t1 * S].view(B, t1 - t0, S, C)).view(B, -1, C)
             if plucker is not None and hasattr(self, "plucker_proj"):
-                part += self.plucker_proj(plucker[:, t0 * S:t1 * S])
+                part += self.plucker_term((plucker[0][:, t0 * S:t1 * S],) + plucker[1:])
             part += self.cross_attn(part, y, text_mask)
         del a
         m = self.mlp(_modulate(x, shift_mlp, scale_mlp, T), thw, chunk_size, part_frames)
@@ -377,6 +423,7 @@ class DiT(nn.Module):
         if part_frames is not None and torch.is_grad_enabled():
             raise ValueError("part_frames: the memory mode is for inference; run it under torch.no_grad()")
         thw, C = (T, h, w), cfg.hidden_size
+        text, text_mask = crop_text(text, text_mask)
         x = self.x_embedder(x.to(dtype))
         # The reference truncates timesteps to integers before the sinusoid (dit.md §12.1): 998.26 -> 998.
         temb = self.t_embedder(timestep_sinusoid(timestep.long().float().flatten()).to(dtype))  # (B*T, C)
@@ -389,7 +436,10 @@ class DiT(nn.Module):
             # The pipeline hands the camera to the model in the model dtype; the geometry runs in it (camera.md §9.2).
             P = ray_matrices(raymap.to(dtype), thw)
             camera = (P, P.transpose(-1, -2), se3_inverse(P), camera_rope_table(rope, cfg.linear_head_dim))
-        pl = self.plucker_embedder(plucker.to(dtype)) if plucker is not None else None
+        pl = None
+        if plucker is not None:  # embedded inside each block (Block.plucker_term)
+            embed = self.plucker_embedder.proj
+            pl = (plucker.to(dtype).flatten(2).transpose(1, 2), embed.weight.flatten(1), embed.bias)
 
         mask = text_mask != 0
         if part_frames is not None:
@@ -422,6 +472,19 @@ class DiT(nn.Module):
                 quantize_model(model, include=nvfp4_layers, exclude=())
         load_strict(model, state)
         return model.eval()
+
+
+TEXT_MULTIPLE = 64  # cropped text lengths: few distinct shapes, so few compiled graphs of the blocks
+
+
+def crop_text(text, text_mask):
+    """text and text_mask without the tail of tokens masked in every batch row, kept to a multiple of TEXT_MULTIPLE.
+    Exact: a masked key gets zero attention weight, so cross-attention over the valid prefix is the same (a
+    120-token prompt padded to 300 costs 0.6 instead of 1.3 ms per call at 961 frames). Waits for the mask."""
+    valid = text_mask.ne(0).any(0)
+    length = int(valid.cumsum(0).argmax()) + 1 if valid.any() else text.shape[1]  # (last valid token) + 1
+    keep = min(text.shape[1], -(-length // TEXT_MULTIPLE) * TEXT_MULTIPLE)
+    return text[:, :keep], text_mask[:, :keep]
 
 
 def _check_inputs(cfg, x, timestep, text, text_mask, raymap, plucker, chunk_size):

@@ -86,6 +86,20 @@ def test_ffn(t_kernel, thw):
             assert torch.equal(ours(m, thw, chunk_size, part_frames), whole)
 
 
+@pytest.mark.parametrize("K,T,chunk_size", [(3, 5, None), (3, 5, 2), (5, 4, 3), (5, 2, None), (3, 1, None)])
+def test_temporal_residual_gemm_form(K, T, chunk_size):
+    """The inference form of the FFN's temporal residual (one matrix product per tap over frame-shifted token rows)
+    equals the conv2d form, including chunk boundaries and videos shorter than the filter."""
+    B, S = 2, 6
+    conv = torch.nn.Conv2d(C, C, (K, 1), padding=(K // 2, 0), bias=False)
+    z = torch.randn(B, T * S, C, generator=gen(0))
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen(1)) / C ** 0.5)
+        expected = dit.temporal_residual(z.view(B, T, S, C).permute(0, 3, 1, 2), conv, chunk_size)
+        got = dit._temporal_residual_op(z, conv.weight, T, chunk_size or T)
+    assert max_rel_err(got, expected.permute(0, 2, 3, 1).reshape(B, T * S, C)) <= 1e-6
+
+
 def depthwise_glu_case(dtype, device):
     """A channels-last input as the FFN passes it, with a width that is not a power of two, and its weights."""
     n, c2, h, w = 3, 2 * 70, 9, 11  # 99 pixels: two tiles of 64, the second partial
@@ -134,7 +148,9 @@ def test_block(index):
     N = thw[0] * thw[1] * thw[2]
     x, y = torch.randn(B, N, C, generator=gen(0)), torch.randn(B, L, C, generator=gen(1))
     t6 = torch.randn(B, 1, thw[0], 6 * C, generator=gen(2)) * 0.3
-    pl = torch.randn(B, N, C, generator=gen(3))
+    p = torch.randn(B, N, 48, generator=gen(3))               # Plücker tokens and an embedder: ours folds the two maps
+    w_e, b_e = torch.randn(C, 48, generator=gen(4)) / 7, torch.randn(C, generator=gen(5))
+    pl = F.linear(p, w_e, b_e)
     mask = torch.ones(B, L, dtype=torch.int16)
     mask[0, 5:] = 0
     inputs = tiny_dit_inputs(thw=thw)
@@ -143,7 +159,7 @@ def test_block(index):
     expected = theirs(x, y[:, None], t6, mask, thw, rope, None, inputs["camera_conditions"], transforms, pl)
     P, P_T, P_inv, rope_cam = transforms
     got = ours(x, y, mask.bool(), t6.view(B, thw[0], 6, C), thw, torch.view_as_real(rope[0, 0]),
-               (P, P_T, P_inv, torch.view_as_real(rope_cam[0, 0])), pl)
+               (P, P_T, P_inv, torch.view_as_real(rope_cam[0, 0])), (p, w_e, b_e))
     assert max_abs(got, expected) <= MODULE_ATOL
 
 
@@ -175,6 +191,21 @@ def test_dit_matches_diffusers(name):
         no_pl = ours(*ours_args(inputs)[:5], None)
         assert max_abs(no_pl, theirs(**{**inputs, "chunk_plucker": None})[0]) <= MODEL_ATOL
         assert max_abs(no_cam, got) > 1e-3 and max_abs(no_pl, got) > 1e-3
+
+
+def test_padded_text_is_cropped_exactly():
+    """Text tokens masked in every batch row are dropped before cross-attention (dit.crop_text, to a multiple of 64):
+    a prompt padded to 100 tokens gives diffusers' output on the same padded input, and the cropped length is 64."""
+    theirs = tiny_sana_wm_transformer()
+    ours = ours_from(theirs)
+    inputs = tiny_dit_inputs()
+    B, _, L, D = inputs["encoder_hidden_states"].shape
+    text = torch.cat([inputs["encoder_hidden_states"], torch.randn(B, 1, 100 - L, D, generator=gen(7))], 2)
+    mask = torch.cat([inputs["encoder_attention_mask"], torch.zeros(B, 100 - L, dtype=torch.int64)], 1)
+    padded = {**inputs, "encoder_hidden_states": text, "encoder_attention_mask": mask}
+    with torch.no_grad():
+        assert max_abs(ours(*ours_args(padded)), theirs(**padded)[0]) <= MODEL_ATOL
+    assert dit.crop_text(text[:, 0], mask)[0].shape[1] == 64 and dit.crop_text(text[:, 0], mask)[1].shape == (B, 64)
 
 
 def test_dit_bf16():
