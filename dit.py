@@ -174,9 +174,10 @@ def _temporal_residual_op(z: torch.Tensor, weight: torch.Tensor, num_frames: int
             d = k - p
             if d < 0 and T + d > 0:                         # frames t >= -d read frame t + d
                 ob[-d * S:].addmm_(zb[:(T + d) * S], taps[:, :, k])
-            for start, stop in (frame_spans(0, T, chunk) if d > 0 else ()):
-                if stop - start > d:                        # frames t < stop - d of the chunk read t + d
-                    ob[start * S:(stop - d) * S].addmm_(zb[(start + d) * S:stop * S], taps[:, :, k])
+            elif d > 0:
+                for start, stop in frame_spans(0, T, chunk):
+                    if stop - start > d:                    # frames t < stop - d of the chunk read t + d
+                        ob[start * S:(stop - d) * S].addmm_(zb[(start + d) * S:stop * S], taps[:, :, k])
     return out
 
 
@@ -283,8 +284,9 @@ class GLUMBConvTemp(nn.Module):
             for start in range(0, B * T, frames_per_call):
                 z[start:start + frames_per_call] = self.per_frame(images[start:start + frames_per_call])
         conv = self.t_conv
-        trained = torch.is_grad_enabled() and (z.requires_grad or getattr(conv, "weight", z).requires_grad)
-        if part_frames is None and type(conv) is nn.Conv2d and not trained:  # z is channels-last: token order
+        if part_frames is None and type(conv) is nn.Conv2d and not (   # the operator has no backward
+                torch.is_grad_enabled() and (z.requires_grad or conv.weight.requires_grad)):
+            # z is channels-last: the permute and reshape are a view in token order
             return _temporal_residual_op(z.permute(0, 2, 3, 1).reshape(B, N, C), conv.weight, T, chunk_size or T)
         z = temporal_residual(z.view(B, T, C, h * w).permute(0, 2, 1, 3), conv, chunk_size, part_frames)
         return z.permute(0, 2, 3, 1).reshape(B, N, C)
@@ -322,22 +324,22 @@ class Block(nn.Module):
         a = self.attn(_modulate(x, shift_msa, scale_msa, T), thw, rope, camera, chunk_size)
         x = x + (gate_msa * a.view(B, T, N // T, C)).view(B, N, C)
         if plucker is not None and hasattr(self, "plucker_proj"):
-            x = x + self.plucker_term(plucker)  # ungated (dit.md §4, camera.md §8)
+            x = x + self.plucker_map(*plucker[1:])(plucker[0])  # ungated (dit.md §4, camera.md §8)
         x = x + self.cross_attn(x, y, text_mask)  # no norm / modulation before cross-attention (dit.md §12.4)
         m = self.mlp(_modulate(x, shift_mlp, scale_mlp, T), thw, chunk_size)
         return x + (gate_mlp * m.view(B, T, N // T, C)).view(B, N, C)
 
-    def plucker_term(self, plucker):
-        """plucker_proj(plucker_embedder(p)) (camera.md §8) for plucker = (p (B, n, 48) Plücker tokens, the embedder's
-        weight (C, 48) and bias (C,)). Both maps are linear, so for a dense plucker_proj their product is one 48 -> C
-        map (W_b W_e, W_b b_e + b_b), made in fp32: the (B, N, C) embedding never exists and each block reads 48
-        channels a token instead of C (the same function; in bf16 the embedding's rounding is skipped)."""
-        p, w_e, b_e = plucker
+    def plucker_map(self, w_e, b_e):
+        """p -> plucker_proj(plucker_embedder(p)) (camera.md §8) on Plücker tokens p (B, n, 48), given the embedder's
+        weight (C, 48) and bias (C,). Both maps are linear, so for a dense plucker_proj their product is one 48 -> C
+        map (W_b W_e, W_b b_e + b_b), made once here in fp32: the (B, N, C) embedding never exists and each block
+        reads 48 channels a token instead of C (the same function; in bf16 the embedding's rounding is skipped)."""
         proj = self.plucker_proj
         if type(proj) is not nn.Linear:                     # e.g. an NVFP4 layer: embed, then project
-            return proj(F.linear(p, w_e, b_e))
+            return lambda p: proj(F.linear(p, w_e, b_e))
         w_b = proj.weight.float()
-        return F.linear(p, (w_b @ w_e.float()).to(p.dtype), (w_b @ b_e.float() + proj.bias.float()).to(p.dtype))
+        weight, bias = (w_b @ w_e.float()).to(w_e.dtype), (w_b @ b_e.float() + proj.bias.float()).to(w_e.dtype)
+        return lambda p: F.linear(p, weight, bias)
 
     @torch.no_grad()
     def forward_in_parts(self, x, y, text_mask, t6, thw, rope, camera, plucker, chunk_size, part_frames):
@@ -352,11 +354,12 @@ class Block(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (self.scale_shift_table + t6).chunk(6, 2)
         spans = frame_spans(0, T, None, part_frames)
         a = self.attn(_modulate(x, shift_msa, scale_msa, T), thw, rope, camera, chunk_size, part_frames)
+        to_plucker = self.plucker_map(*plucker[1:]) if plucker is not None and hasattr(self, "plucker_proj") else None
         for t0, t1 in spans:
             part = x[:, t0 * S:t1 * S]                      # a view: the updates land in x
             part += (gate_msa[:, t0:t1] * a[:, t0 * S:t1 * S].view(B, t1 - t0, S, C)).view(B, -1, C)
-            if plucker is not None and hasattr(self, "plucker_proj"):
-                part += self.plucker_term((plucker[0][:, t0 * S:t1 * S],) + plucker[1:])
+            if to_plucker is not None:
+                part += to_plucker(plucker[0][:, t0 * S:t1 * S])
             part += self.cross_attn(part, y, text_mask)
         del a
         m = self.mlp(_modulate(x, shift_mlp, scale_mlp, T), thw, chunk_size, part_frames)
@@ -437,7 +440,7 @@ class DiT(nn.Module):
             P = ray_matrices(raymap.to(dtype), thw)
             camera = (P, P.transpose(-1, -2), se3_inverse(P), camera_rope_table(rope, cfg.linear_head_dim))
         pl = None
-        if plucker is not None:  # embedded inside each block (Block.plucker_term)
+        if plucker is not None:  # embedded inside each block (Block.plucker_map)
             embed = self.plucker_embedder.proj
             pl = (plucker.to(dtype).flatten(2).transpose(1, 2), embed.weight.flatten(1), embed.bias)
 
@@ -481,9 +484,10 @@ def crop_text(text, text_mask):
     """text and text_mask without the tail of tokens masked in every batch row, kept to a multiple of TEXT_MULTIPLE.
     Exact: a masked key gets zero attention weight, so cross-attention over the valid prefix is the same (a
     120-token prompt padded to 300 costs 0.6 instead of 1.3 ms per call at 961 frames). Waits for the mask."""
+    L = text.shape[1]
     valid = text_mask.ne(0).any(0)
-    length = int(valid.cumsum(0).argmax()) + 1 if valid.any() else text.shape[1]  # (last valid token) + 1
-    keep = min(text.shape[1], -(-length // TEXT_MULTIPLE) * TEXT_MULTIPLE)
+    last = int((valid * torch.arange(1, L + 1, device=valid.device)).max())  # 1 + index of the last valid token
+    keep = min(L, -(-(last or L) // TEXT_MULTIPLE) * TEXT_MULTIPLE)          # (no valid token at all: keep all)
     return text[:, :keep], text_mask[:, :keep]
 
 

@@ -205,7 +205,8 @@ def test_padded_text_is_cropped_exactly():
     padded = {**inputs, "encoder_hidden_states": text, "encoder_attention_mask": mask}
     with torch.no_grad():
         assert max_abs(ours(*ours_args(padded)), theirs(**padded)[0]) <= MODEL_ATOL
-    assert dit.crop_text(text[:, 0], mask)[0].shape[1] == 64 and dit.crop_text(text[:, 0], mask)[1].shape == (B, 64)
+    cropped_text, cropped_mask = dit.crop_text(text[:, 0], mask)
+    assert cropped_text.shape[1] == 64 and cropped_mask.shape == (B, 64)
 
 
 def test_dit_bf16():
