@@ -9,10 +9,13 @@ Layouts: tokens (B, N, C) frame-major (n = (t*h + i)*w + j); per-head tensors (B
 (N, D/2, 2) fp32 (cos, sin); per-token camera matrices (B, N, 4, 4).
 """
 import functools
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 
 RECOMPILE_LIMIT = 64  # compiled graphs per function (fused_on_cuda); Dynamo's default is 8
@@ -100,12 +103,13 @@ def camera_rope_table(table: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 def apply_rope(x: torch.Tensor, table: torch.Tensor, conjugate: bool = False) -> torch.Tensor:
     """Rotate channel pairs (2p, 2p+1) of x (B, N, H, 2P) by table (N, P, 2); in fp32, cast back (dit.md §10).
-    The complex product (x0 + i x1)(cos + i sin), written out in real numbers."""
-    cos, sin = table[:, None, :, 0], table[:, None, :, 1]
-    if conjugate:
-        sin = -sin
-    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).to(x.dtype)
+    The complex product (x0 + i x1)(cos + i sin) as the reference computes it (torch's complex multiply, whose
+    rounding differs from the written-out real form by an ulp on some CPUs, e.g. with AVX-512: enough to flip the
+    bf16 casts before the softmax blocks' SDPA). On CUDA in inference the kernel below rotates in real numbers."""
+    rotation = torch.view_as_complex(table)[:, None]
+    rotation = rotation.conj() if conjugate else rotation
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
+    return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -208,7 +212,11 @@ class CameraSelfAttention(nn.Module):
         main = main.flatten(2).to(u.dtype)
         if oc is not None:
             P, _, _, rope_cam = camera
-            main = main + self.out_proj_cam(ucpe(oc.to(u.dtype), P, rope_cam, conjugate=True).flatten(2))
+            if use_kernels(oc):
+                decoded = head_stream(oc, rope_cam, matrix=P, conjugate=True, dtype=u.dtype)[0]
+            else:
+                decoded = ucpe(oc.to(u.dtype), P, rope_cam, conjugate=True)
+            main = main + self.out_proj_cam(decoded.flatten(2))
         return self.proj((main * F.silu(self.output_gate(u).float())).to(u.dtype))
 
 
@@ -241,18 +249,29 @@ class SoftmaxSelfAttention(CameraSelfAttention):
         B, N, C = u.shape
         H, D = self.heads, self.head_dim
         q, k, v = self.qkv(u).view(B, N, 3, H, D).unbind(2)
-        q = apply_rope(self.q_norm(q.reshape(B, N, C)).view(B, N, H, D), rope)
-        k = apply_rope(self.k_norm(k.reshape(B, N, C)).view(B, N, H, D), rope)
         # The reference runs this SDPA in bf16 even in an fp32 model (dit.md §7.1, §10).
         sdpa_dtype = torch.bfloat16 if u.dtype == torch.float32 else u.dtype
+        fused = use_kernels(u)
+        if fused:
+            q, k = (head_stream(x, rope, norm=norm)[0] for x, norm in ((q, self.q_norm), (k, self.k_norm)))
+        else:
+            q = apply_rope(self.q_norm(q.reshape(B, N, C)).view(B, N, H, D), rope)
+            k = apply_rope(self.k_norm(k.reshape(B, N, C)).view(B, N, H, D), rope)
         main = tuple(t.transpose(1, 2).to(sdpa_dtype) for t in (q, k, v))
         if camera is None:
             return main, None
-        qc = self.q_norm_cam(self.q_proj_cam(u)).view(B, N, H, D)
-        kc = self.k_norm_cam(self.k_proj_cam(u)).view(B, N, H, D)
-        vc = self.v_proj_cam(u).view(B, N, H, D)
+        qc, kc, vc = (proj(u).view(B, N, H, D) for proj in (self.q_proj_cam, self.k_proj_cam, self.v_proj_cam))
+        if fused:
+            _, P_T, P_inv, rope_cam = camera
+            rays = (head_stream(qc, rope_cam, norm=self.q_norm_cam, matrix=P_T, cap=True)[0],
+                    head_stream(kc, rope_cam, norm=self.k_norm_cam, matrix=P_inv, cap=True)[0],
+                    head_stream(vc, rope_cam, matrix=P_inv, cap=True)[0])
+        else:
+            qc = self.q_norm_cam(qc.reshape(B, N, C)).view(B, N, H, D)
+            kc = self.k_norm_cam(kc.reshape(B, N, C)).view(B, N, H, D)
+            rays = self.to_rays(qc, kc, vc, camera)
         # The camera branch's SDPA always runs in bf16 (dit.md §7.2), with padded_width_scale.
-        return main, tuple(t.transpose(1, 2).to(torch.bfloat16) for t in self.to_rays(qc, kc, vc, camera))
+        return main, tuple(t.transpose(1, 2).to(torch.bfloat16) for t in rays)
 
     def attend(self, u, main, cam, num_frames, chunk_size, camera, first_frame=0):
         """The output rows of the tokens u (whole frames from first_frame on) from their queries main[0], cam[0]
@@ -311,3 +330,207 @@ class CrossAttention(nn.Module):
         v = v.reshape(B, L, H, C // H).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Inference kernel: a projection's per-head stream in one pass. The operands of both self-attention variants are
+# chains of pointwise steps (GDN short conv, RMSNorm over C, ReLU, key scale, RoPE or UCPE, RMS cap); run op by op
+# (or as Inductor fuses them) they take several passes over (B, N, C) tensors. `head_stream` reads the projection
+# once and writes the operand (and the plain stream where the scan needs it): BENCHMARKS.md, the DiT step.
+
+def use_kernels(x: torch.Tensor) -> bool:
+    """The Triton inference kernels replace the readable code on CUDA tensors when no autograd graph is recorded
+    (they have no backward); the CPU, the equivalence tests and training run the code as written."""
+    return x.is_cuda and not torch.is_grad_enabled()
+
+
+@triton.jit
+def _rounded(v, dtype: tl.constexpr):
+    """v rounded to the stream's dtype and back to fp32: where the code as written stores an intermediate tensor."""
+    return v.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _stream_input(xh, taps_h, rows, d, mask, t, S, T, chunk, first_frame, sxn, K: tl.constexpr):
+    """One head's input at token rows and head channels d (broadcastable index tiles), fp32; with K > 0 its
+    symmetric temporal short conv (gdn.short_conv): sum over |m| < K of w_{K-1-|m|} x[t+m] inside [0, T), the
+    future frames only inside t's chunk (chunks counted from the video's frame 0, the tile's first frame being
+    first_frame)."""
+    y = tl.load(xh + rows * sxn + d, mask=mask, other=0.0).to(tl.float32)
+    if K > 0:
+        y *= tl.load(taps_h + d * K + (K - 1), mask=mask, other=0.0).to(tl.float32)
+        for m in tl.static_range(1, K):
+            w = tl.load(taps_h + d * K + (K - 1 - m), mask=mask, other=0.0).to(tl.float32)
+            past = tl.load(xh + (rows - m * S) * sxn + d, mask=mask & (t >= m), other=0.0).to(tl.float32)
+            same_chunk = (first_frame + t + m) // chunk == (first_frame + t) // chunk
+            ahead = mask & (t + m < T) & same_chunk
+            y += w * (past + tl.load(xh + (rows + m * S) * sxn + d, mask=ahead, other=0.0).to(tl.float32))
+    return y
+
+
+@triton.jit
+def _plain_stream(xh, stash_h, norm_h, rows, d, mask, rstd, scale, C, sxn,
+                  dtype: tl.constexpr, K: tl.constexpr, NORM: tl.constexpr, RELU: tl.constexpr):
+    """The stream before its rotation: (short conv, read back from the stash) -> RMSNorm -> ReLU -> scale, in fp32,
+    rounded where the code as written stores a tensor."""
+    if K > 0:
+        y = tl.load(stash_h + rows * C + d, mask=mask, other=0.0).to(tl.float32)
+    else:
+        y = tl.load(xh + rows * sxn + d, mask=mask, other=0.0).to(tl.float32)
+    if NORM:
+        w = tl.load(norm_h + d, mask=mask, other=0.0).to(tl.float32)
+        y = _rounded(_rounded(y * rstd, dtype) * w, dtype)
+    if RELU:
+        y = tl.maximum(y, 0.0)
+    return _rounded(y * scale, dtype)
+
+
+@triton.jit
+def _squares(v):
+    """Per token and head: the sum of squares of a (tokens, heads, a, b) tile, kept as (tokens, heads, 1, 1)."""
+    return tl.sum(tl.sum(v * v, 3, keep_dims=True), 2, keep_dims=True)
+
+
+@triton.jit
+def _head_stream_kernel(x, taps, norm_w, table, mat, out, plain, infl,
+                        S, T, chunk, first_frame, eps, scale, sxb, sxn, sxh, stn, smb, smn, smi, smj,
+                        H: tl.constexpr, D: tl.constexpr, K: tl.constexpr, NORM: tl.constexpr, RELU: tl.constexpr,
+                        UCPE: tl.constexpr, CONJ: tl.constexpr, CAP: tl.constexpr, PLAIN: tl.constexpr,
+                        INFL: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr):
+    """One program per (block of BT tokens, batch row); tiles (tokens, heads, channels, 2 or 4), BH heads at a time
+    (loads of several heads in flight, not one head's round trip after another). Pass 1 (with NORM): the RMS
+    statistic over all C = H*D channels, the short conv's output (K > 0) stashed in `out`. Pass 2: the plain
+    stream (stored to `plain` with PLAIN), then RoPE over each head (table (n, D/2, 2)) or UCPE (a 4x4 matrix per
+    token on the first half of the head, RoPE table (n, D/4, 2) on the second), optionally RMS-capped against the
+    plain head; INFL stores (|capped| / |plain|)^2 per token and head."""
+    b = tl.program_id(1).to(tl.int64)
+    N, C = S * T, H * D
+    rows = (tl.program_id(0) * BT + tl.arange(0, BT)).to(tl.int64)[:, None, None, None]  # (BT, 1, 1, 1)
+    t, tok = rows // S, rows < N
+    heads = tl.arange(0, BH)[None, :, None, None]
+    dtype = out.dtype.element_ty                           # the stream's dtype, where the code as written rounds
+    xb, ob = x + b * sxb, out + b * N * C
+    two = tl.arange(0, 2)[None, None, None, :]
+    p = tl.arange(0, BD // 2)[None, None, :, None]
+    dp, mp = 2 * p + two, tok & (p < D // 2)               # channel pairs (2p, 2p+1) of a head
+    rstd = tl.full((BT, 1, 1, 1), 1.0, tl.float32)
+    if NORM:
+        ss = tl.zeros((BT, 1, 1, 1), tl.float32)
+        for h0 in range(0, H, BH):
+            h = h0 + heads
+            mask = mp & (h < H)
+            y = _rounded(_stream_input(xb + h * sxh, taps + h * D * K, rows, dp, mask, t, S, T, chunk, first_frame,
+                                       sxn, K), dtype)
+            if K > 0:
+                tl.store(ob + h * D + rows * C + dp, y.to(dtype), mask=mask)
+            ss += tl.sum(_squares(y), 1, keep_dims=True)
+        rstd = tl.rsqrt(ss / C + eps)
+        if K > 0:
+            tl.debug_barrier()                              # the stash is read back by other threads
+    if UCPE:
+        g, q = tl.arange(0, BD // 8)[None, None, :, None], tl.arange(0, BD // 4)[None, None, :, None]
+        four = tl.arange(0, 4)[None, None, None, :]
+        da, ma = 4 * g + four, tok & (g < D // 8)                                    # 4-groups of the first half
+        db, mb = D // 2 + 2 * q + two, tok & (q < D // 4)                            # pairs of the second half
+        cos, sin = tl.split(tl.load(table + rows * stn + 2 * q + two, mask=mb, other=0.0))
+        m_row = mat + b * smb + rows * smn + four * smi                              # M[:, j] along the last dim
+    else:
+        cos, sin = tl.split(tl.load(table + rows * stn + dp, mask=mp, other=0.0))
+    if CONJ:
+        sin = -sin
+    for h0 in range(0, H, BH):
+        h = h0 + heads
+        xh, stash_h, norm_h, oh = xb + h * sxh, ob + h * D, norm_w + h * D, ob + h * D + rows * C
+        if UCPE:
+            a = _plain_stream(xh, stash_h, norm_h, rows, da, ma & (h < H), rstd, scale, C, sxn, dtype, K, NORM, RELU)
+            r = _plain_stream(xh, stash_h, norm_h, rows, db, mb & (h < H), rstd, scale, C, sxn, dtype, K, NORM, RELU)
+            # (M a_g)_i = sum_j M_ij a_gj for each 4-group g, as in `ucpe`, accumulated in fp32 and rounded once
+            ra = tl.zeros_like(a)
+            for j in tl.static_range(4):
+                a_j = tl.sum(tl.where(four == j, a, 0.0), 3, keep_dims=True)
+                ra += a_j * tl.load(m_row + j * smj, mask=tok, other=0.0).to(tl.float32)
+            ra = _rounded(ra, dtype)
+            r0, r1 = tl.split(r)
+            rb = _rounded(tl.join(r0 * cos - r1 * sin, r0 * sin + r1 * cos), dtype)
+            ref = _squares(a) + _squares(r)
+            if CAP:                                         # rms_cap(plain, rotated), eps 1e-6
+                ratio = tl.sqrt(ref / D + 1e-6) / tl.maximum(tl.sqrt((_squares(ra) + _squares(rb)) / D + 1e-6), 1e-6)
+                ratio = tl.minimum(ratio, 1.0)
+                ra, rb = _rounded(ra * ratio, dtype), _rounded(rb * ratio, dtype)
+            if INFL:
+                grown = tl.maximum(tl.sqrt(_squares(ra) + _squares(rb)), 1e-6) / tl.maximum(tl.sqrt(ref), 1e-6)
+                tl.store(infl + (b * N + rows) * H + h, grown * grown, mask=tok & (h < H))
+            tl.store(oh + da, ra.to(dtype), mask=ma & (h < H))
+            tl.store(oh + db, rb.to(dtype), mask=mb & (h < H))
+        else:
+            mask = mp & (h < H)
+            y = _plain_stream(xh, stash_h, norm_h, rows, dp, mask, rstd, scale, C, sxn, dtype, K, NORM, RELU)
+            if PLAIN:
+                tl.store(plain + b * N * C + h * D + rows * C + dp, y.to(dtype), mask=mask)
+            y0, y1 = tl.split(y)
+            tl.store(oh + dp, tl.join(y0 * cos - y1 * sin, y0 * sin + y1 * cos).to(dtype), mask=mask)
+
+
+# Tokens and heads per program, warps: measured at the release shape on an H200 (bench/head_stream.py, BENCHMARKS.md).
+HEAD_STREAM_LAUNCH = dict(tokens=2, heads=4, warps=2)
+
+
+@torch.library.custom_op("nano_sana_wm::head_stream", mutates_args=())
+def _head_stream_op(x: torch.Tensor, taps: Optional[torch.Tensor], num_frames: int, chunk: int, first_frame: int,
+                    norm_weight: Optional[torch.Tensor], eps: float, relu: bool, scale: float, table: torch.Tensor,
+                    matrix: Optional[torch.Tensor], conjugate: bool, cap: bool, keep_plain: bool, inflation: bool,
+                    dtype: torch.dtype) -> list[torch.Tensor]:
+    """`_head_stream_kernel` as an operator that torch.compile calls as is: [out (B, n, H, D), plain (B, n, H, D),
+    both in dtype, inflation (B, n, H) fp32], the last two empty unless asked for."""
+    B, N, H, D = x.shape
+    out = x.new_empty(B, N, H, D, dtype=dtype)
+    plain = torch.empty_like(out) if keep_plain else x.new_empty(0)
+    infl = x.new_empty(B, N, H, dtype=torch.float32) if inflation else x.new_empty(0)
+    table = table.contiguous()
+    K = 0 if taps is None else taps.shape[-1]
+    mat = table if matrix is None else matrix               # (unread without UCPE)
+    BT = HEAD_STREAM_LAUNCH["tokens"]
+    _head_stream_kernel[(triton.cdiv(N, BT), B)](
+        x, x if taps is None else taps, x if norm_weight is None else norm_weight, table, mat, out, plain, infl,
+        N // num_frames, num_frames, chunk, first_frame, eps, scale, x.stride(0), x.stride(1), x.stride(2),
+        table.stride(0), *((0,) * 4 if matrix is None else matrix.stride()),
+        H=H, D=D, K=K, NORM=norm_weight is not None, RELU=relu, UCPE=matrix is not None, CONJ=conjugate, CAP=cap,
+        PLAIN=keep_plain, INFL=inflation, BT=BT, BH=HEAD_STREAM_LAUNCH["heads"], BD=max(16, triton.next_power_of_2(D)),
+        num_warps=HEAD_STREAM_LAUNCH["warps"])
+    return [out, plain, infl]
+
+
+@_head_stream_op.register_fake
+def _head_stream_shapes(x, taps, num_frames, chunk, first_frame, norm_weight, eps, relu, scale, table, matrix,
+                        conjugate, cap, keep_plain, inflation, dtype):
+    B, N, H, D = x.shape
+    out = x.new_empty(B, N, H, D, dtype=dtype)
+    return [out, torch.empty_like(out) if keep_plain else x.new_empty(0),
+            x.new_empty(B, N, H, dtype=torch.float32) if inflation else x.new_empty(0)]
+
+
+def head_stream(x, table, *, norm=None, relu=False, scale=1.0, conv=None, matrix=None, conjugate=False, cap=False,
+                keep_plain=False, inflation=False, dtype=None):
+    """The fused form of a per-head stream (inference, CUDA; any float dtype in Triton's interpreter), for x
+    (B, n, H, D) with channels contiguous (a view of a projection's output is fine):
+
+        x -> [short conv over frames: conv = (weight (C, 1, K), num_frames, chunk_size, first_frame), gdn.short_conv]
+          -> [norm: an RMSNorm over C] -> [ReLU] -> * scale                                    = the plain stream
+          -> apply_rope(., table) (matrix None) or ucpe(., matrix, table, conjugate) -> [rms_cap(plain, .)]
+
+    x is first converted to dtype (default: x's). Returns (out, the plain stream if keep_plain, else None, both in
+    dtype; (|capped| / |plain|)^2 per token and head (fp32, UCPE only) if inflation, else None). fp32 inside, rounded
+    to dtype where the readable code stores a tensor; `tests/test_attention.py` holds it equal to the readable
+    composition."""
+    taps, num_frames, chunk_size, first_frame = (None, 1, None, 0) if conv is None else conv
+    if taps is not None:
+        taps = taps.view(taps.shape[0], taps.shape[-1])
+        if norm is None:
+            raise ValueError("conv: the fused short conv needs a norm after it")
+    if x.stride(-1) != 1:
+        raise ValueError(f"x: expected contiguous channels (stride 1 in the last dim), got strides {x.stride()}")
+    out, plain, infl = _head_stream_op(
+        x, taps, num_frames, chunk_size or first_frame + num_frames, first_frame, None if norm is None else norm.weight,
+        0.0 if norm is None else norm.eps, relu, float(scale), table, matrix, conjugate, cap, keep_plain, inflation,
+        dtype or x.dtype)
+    return out, plain if keep_plain else None, infl if inflation else None

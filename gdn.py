@@ -43,7 +43,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from attention import CameraSelfAttention, apply_rope, camera_rows, frame_spans, fused_on_cuda
+from attention import (CameraSelfAttention, apply_rope, camera_rows, frame_spans, fused_on_cuda, head_stream,
+                       use_kernels)
 
 BACKENDS = ("auto", "torch", "triton", "reference")
 
@@ -747,6 +748,11 @@ class GDNSelfAttention(CameraSelfAttention):
         B, N, C = u.shape
         H, D = self.heads, self.head_dim
         q, k, v = self.qkv(u).view(B, N, 3, H, D).unbind(2)
+        if use_kernels(u):
+            q_rot, q, _ = head_stream(q, rope, norm=self.q_norm, relu=True, keep_plain=True)
+            k_rot, k, _ = head_stream(k, rope, norm=self.k_norm, relu=True, scale=self.key_scale(N // num_frames),
+                                      conv=(self.conv_k.weight, num_frames, chunk_size, first_frame), keep_plain=True)
+            return q_rot, k_rot, v, q, k
         k = short_conv(k.reshape(B, N, C), self.conv_k.weight, num_frames, chunk_size, first_frame)
         q = F.relu(self.q_norm(q.reshape(B, N, C))).view(B, N, H, D)
         k = F.relu(self.k_norm(k)).view(B, N, H, D) * self.key_scale(N // num_frames)
@@ -757,14 +763,24 @@ class GDNSelfAttention(CameraSelfAttention):
         """§6.5 (qh, kh, vh, beta_cam) of the same tokens (camera: their rows; beta from `gates`)."""
         B, N, C = u.shape
         T, S, H, D = num_frames, N // num_frames, self.heads, self.head_dim
-        qc = F.relu(self.q_norm_cam(self.q_proj_cam(u))).view(B, N, H, D)
-        kc = short_conv(self.k_proj_cam(u), self.conv_k_cam.weight, T, chunk_size, first_frame)
-        kc = F.relu(self.k_norm_cam(kc)).view(B, N, H, D) * self.key_scale(S)
-        vc = self.v_proj_cam(u).view(B, N, H, D)
-        norm_before = torch.linalg.vector_norm(kc, dim=-1).clamp_min(1e-6)
-        qh, kh, vh = self.to_rays(qc, kc, vc, camera)
+        if use_kernels(u):
+            _, P_T, P_inv, rope_cam = camera
+            qh = head_stream(self.q_proj_cam(u).view(B, N, H, D), rope_cam, norm=self.q_norm_cam, relu=True,
+                             matrix=P_T, cap=True)[0]
+            kh, _, inflation = head_stream(
+                self.k_proj_cam(u).view(B, N, H, D), rope_cam, norm=self.k_norm_cam, relu=True, scale=self.key_scale(S),
+                conv=(self.conv_k_cam.weight, T, chunk_size, first_frame), matrix=P_inv, cap=True, inflation=True)
+            vh = head_stream(self.v_proj_cam(u).view(B, N, H, D), rope_cam, matrix=P_inv, cap=True)[0]
+            inflation = inflation.to(kh.dtype)              # (as the code below computes it)
+        else:
+            qc = F.relu(self.q_norm_cam(self.q_proj_cam(u))).view(B, N, H, D)
+            kc = short_conv(self.k_proj_cam(u), self.conv_k_cam.weight, T, chunk_size, first_frame)
+            kc = F.relu(self.k_norm_cam(kc)).view(B, N, H, D) * self.key_scale(S)
+            vc = self.v_proj_cam(u).view(B, N, H, D)
+            norm_before = torch.linalg.vector_norm(kc, dim=-1).clamp_min(1e-6)
+            qh, kh, vh = self.to_rays(qc, kc, vc, camera)
+            inflation = (torch.linalg.vector_norm(kh, dim=-1).clamp_min(1e-6) / norm_before) ** 2
         # Whatever energy UCPE still adds to the keys is taken out of the write strength, one divisor per frame.
-        inflation = (torch.linalg.vector_norm(kh, dim=-1).clamp_min(1e-6) / norm_before) ** 2
         divisor = inflation.view(B, T, S, H).mean(2, keepdim=True).clamp_min(1.0)
         return qh, kh, vh, (beta.view(B, T, S, H) / divisor).view(B, N, H)
 
