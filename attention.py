@@ -1,5 +1,6 @@
 """Attention pieces of the SANA-WM DiT: RMSNorm, the 3-axis RoPE, the UCPE camera transform, the softmax
-self-attention with its camera branch, and text cross-attention.
+self-attention with its camera branch, and text cross-attention. At the end, the inference kernel that makes both
+self-attention layers' per-head operands in one pass (`head_stream`; on CUDA, beside the readable code it replaces).
 
 Spec: shared/reference/dit.md §3.4 (RoPE), §5 (self-attention skeleton), §6.6 (UCPE), §7 (softmax blocks),
 §8.1 (cross-attention), §10 (precision islands); camera.md §7. The GDN variant of the self-attention lives in
@@ -472,7 +473,7 @@ def _head_stream_kernel(x, taps, norm_w, table, mat, out, plain, infl,
 
 
 # Tokens and heads per program, warps: measured at the release shape on an H200 (bench/head_stream.py, BENCHMARKS.md).
-HEAD_STREAM_LAUNCH = dict(tokens=2, heads=4, warps=2)
+HEAD_STREAM_LAUNCH = dict(tokens=1, heads=4, warps=1)
 
 
 @torch.library.custom_op("nano_sana_wm::head_stream", mutates_args=())
