@@ -27,10 +27,10 @@ def fused_on_cuda(fn):
     elsewhere (the CPU, the tests, training) as written.
 
     Applied to the DiT block, and to the pieces of it that the memory mode (dit.DiT's part_frames) calls one part at
-    a time (inlined when called from a compiled block): its fp32 islands (dit.md §10: casts, RoPE rotations, RMS
-    statistics and caps, UCPE, modulation, gating) are chains of pointwise ops, each one pass over memory when run
-    op by op. Compiled, each chain is one kernel between the matmuls, attention kernels and GDN scans
-    (BENCHMARKS.md: the step time).
+    a time (inlined when called from a compiled block): its fp32 islands (dit.md §10: casts, modulation, gating,
+    the GDN gates; the per-head streams go through `head_stream`'s kernel instead) are chains of pointwise ops, each
+    one pass over memory when run op by op. Compiled, each chain is one kernel between the matmuls, attention
+    kernels and GDN scans (BENCHMARKS.md: the step time).
     Inside a fused kernel the intermediate values stay fp32 where the code as written rounds them to bf16 between
     ops (Inductor's default): the compiled step is a little more precise than the reference, not bit-equal. The
     first call at a new shape compiles (seconds to a minute), for each of the model's shapes anew (every size,
@@ -122,8 +122,8 @@ def ucpe(x: torch.Tensor, M: torch.Tensor, rope_cam: torch.Tensor, conjugate: bo
     RoPE(x[..., D/2:])]. Decoding uses M = P and the conjugate rotation."""
     B, N, H, D = x.shape
     a, b = x.split(D // 2, dim=-1)
-    # (M a_g)_i = sum_j M_ij a_gj, as a broadcast product and a sum of 4 (one fused pass when compiled; a batched
-    # 4x4 matmul per group would be a separate, slow kernel), accumulated in fp32 and rounded once like a matmul.
+    # (M a_g)_i = sum_j M_ij a_gj, as a broadcast product and a sum of 4, accumulated in fp32 and rounded once like
+    # a matmul.
     a = a.float().unflatten(-1, (-1, 1, 4)) * M.float()[:, :, None, None]       # (B, N, H, D/8, 4, 4)
     return torch.cat([a.sum(-1).flatten(-2).to(x.dtype), apply_rope(b, rope_cam, conjugate)], dim=-1)
 

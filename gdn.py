@@ -685,9 +685,7 @@ def short_conv(x: torch.Tensor, weight: torch.Tensor, num_frames: int, chunk_siz
     the symmetric filter [w_0 .. w_{K-1} .. w_0]. Computed as the reference does (a causal conv forwards, one on
     the reversed sequence, minus the shared centre tap) so bf16 rounds alike. With chunk_size the reversed pass
     runs per chunk: a frame reads no frame of a later chunk. x may be frames first_frame.. of a longer video (the
-    chunks are counted from its frame 0). Inside a compiled block: `_short_conv_shifted`."""
-    if torch.compiler.is_compiling():
-        return _short_conv_shifted(x, weight, num_frames, chunk_size, first_frame)
+    chunks are counted from its frame 0). On CUDA in inference the kernel of attention.head_stream runs it."""
     B, N, C = x.shape
     T, K = num_frames, weight.shape[-1]
     z = x.view(B, T, N // T, C).permute(0, 2, 3, 1).reshape(-1, C, T)  # (B*S, C, T)
@@ -699,23 +697,6 @@ def short_conv(x: torch.Tensor, weight: torch.Tensor, num_frames: int, chunk_siz
     backward = torch.cat([causal(c.flip(-1)).flip(-1) for c in z.split(pieces, dim=-1)], dim=-1)
     y = causal(z) + backward - z * weight[:, 0, -1:]
     return y.view(B, N // T, C, T).permute(0, 3, 1, 2).reshape(B, N, C)
-
-
-def _short_conv_shifted(x, weight, num_frames, chunk_size=None, first_frame=0):
-    """short_conv as sums of shifted frames in the token layout: pointwise work that torch.compile fuses into the
-    kernels around it, where the conv1d form needs the tokens transposed to (B*S, C, T) and back. (Eager, as in
-    training, it would keep ~8x more for the backward than the conv1d form.)"""
-    B, N, C = x.shape
-    T, K = num_frames, weight.shape[-1]
-    z = x.view(B, T, N // T, C)
-    w = weight[:, 0].float()                                # (C, K)
-    past = sum(w[:, K - 1 - m] * F.pad(z, (0, 0, 0, 0, m, 0))[:, :T].float() for m in range(K))
-    future = [w[:, K - 1 - m] * F.pad(z, (0, 0, 0, 0, 0, m))[:, m:].float() for m in range(K)]
-    if chunk_size is not None:                              # x[t+m] counts only inside t's chunk
-        frame = torch.arange(first_frame, first_frame + T, device=x.device)[:, None, None]
-        future = [f * ((frame + m) // chunk_size == frame // chunk_size) for m, f in enumerate(future)]
-    y = past.to(x.dtype) + sum(future).to(x.dtype) - z * weight[:, 0, -1]
-    return y.view(B, N, C)
 
 
 class GDNSelfAttention(CameraSelfAttention):

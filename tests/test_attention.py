@@ -119,19 +119,25 @@ def test_short_conv(K, T):
 
 @pytest.mark.parametrize("K,T", [(4, 5), (3, 2), (1, 3), (7, 9)])
 @pytest.mark.parametrize("chunk_size", [None, 1, 2, 4, 11])
-def test_short_conv_shifted_form(K, T, chunk_size):
-    """The form compiled blocks use (sums of shifted frames) equals the conv1d form, chunk boundaries included."""
+def test_short_conv_chunks_and_windows(K, T, chunk_size):
+    """short_conv equals the symmetric filter written as a sum over frames, where a future frame counts only inside
+    its chunk; and on frames lo.. of the video (the memory mode's windows) from frame lo + K - 1 on."""
     weight = torch.randn(C, 1, K, generator=gen(1))
     x = torch.randn(2, T * 6, C, generator=gen())
-    expected = short_conv(x, weight, T, chunk_size)
-    assert max_rel_err(gdn._short_conv_shifted(x, weight, T, chunk_size), expected) <= 1e-6
-    # Frames lo.. of the video (the memory mode's parts): from frame lo + K - 1 on, the window sees all it needs.
+    z, w = x.view(2, T, 6, C), weight[:, 0]
+    expected = torch.zeros_like(z)
+    for t in range(T):
+        for m in range(-(K - 1), K):
+            same_chunk = chunk_size is None or (t + m) // chunk_size == t // chunk_size
+            if 0 <= t + m < T and (m <= 0 or same_chunk):
+                expected[:, t] += w[:, K - 1 - abs(m)] * z[:, t + m]
+    expected = expected.view(2, T * 6, C)
+    assert max_rel_err(short_conv(x, weight, T, chunk_size), expected) <= 1e-6
     lo = 1 if T > K else 0
     window = x.view(2, T, 6, C)[:, lo:].reshape(2, -1, C)
     exact = slice((K - 1) * 6 if lo else 0, None)
-    for form in (short_conv, gdn._short_conv_shifted):
-        got = form(window, weight, T - lo, chunk_size, first_frame=lo)
-        assert max_rel_err(got[:, exact], expected[:, lo * 6:][:, exact]) <= 1e-6
+    got = short_conv(window, weight, T - lo, chunk_size, first_frame=lo)
+    assert max_rel_err(got[:, exact], expected[:, lo * 6:][:, exact]) <= 1e-6
 
 
 def test_cross_attention():
