@@ -530,6 +530,10 @@ def head_stream(x, table, *, norm=None, relu=False, scale=1.0, conv=None, matrix
             raise ValueError("conv: the fused short conv needs a norm after it")
     if x.stride(-1) != 1:
         raise ValueError(f"x: expected contiguous channels (stride 1 in the last dim), got strides {x.stride()}")
+    if matrix is None and (cap or inflation):
+        raise ValueError("cap, inflation: apply to the UCPE stream only; give matrix too")
+    if matrix is not None and keep_plain:
+        raise ValueError("keep_plain: the plain stream is kept for RoPE streams only (matrix None)")
     out, plain, infl = _head_stream_op(
         x, taps, num_frames, chunk_size or first_frame + num_frames, first_frame, None if norm is None else norm.weight,
         0.0 if norm is None else norm.eps, relu, float(scale), table, matrix, conjugate, cap, keep_plain, inflation,

@@ -260,6 +260,10 @@ def test_head_stream_errors():
         head_stream(x, rope_table(8, (2, 1, 3)), conv=(torch.randn(16, 1, 2), 2, None, 0))
     with pytest.raises(ValueError, match="x: expected contiguous channels"):
         head_stream(x.transpose(2, 3), rope_table(8, (2, 1, 3)))
+    with pytest.raises(ValueError, match="cap, inflation: .* give matrix"):
+        head_stream(x, rope_table(8, (2, 1, 3)), cap=True)
+    with pytest.raises(ValueError, match="keep_plain: .* RoPE streams only"):
+        head_stream(x, rope_table(8, (2, 1, 3))[:, :2], matrix=torch.eye(4).expand(1, 6, 4, 4), keep_plain=True)
 
 
 @pytest.mark.gpu
