@@ -12,56 +12,31 @@ import pathlib
 import sys
 
 import torch
-import torch.nn.functional as F
 from triton.testing import do_bench
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import attention  # noqa: E402
-from attention import RMSNorm, apply_rope, head_stream, rms_cap, rope_table, camera_rope_table, ucpe  # noqa: E402
-from gdn import short_conv  # noqa: E402
-from reference import max_rel_err  # noqa: E402
+from attention import RMSNorm, head_stream, rope_table, camera_rope_table  # noqa: E402
+from reference import max_rel_err, readable_stream  # noqa: E402
 
 H, D, K = 20, 112, 4
 C = H * D
 TUNE = [(1, 4, 1), (2, 2, 1), (2, 4, 1), (2, 4, 2), (4, 2, 2), (4, 4, 4), (8, 2, 4), (16, 1, 4)]  # tokens, heads, warps
 
 
-def streams(x, S, T, rope, rope_cam, P, norm, taps, scale):
-    """{name: (readable function, fused function)} of x (B, N, H, D); each returns a tuple of tensors."""
-    B, N = x.shape[:2]
+def streams(T, rope, rope_cam, P, norm, taps, scale):
+    """{name: head_stream's arguments besides x} of the layers' seven streams (gdn.py, attention.py)."""
     conv = (taps, T, None, 0)
-
-    def gdn_k(x):
-        k = F.relu(norm(short_conv(x.reshape(B, N, C), taps, T))).view(B, N, H, D) * scale
-        return apply_rope(k, rope), k
-
-    def cam_k(x):
-        kc = F.relu(norm(short_conv(x.reshape(B, N, C), taps, T))).view(B, N, H, D) * scale
-        kh = rms_cap(kc, ucpe(kc, P, rope_cam))
-        return kh, (kh.norm(dim=-1).clamp_min(1e-6) / kc.norm(dim=-1).clamp_min(1e-6)) ** 2
-
-    def plain_relu(x):
-        return F.relu(norm(x.reshape(B, N, C))).view(B, N, H, D)
-
+    camera = dict(table=rope_cam, matrix=P, cap=True)
     return {
-        "gdn q (norm, ReLU, RoPE; + plain)": (
-            lambda x: (apply_rope(plain_relu(x), rope), plain_relu(x)),
-            lambda x: head_stream(x, rope, norm=norm, relu=True, keep_plain=True)[:2]),
-        "gdn k (+ short conv, scale)": (gdn_k, lambda x: head_stream(x, rope, norm=norm, relu=True, scale=scale,
-                                                                       conv=conv, keep_plain=True)[:2]),
-        "softmax q (norm, RoPE)": (lambda x: (apply_rope(norm(x.reshape(B, N, C)).view(B, N, H, D), rope),),
-                                   lambda x: head_stream(x, rope, norm=norm)[:1]),
-        "camera q (norm, ReLU, UCPE, cap)": (lambda x: (rms_cap(plain_relu(x), ucpe(plain_relu(x), P, rope_cam)),),
-                                             lambda x: head_stream(x, rope_cam, norm=norm, relu=True, matrix=P,
-                                                                   cap=True)[:1]),
-        "camera k (+ conv, inflation)": (cam_k, lambda x: head_stream(x, rope_cam, norm=norm, relu=True, scale=scale,
-                                                                      conv=conv, matrix=P, cap=True,
-                                                                      inflation=True)[::2]),
-        "camera v (UCPE, cap)": (lambda x: (rms_cap(x, ucpe(x, P, rope_cam)),),
-                                 lambda x: head_stream(x, rope_cam, matrix=P, cap=True)[:1]),
-        "camera decode (UCPE^-1)": (lambda x: (ucpe(x, P, rope_cam, conjugate=True),),
-                                    lambda x: head_stream(x, rope_cam, matrix=P, conjugate=True)[:1]),
+        "gdn q (norm, ReLU, RoPE; + plain)": dict(table=rope, norm=norm, relu=True, keep_plain=True),
+        "gdn k (+ short conv, scale)": dict(table=rope, norm=norm, relu=True, scale=scale, conv=conv, keep_plain=True),
+        "softmax q (norm, RoPE)": dict(table=rope, norm=norm),
+        "camera q (norm, ReLU, UCPE, cap)": dict(camera, norm=norm, relu=True),
+        "camera k (+ conv, inflation)": dict(camera, norm=norm, relu=True, scale=scale, conv=conv, inflation=True),
+        "camera v (UCPE, cap)": camera,
+        "camera decode (UCPE^-1)": dict(table=rope_cam, matrix=P, conjugate=True),
     }
 
 
@@ -85,8 +60,12 @@ def main():
     scale = D ** -0.5 * S ** -0.5
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; {args.frames} frames, N={N}", flush=True)
     rows = []
-    for name, (readable, fused) in streams(x, S, T, rope, rope_cam, P, norm, taps, scale).items():
-        compiled = torch.compile(readable, dynamic=False, options={"layout_optimization": False})
+    for name, kwargs in streams(T, rope, rope_cam, P, norm, taps, scale).items():
+        fused = lambda x: [o for o in head_stream(x, **kwargs) if o is not None]  # noqa: E731
+        readable = {k: v for k, v in kwargs.items() if k not in ("keep_plain", "inflation")}
+        kept = [True, kwargs.get("keep_plain", False), kwargs.get("inflation", False)]
+        compiled = torch.compile(lambda x: [o for o, keep in zip(readable_stream(x, **readable), kept) if keep],
+                                 dynamic=False, options={"layout_optimization": False})
         expected, got = compiled(x), fused(x)
         err = max(max_rel_err(a.float(), b.float()) for a, b in zip(got, expected))
         t_ref = do_bench(lambda: compiled(x), warmup=25, rep=200, return_mode="median")

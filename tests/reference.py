@@ -171,6 +171,30 @@ def tiny_refiner_pipeline(variant="spec", seed=1):
                              scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), text_max_sequence_length=max_len)
 
 
+# === attention.py: attention.head_stream's pipeline composed from the layers' readable pieces ===
+
+def readable_stream(x, table, norm=None, relu=False, scale=1.0, conv=None, matrix=None, conjugate=False, cap=False):
+    """What head_stream fuses, as the layers' readable code composes it, for x (B, N, H, D): (out, plain stream,
+    (|out| / |plain|)^2 per token and head, or None without matrix). Arguments as head_stream's."""
+    import torch.nn.functional as F
+
+    from attention import apply_rope, rms_cap, ucpe
+    from gdn import short_conv
+
+    B, N, H, D = x.shape
+    y = x.reshape(B, N, H * D)
+    if conv is not None:
+        taps, T, chunk_size, first_frame = conv
+        y = short_conv(y, taps, T, chunk_size, first_frame)
+    y = y if norm is None else norm(y)
+    plain = (F.relu(y) if relu else y).view(B, N, H, D) * scale
+    if matrix is None:
+        return apply_rope(plain, table), plain, None
+    out = ucpe(plain, matrix, table, conjugate)
+    out = rms_cap(plain, out) if cap else out
+    return out, plain, (out.norm(dim=-1).clamp_min(1e-6) / plain.norm(dim=-1).clamp_min(1e-6)) ** 2
+
+
 # === gdn.py: diffusers' bidirectional frame-wise GDN scan (dit.md §6.3-6.5, §14) in our (B, N, H, D) layout ===
 
 def diffusers_gdn_bidirectional(q_rot, k_rot, v, beta, decay, q=None, k=None, eps=1e-8):

@@ -11,7 +11,7 @@ from attention import (CrossAttention, RMSNorm, SoftmaxSelfAttention, apply_rope
                        camera_rope_table, head_stream, rms_cap, rope_table, ucpe)
 import gdn
 from gdn import GDNSelfAttention, short_conv
-from reference import max_rel_err, randomize_, tiny_camera
+from reference import max_rel_err, randomize_, readable_stream, tiny_camera
 
 ATOL = 1e-6
 C, HEADS, D = 48, 2, 24
@@ -180,22 +180,6 @@ def test_self_attention(kind, with_camera, thw):
 
 # ---------------------------------------------------------------------------------------------------------------
 # The fused per-head streams (attention.head_stream, a Triton kernel: the interpreter on the CPU, in fp32)
-
-def readable_stream(x, table, norm=None, relu=False, scale=1.0, conv=None, matrix=None, conjugate=False, cap=False):
-    """head_stream's pipeline as the layers' readable code composes it: (out, plain, inflation)."""
-    B, N, H, Dh = x.shape
-    y = x.reshape(B, N, H * Dh)
-    if conv is not None:
-        taps, T, chunk_size, first_frame = conv
-        y = short_conv(y, taps, T, chunk_size, first_frame)
-    y = y if norm is None else norm(y)
-    plain = (F.relu(y) if relu else y).view(B, N, H, Dh) * scale
-    if matrix is None:
-        return apply_rope(plain, table), plain, None
-    out = ucpe(plain, matrix, table, conjugate)
-    out = rms_cap(plain, out) if cap else out
-    return out, plain, (out.norm(dim=-1).clamp_min(1e-6) / plain.norm(dim=-1).clamp_min(1e-6)) ** 2
-
 
 STREAMS = {  # the layers' streams (gdn.py, attention.py), with the chunk-causal and memory-mode short conv
     "softmax q": dict(norm=True),
