@@ -199,8 +199,8 @@ def _gdn_torch(q_rot, k_rot, v, beta, decay, q, k, chunk_size, eps):
 DOT_PRECISION = "tf32x3"
 # Launch parameters (tokens per tile, state rows per program, warps, pipeline stages), measured at the release
 # shape on an H200 (BENCHMARKS.md); every one fits Hopper's 227 KB of shared memory for bf16 and float32 inputs.
-LAUNCH = dict(gram_tokens=64, gram_stages=3, scan_rows=16, scan_warps=8, scan_stages=3, read_tokens=128,
-              read_stages=2, read_bwd_tokens=128, read_bwd_stages=1, frame_bwd_tokens=128, frame_bwd_stages=1)
+LAUNCH = dict(gram_tokens=64, gram_stages=2, scan_rows=16, scan_warps=8, scan_stages=3, read_tokens=128,
+              read_stages=3, read_bwd_tokens=128, read_bwd_stages=1, frame_bwd_tokens=128, frame_bwd_stages=1)
 # float32 inputs go through "tf32x3" products, whose float32 tiles take more shared memory: smaller tiles.
 LAUNCH_FP32 = dict(LAUNCH, gram_tokens=32, gram_stages=2, read_tokens=32, read_stages=1, read_bwd_tokens=32,
                    frame_bwd_tokens=64)
