@@ -238,7 +238,7 @@ def _depthwise_glu_op(s: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor)
     n, c2, h, w = s.shape
     out = s.new_empty(n, h, w, c2 // 2)
     taps = weight.view(c2, 9).T.float().contiguous()        # (9, 2F): tap 3*di + dj of every channel
-    BP, BC = 64, 32  # 0.79 ms at the release's 22-frame part on an H200 (BENCHMARKS.md); cuDNN conv + GLU 2.1 ms
+    BP, BC = 64, 32  # 0.79 ms at the release's 22-frame part on an H200, 0.87 with 64 x 64 (BENCHMARKS.md)
     _depthwise_glu_kernel[(triton.cdiv(c2 // 2, BC), triton.cdiv(h * w, BP), n)](
         s, taps, bias.float().contiguous(), out, h, w, c2 // 2, s.stride(0), s.stride(2), s.stride(3), s.stride(1),
         BP=BP, BC=BC, num_warps=4)
