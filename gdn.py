@@ -1,5 +1,5 @@
-"""Frame-wise Gated DeltaNet (SANA-WM §3, spec dit.md §6): the bidirectional gated delta rule scan, and at the end
-of the file the GDN self-attention layer of the DiT around it (dit.md §6.1-6.2, §6.5).
+"""Frame-wise Gated DeltaNet (SANA-WM §3, spec dit.md §6): the bidirectional gated delta rule over latent frames,
+and the GDN self-attention layer of the DiT around it (dit.md §6.1-6.2, §6.5).
 
 One DxD state per (batch, head) is updated once per latent frame by all S tokens of that frame jointly:
 
@@ -7,34 +7,13 @@ One DxD state per (batch, head) is updated once per latent frame by all S tokens
     z_t = g_t z_{t-1} + sum_s beta_{t,s} (1   - g_t z_{t-1}^T k_s) k_s              (normaliser, plain keys)
     out[t,s] = (S_t + S^b_t) q~_s / ((z_t + z^b_t)^T q_s + eps)
 
-with a forward scan inclusive of frame t and a backward (reversed-time) scan S^b_t exclusive of it. Three
-forms, all tested equal:
+with a forward scan inclusive of frame t and a backward (reversed-time) scan S^b_t exclusive of it. Chunk-causal
+option (paper: "the reversed-time scan is reset at chunk boundaries"): with chunk_size = c the backward state is
+reset at the last frame of every chunk [jc, (j+1)c), so frame t only sees future frames of its own chunk.
 
-1. `gdn_recurrent`: the plain per-frame recurrence, the reference.
-2. `_gdn_torch`: the same as a linear recurrence in DxD space. Per frame (in parallel over frames)
-       M_t = K~_t^T diag(beta_t) K~_t,   U_t = V_t^T diag(beta_t) K~_t,   A_t = g_t (I - M_t)   (A_t symmetric)
-   so that S_t = S_{t-1} A_t + U_t; the scan is then T small DxD products; the output one product per frame.
-   The normaliser is one more state row: z^T_t = z^T_{t-1} A^z_t + u^z_t with A^z from plain keys and
-   u^z_t = K_t^T beta_t (the same rule with value 1).
-3. Triton (CUDA): the same three stages as kernels (`_frame_gram_kernel`, `_state_scan_kernel`,
-   `_read_out_kernel`); the backward (`_scan_backward_op`, registered as `_scan_op`'s gradient) runs the mirrored
-   kernels (`_read_out_bwd_kernel`, the adjoint scan, `_frame_bwd_kernel`) with the small DxD algebra in torch.
-
-Kernel data layout (all float32, D padded to a power of two inside the kernels by masked loads):
-    inputs  (B, N, H, D) any strides (N = T*S frame-major), beta (B, N, H), decay -> g (B, H, T)
-    M       (B, H, T, NA, D, D)   NA = 2 (numerator M_t, normaliser M^z_t) or 1 (numerator only)
-    U       (B, H, T, R, D)       R = D+1: rows 0..D-1 = U_t (value x key), row D = u^z_t; R = D without z
-    X       (2, B, H, T, R, D)    the states read by frame t: X[0] = forward (S_t; z_t), X[1] = backward
-    Rows of a state evolve independently (S_t[i,:] = S_{t-1}[i,:] A_t + U_t[i,:]), so the scan kernel runs one
-    program per (batch*head, block of BV state rows, direction): B*H*(ceil(D/BV)+1)*2 programs instead of B*H,
-    the normaliser being the extra 1-row block (absent in the numerator-only camera scan). Both directions' states are stored so that the output is ONE
-    product per token with the summed state (num_fwd + num_bwd = (S_t + S^b_t) q~_s).
-All products keep float32 accuracy on tensor cores (`DOT_PRECISION`, `_dot_split` below); the interpreter computes
-in float32. The kernels are written for head dims up to 128 (the release: D = 112).
-
-Chunk-causal option (paper: "the reversed-time scan is reset at chunk boundaries"): with chunk_size = c the
-forward scan runs across chunks, the backward state is reset at the last frame of every chunk [jc, (j+1)c), so
-frame t only sees future frames of its own chunk. chunk_size None (the release) = one chunk of all T frames.
+Read `gdn_recurrent` (the recurrence as written above), then the layer. Below the marked line, the same function
+computed fast: as a linear recurrence in DxD space (torch) and as Triton kernels (CUDA), with the backward for
+training, and the memory mode's driver.
 """
 from typing import Optional
 
@@ -43,37 +22,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from attention import (CameraSelfAttention, apply_rope, camera_rows, frame_spans, fused_on_cuda, head_stream,
-                       use_kernels)
+from attention import CameraSelfAttention, apply_rope, camera_rows, frame_spans
 
 BACKENDS = ("auto", "torch", "triton", "reference")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Argument checks shared by every form
-# ---------------------------------------------------------------------------------------------------------------
-
-def _check_args(q_rot, k_rot, v, beta, decay, q, k, chunk_size, backend):
-    if v.dim() != 4:
-        raise ValueError(f"v: expected (B, N, H, D), got shape {tuple(v.shape)}")
-    B, N, H, D = v.shape
-    if (q is None) != (k is None):
-        raise ValueError("q, k: give both (normalised output) or neither (numerator only)")
-    for name, x in (("q_rot", q_rot), ("k_rot", k_rot)) + ((("q", q), ("k", k)) if q is not None else ()):
-        if tuple(x.shape) != (B, N, H, D):
-            raise ValueError(f"{name}: expected shape {(B, N, H, D)} like v, got {tuple(x.shape)}")
-    if tuple(beta.shape) != (B, N, H):
-        raise ValueError(f"beta: expected shape {(B, N, H)} (one gate per token and head), got {tuple(beta.shape)}")
-    if decay.dim() != 3 or decay.shape[0] != B or decay.shape[2] != H or decay.shape[1] < 1:
-        raise ValueError(f"decay: expected (B={B}, T, H={H}) per frame, got {tuple(decay.shape)}")
-    T = decay.shape[1]
-    if N % T != 0:
-        raise ValueError(f"decay: T={T} frames must divide the N={N} tokens")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size: expected None or a positive int (frames), got {chunk_size!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    return B, N, H, D, T
 
 
 def _fp32(x):
@@ -87,8 +38,7 @@ def _chunk_end(t, T, chunk_size):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 1. The plain recurrence (dit.md §6.3): the reference every other path is tested against
-# ---------------------------------------------------------------------------------------------------------------
+# The recurrence (dit.md §6.3), one frame at a time: the definition every faster form below is tested against.
 
 def gdn_recurrent(q_rot, k_rot, v, beta, decay, q=None, k=None, *, chunk_size=None, eps=1e-8):
     """Bidirectional frame-wise gated delta rule, one frame at a time, float32 state (same arguments as gdn_scan)."""
@@ -124,9 +74,148 @@ def gdn_recurrent(q_rot, k_rot, v, beta, decay, q=None, k=None, *, chunk_size=No
     return out.flatten(1, 2).to(v.dtype)
 
 
+def gdn_scan(q_rot, k_rot, v, beta, decay, q=None, k=None, *, chunk_size=None, eps=1e-8, backend="auto"):
+    """Bidirectional frame-wise gated delta rule (dit.md §6.3; numerator only for the camera branch, §6.5).
+
+    q_rot, k_rot, v, q, k: (B, N, H, D), N = T*S tokens frame-major, any strides (views of a fused projection
+    are fine); beta: (B, N, H) per token; decay: (B, T, H) per frame. All math in float32 (dit.md §10); the
+    result is (B, N, H, D) in v.dtype.
+    With q and k (plain, for the normaliser): (num_fwd + num_bwd) / (den_fwd + den_bwd + eps).
+    Without them: num_fwd + num_bwd.
+    chunk_size (frames): None = fully bidirectional (the release); otherwise the backward scan is reset at
+    chunk boundaries, so frame t of chunk c only sees the future frames inside chunk c.
+    backend: "auto" (Triton on CUDA tensors, torch otherwise), "torch", "triton", "reference".
+    """
+    _check_args(q_rot, k_rot, v, beta, decay, q, k, chunk_size, backend)
+    if backend == "auto":
+        backend = "triton" if v.is_cuda else "torch"
+    if backend == "reference":
+        return gdn_recurrent(q_rot, k_rot, v, beta, decay, q, k, chunk_size=chunk_size, eps=eps)
+    if backend == "torch":
+        return _gdn_torch(q_rot, k_rot, v, beta, decay, q, k, chunk_size, eps)
+    return _scan_op(q_rot, k_rot, v, beta, decay, q, k, decay.shape[1] if chunk_size is None else chunk_size, eps)[0]
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# 2. The DxD linear-recurrence form in torch (CPU, autograd)
-# ---------------------------------------------------------------------------------------------------------------
+# The GDN self-attention layer (dit.md §6.1-6.5): gates, the temporal short conv on K, norms, ReLU kernel, key
+# scaling, RoPE on the numerator stream, the UCPE camera branch; parameters and output from CameraSelfAttention.
+
+def short_conv(x: torch.Tensor, weight: torch.Tensor, num_frames: int, chunk_size: int | None = None,
+               first_frame: int = 0):
+    """Depthwise temporal filter of x (B, N, C) with taps weight (C, 1, K), per spatial position (dit.md §6.2):
+    y[t] = sum_m w_{K-1-m} x[t-m] + sum_m w_{K-1-m} x[t+m] - w_{K-1} x[t] (m = 0..K-1), zero outside [0, T), i.e.
+    the symmetric filter [w_0 .. w_{K-1} .. w_0]. Computed as the reference does (a causal conv forwards, one on
+    the reversed sequence, minus the shared centre tap) so bf16 rounds alike. With chunk_size the reversed pass
+    runs per chunk: a frame reads no frame of a later chunk. x may be frames first_frame.. of a longer video (the
+    chunks are counted from its frame 0)."""
+    B, N, C = x.shape
+    T, K = num_frames, weight.shape[-1]
+    z = x.view(B, T, N // T, C).permute(0, 2, 3, 1).reshape(-1, C, T)  # (B*S, C, T)
+
+    def causal(s):
+        return F.conv1d(s, weight, groups=C, padding=K - 1)[..., :s.shape[-1]]
+
+    pieces = [stop - start for start, stop in frame_spans(first_frame, first_frame + T, chunk_size)]
+    backward = torch.cat([causal(c.flip(-1)).flip(-1) for c in z.split(pieces, dim=-1)], dim=-1)
+    y = causal(z) + backward - z * weight[:, 0, -1:]
+    return y.view(B, N // T, C, T).permute(0, 3, 1, 2).reshape(B, N, C)
+
+
+class GDNSelfAttention(CameraSelfAttention):
+    """Frame-wise bidirectional GDN self-attention with a UCPE camera branch (dit.md §6).
+
+    forward(u (B, N, C), thw, rope (N, D/2, 2), camera=(P, P^T, P^-1, rope_cam) or None, chunk_size) -> (B, N, C).
+    """
+
+    def __init__(self, dim: int, head_dim: int, conv_kernel: int = 4):
+        super().__init__(dim, head_dim, conv_kernel)
+
+    def gates(self, u, num_frames):
+        """§6.1 gates from the block input u (B, n, C) of num_frames whole frames, in fp32: beta (B, n, H) per token,
+        decay (B, num_frames, H) per frame (from the frame mean)."""
+        B, N, C = u.shape
+        beta = self.beta_proj(u).sigmoid()
+        g = self.gate_proj(u.view(B, num_frames, N // num_frames, C).mean(2)).float()
+        return beta, torch.exp(-self.A_log.float().exp() * F.softplus(g + self.dt_bias.float()))
+
+    def key_scale(self, tokens_per_frame):
+        return self.head_dim ** -0.5 * tokens_per_frame ** -0.5  # keeps k.q ~ 1 whatever the frame size (§6.2)
+
+    def main_streams(self, u, num_frames, rope, chunk_size, first_frame=0):
+        """§6.2 (q_rot, k_rot, v, q, k) of the tokens u (B, n, C) of num_frames whole frames from first_frame on
+        (rope: their rows): short conv on K before the norms, ReLU kernel, RoPE only on the numerator stream."""
+        B, N, C = u.shape
+        H, D = self.heads, self.head_dim
+        q, k, v = self.qkv(u).view(B, N, 3, H, D).unbind(2)
+        k = short_conv(k.reshape(B, N, C), self.conv_k.weight, num_frames, chunk_size, first_frame)
+        q = F.relu(self.q_norm(q.reshape(B, N, C))).view(B, N, H, D)
+        k = F.relu(self.k_norm(k)).view(B, N, H, D) * self.key_scale(N // num_frames)
+        return apply_rope(q, rope), apply_rope(k, rope), v, q, k
+
+    def camera_streams(self, u, num_frames, camera, beta, chunk_size, first_frame=0):
+        """§6.5 (qh, kh, vh, beta_cam) of the same tokens (camera: their rows; beta from `gates`)."""
+        B, N, C = u.shape
+        T, S, H, D = num_frames, N // num_frames, self.heads, self.head_dim
+        qc = F.relu(self.q_norm_cam(self.q_proj_cam(u))).view(B, N, H, D)
+        kc = short_conv(self.k_proj_cam(u), self.conv_k_cam.weight, T, chunk_size, first_frame)
+        kc = F.relu(self.k_norm_cam(kc)).view(B, N, H, D) * self.key_scale(S)
+        vc = self.v_proj_cam(u).view(B, N, H, D)
+        norm_before = torch.linalg.vector_norm(kc, dim=-1).clamp_min(1e-6)
+        qh, kh, vh = self.to_rays(qc, kc, vc, camera)
+        inflation = (torch.linalg.vector_norm(kh, dim=-1).clamp_min(1e-6) / norm_before) ** 2
+        # Whatever energy UCPE still adds to the keys is taken out of the write strength, one divisor per frame.
+        divisor = inflation.view(B, T, S, H).mean(2, keepdim=True).clamp_min(1.0)
+        return qh, kh, vh, (beta.view(B, T, S, H) / divisor).view(B, N, H)
+
+    def forward(self, u, thw, rope, camera=None, chunk_size=None):
+        B, N, C = u.shape
+        T = thw[0]
+        beta, decay = self.gates(u, T)
+        q_rot, k_rot, v, q, k = self.main_streams(u, T, rope, chunk_size)
+        main = gdn_scan(q_rot, k_rot, v, beta, decay, q, k, chunk_size=chunk_size)
+        del q_rot, k_rot, v, q, k
+        cam = None
+        if camera is not None:  # made after the main scan, whose inputs are then free
+            qh, kh, vh, beta_cam = self.camera_streams(u, T, camera, beta, chunk_size)
+            cam = gdn_scan(qh, kh, vh, beta_cam, decay, chunk_size=chunk_size)  # numerator only
+        return self.output(u, main, cam, camera)
+
+
+# ================================================================================================================
+# Machinery below this line: argument checks; the scan as a linear recurrence in DxD space (torch) and as Triton
+# kernels (CUDA) with their backward; the three stages one at a time and the memory mode's driver. The component
+# above is complete without it.
+# ================================================================================================================
+
+def _check_args(q_rot, k_rot, v, beta, decay, q, k, chunk_size, backend):
+    if v.dim() != 4:
+        raise ValueError(f"v: expected (B, N, H, D), got shape {tuple(v.shape)}")
+    B, N, H, D = v.shape
+    if (q is None) != (k is None):
+        raise ValueError("q, k: give both (normalised output) or neither (numerator only)")
+    for name, x in (("q_rot", q_rot), ("k_rot", k_rot)) + ((("q", q), ("k", k)) if q is not None else ()):
+        if tuple(x.shape) != (B, N, H, D):
+            raise ValueError(f"{name}: expected shape {(B, N, H, D)} like v, got {tuple(x.shape)}")
+    if tuple(beta.shape) != (B, N, H):
+        raise ValueError(f"beta: expected shape {(B, N, H)} (one gate per token and head), got {tuple(beta.shape)}")
+    if decay.dim() != 3 or decay.shape[0] != B or decay.shape[2] != H or decay.shape[1] < 1:
+        raise ValueError(f"decay: expected (B={B}, T, H={H}) per frame, got {tuple(decay.shape)}")
+    T = decay.shape[1]
+    if N % T != 0:
+        raise ValueError(f"decay: T={T} frames must divide the N={N} tokens")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size: expected None or a positive int (frames), got {chunk_size!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    return B, N, H, D, T
+
+
+# The DxD linear-recurrence form. Per frame (in parallel over frames)
+#     M_t = K~_t^T diag(beta_t) K~_t,   U_t = V_t^T diag(beta_t) K~_t,   A_t = g_t (I - M_t)   (A_t symmetric)
+# so that S_t = S_{t-1} A_t + U_t; the scan is then T small DxD products, the output one product per frame. The
+# normaliser is one more state row: z^T_t = z^T_{t-1} A^z_t + u^z_t, A^z from plain keys and u^z_t = K_t^T beta_t
+# (the same rule with value 1). A span of frames composes into one affine map of the state: the form that lets the
+# scan run in parts of frames (the memory mode) and, later, across chunks and ranks.
 
 def _frame_terms(k_rot, v, beta, k, T):
     """Per-frame M (B,H,T,NA,D,D) and U (B,H,T,R,D) of the linear recurrence (module docstring), float32."""
@@ -186,7 +275,7 @@ def _gdn_torch(q_rot, k_rot, v, beta, decay, q, k, chunk_size, eps):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 3. Triton kernels (CUDA; Triton's interpreter on CPU in the tests): the same three stages as the torch form
+# Triton kernels (CUDA; Triton's interpreter on CPU in the tests): the same three stages as the torch form
 # ---------------------------------------------------------------------------------------------------------------
 
 # Float32 dots without losing float32 accuracy on tensor cores. Plain "tf32" would leave ~5e-4 relative error in
@@ -622,32 +711,6 @@ def _scan_op_backward(ctx, dout, dM, dX):                   # M and X are saved 
 _scan_op.register_autograd(_scan_op_backward, setup_context=_scan_op_setup)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The entry point
-# ---------------------------------------------------------------------------------------------------------------
-
-def gdn_scan(q_rot, k_rot, v, beta, decay, q=None, k=None, *, chunk_size=None, eps=1e-8, backend="auto"):
-    """Bidirectional frame-wise gated delta rule (dit.md §6.3; numerator only for the camera branch, §6.5).
-
-    q_rot, k_rot, v, q, k: (B, N, H, D), N = T*S tokens frame-major, any strides (views of a fused projection
-    are fine); beta: (B, N, H) per token; decay: (B, T, H) per frame. All math in float32 (dit.md §10); the
-    result is (B, N, H, D) in v.dtype.
-    With q and k (plain, for the normaliser): (num_fwd + num_bwd) / (den_fwd + den_bwd + eps).
-    Without them: num_fwd + num_bwd.
-    chunk_size (frames): None = fully bidirectional (the release); otherwise the backward scan is reset at
-    chunk boundaries, so frame t of chunk c only sees the future frames inside chunk c.
-    backend: "auto" (Triton on CUDA tensors, torch otherwise), "torch", "triton", "reference".
-    """
-    _check_args(q_rot, k_rot, v, beta, decay, q, k, chunk_size, backend)
-    if backend == "auto":
-        backend = "triton" if v.is_cuda else "torch"
-    if backend == "reference":
-        return gdn_recurrent(q_rot, k_rot, v, beta, decay, q, k, chunk_size=chunk_size, eps=eps)
-    if backend == "torch":
-        return _gdn_torch(q_rot, k_rot, v, beta, decay, q, k, chunk_size, eps)
-    return _scan_op(q_rot, k_rot, v, beta, decay, q, k, decay.shape[1] if chunk_size is None else chunk_size, eps)[0]
-
-
 # The three stages one at a time, for inference in parts of frames (the DiT's memory mode): the per-frame terms are
 # independent across frames, so those of consecutive parts are concatenated (dim 2) before the states are scanned,
 # and a part's output needs only its frames' states. Triton on CUDA (no autograd there), torch otherwise.
@@ -672,152 +735,44 @@ def read_out(X, q_rot, q=None, eps=1e-8):
     return _read_out(X, q_rot, q, X.shape[3], eps).to(q_rot.dtype)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The GDN self-attention layer (dit.md §6.1-6.5): the layer around the scan: gates, the temporal short conv on K,
-# norms, ReLU kernel, key scaling, RoPE on the numerator stream, and the UCPE camera branch. Its parameters (one
-# layout with the softmax variant) and the shared output gate come from attention.CameraSelfAttention.
-
-
-def short_conv(x: torch.Tensor, weight: torch.Tensor, num_frames: int, chunk_size: int | None = None,
-               first_frame: int = 0):
-    """Depthwise temporal filter of x (B, N, C) with taps weight (C, 1, K), per spatial position (dit.md §6.2):
-    y[t] = sum_m w_{K-1-m} x[t-m] + sum_m w_{K-1-m} x[t+m] - w_{K-1} x[t] (m = 0..K-1), zero outside [0, T), i.e.
-    the symmetric filter [w_0 .. w_{K-1} .. w_0]. Computed as the reference does (a causal conv forwards, one on
-    the reversed sequence, minus the shared centre tap) so bf16 rounds alike. With chunk_size the reversed pass
-    runs per chunk: a frame reads no frame of a later chunk. x may be frames first_frame.. of a longer video (the
-    chunks are counted from its frame 0). On CUDA in inference the kernel of attention.head_stream runs it."""
-    B, N, C = x.shape
-    T, K = num_frames, weight.shape[-1]
-    z = x.view(B, T, N // T, C).permute(0, 2, 3, 1).reshape(-1, C, T)  # (B*S, C, T)
-
-    def causal(s):
-        return F.conv1d(s, weight, groups=C, padding=K - 1)[..., :s.shape[-1]]
-
-    pieces = [stop - start for start, stop in frame_spans(first_frame, first_frame + T, chunk_size)]
-    backward = torch.cat([causal(c.flip(-1)).flip(-1) for c in z.split(pieces, dim=-1)], dim=-1)
-    y = causal(z) + backward - z * weight[:, 0, -1:]
-    return y.view(B, N // T, C, T).permute(0, 3, 1, 2).reshape(B, N, C)
-
-
-class GDNSelfAttention(CameraSelfAttention):
-    """Frame-wise bidirectional GDN self-attention with a UCPE camera branch (dit.md §6).
-
-    forward(u (B, N, C), thw, rope (N, D/2, 2), camera=(P, P^T, P^-1, rope_cam) or None, chunk_size, part_frames)
-    -> (B, N, C). part_frames (the memory mode, inference): the scans run in their three stages, the first and the
-    last part_frames frames at a time (`_forward_in_parts`).
-    """
-
-    def __init__(self, dim: int, head_dim: int, conv_kernel: int = 4):
-        super().__init__(dim, head_dim, conv_kernel)
-
-    @fused_on_cuda
-    def gates(self, u, num_frames):
-        """§6.1 gates from the block input u (B, n, C) of num_frames whole frames, in fp32: beta (B, n, H) per token,
-        decay (B, num_frames, H) per frame (from the frame mean)."""
-        B, N, C = u.shape
-        beta = self.beta_proj(u).sigmoid()
-        g = self.gate_proj(u.view(B, num_frames, N // num_frames, C).mean(2)).float()
-        return beta, torch.exp(-self.A_log.float().exp() * F.softplus(g + self.dt_bias.float()))
-
-    def key_scale(self, tokens_per_frame):
-        return self.head_dim ** -0.5 * tokens_per_frame ** -0.5  # keeps k.q ~ 1 whatever the frame size (§6.2)
-
-    @fused_on_cuda
-    def main_streams(self, u, num_frames, rope, chunk_size, first_frame=0):
-        """§6.2 (q_rot, k_rot, v, q, k) of the tokens u (B, n, C) of num_frames whole frames from first_frame on
-        (rope: their rows): short conv on K before the norms, ReLU kernel, RoPE only on the numerator stream."""
-        B, N, C = u.shape
-        H, D = self.heads, self.head_dim
-        q, k, v = self.qkv(u).view(B, N, 3, H, D).unbind(2)
-        if use_kernels(u):
-            q_rot, q, _ = head_stream(q, rope, norm=self.q_norm, relu=True, keep_plain=True)
-            k_rot, k, _ = head_stream(k, rope, norm=self.k_norm, relu=True, scale=self.key_scale(N // num_frames),
-                                      conv=(self.conv_k.weight, num_frames, chunk_size, first_frame), keep_plain=True)
-            return q_rot, k_rot, v, q, k
-        k = short_conv(k.reshape(B, N, C), self.conv_k.weight, num_frames, chunk_size, first_frame)
-        q = F.relu(self.q_norm(q.reshape(B, N, C))).view(B, N, H, D)
-        k = F.relu(self.k_norm(k)).view(B, N, H, D) * self.key_scale(N // num_frames)
-        return apply_rope(q, rope), apply_rope(k, rope), v, q, k
-
-    @fused_on_cuda
-    def camera_streams(self, u, num_frames, camera, beta, chunk_size, first_frame=0):
-        """§6.5 (qh, kh, vh, beta_cam) of the same tokens (camera: their rows; beta from `gates`)."""
-        B, N, C = u.shape
-        T, S, H, D = num_frames, N // num_frames, self.heads, self.head_dim
-        if use_kernels(u):
-            _, P_T, P_inv, rope_cam = camera
-            qh = head_stream(self.q_proj_cam(u).view(B, N, H, D), rope_cam, norm=self.q_norm_cam, relu=True,
-                             matrix=P_T, cap=True)[0]
-            kh, _, inflation = head_stream(
-                self.k_proj_cam(u).view(B, N, H, D), rope_cam, norm=self.k_norm_cam, relu=True, scale=self.key_scale(S),
-                conv=(self.conv_k_cam.weight, T, chunk_size, first_frame), matrix=P_inv, cap=True, inflation=True)
-            vh = head_stream(self.v_proj_cam(u).view(B, N, H, D), rope_cam, matrix=P_inv, cap=True)[0]
-            inflation = inflation.to(kh.dtype)              # (as the code below computes it)
-        else:
-            qc = F.relu(self.q_norm_cam(self.q_proj_cam(u))).view(B, N, H, D)
-            kc = short_conv(self.k_proj_cam(u), self.conv_k_cam.weight, T, chunk_size, first_frame)
-            kc = F.relu(self.k_norm_cam(kc)).view(B, N, H, D) * self.key_scale(S)
-            vc = self.v_proj_cam(u).view(B, N, H, D)
-            norm_before = torch.linalg.vector_norm(kc, dim=-1).clamp_min(1e-6)
-            qh, kh, vh = self.to_rays(qc, kc, vc, camera)
-            inflation = (torch.linalg.vector_norm(kh, dim=-1).clamp_min(1e-6) / norm_before) ** 2
-        # Whatever energy UCPE still adds to the keys is taken out of the write strength, one divisor per frame.
-        divisor = inflation.view(B, T, S, H).mean(2, keepdim=True).clamp_min(1.0)
-        return qh, kh, vh, (beta.view(B, T, S, H) / divisor).view(B, N, H)
-
-    def forward(self, u, thw, rope, camera=None, chunk_size=None, part_frames=None):
-        if part_frames is not None:
-            return self._forward_in_parts(u, thw, rope, camera, chunk_size, part_frames)
-        B, N, C = u.shape
-        T = thw[0]
-        beta, decay = self.gates(u, T)
-        q_rot, k_rot, v, q, k = self.main_streams(u, T, rope, chunk_size)
-        main = gdn_scan(q_rot, k_rot, v, beta, decay, q, k, chunk_size=chunk_size)
-        del q_rot, k_rot, v, q, k
-        cam = None
-        if camera is not None:  # made after the main scan, whose inputs are then free
-            qh, kh, vh, beta_cam = self.camera_streams(u, T, camera, beta, chunk_size)
-            cam = gdn_scan(qh, kh, vh, beta_cam, decay, chunk_size=chunk_size)  # numerator only
-        return self.output(u, main, cam, camera)
-
-    @torch.no_grad()
-    def _forward_in_parts(self, u, thw, rope, camera, chunk_size, part_frames):
-        """forward() in parts: each part's streams (with the frames the short conv reaches on either side) give its
-        frames' scan terms, and only its queries are kept; then the states of all frames; then each part reads out
-        its output. Kept whole: the query streams (two with the camera), the output, and per frame the terms, then
-        the states (fp32 DxD: ~5 MB per frame with the camera at the release size, about the size of the frame's
-        tokens in the four (B, N, C) tensors above)."""
-        B, N, C = u.shape
-        T, S = thw[0], N // thw[0]
-        reach = self.conv_k.weight.shape[-1] - 1
-        spans = frame_spans(0, T, None, part_frames)
-        terms, decays, queries = [], [], []                # terms: [M, U] of all frames per stream (main, camera)
-        for t0, t1 in spans:
-            lo, hi = max(0, t0 - reach), min(T, t1 + reach)
-            rows, own = slice(lo * S, hi * S), slice((t0 - lo) * S, (t1 - lo) * S)
-            first = lo % chunk_size if chunk_size else 0    # all the short conv needs: few values to compile for
-            beta, decay = self.gates(u[:, rows], hi - lo)
-            decays.append(decay[:, t0 - lo:t1 - lo])
-            _, k_rot, v, q, k = (x[:, own] for x in self.main_streams(u[:, rows], hi - lo, rope[rows], chunk_size,
-                                                                      first))
-            part_terms = [frame_terms(k_rot, v, beta[:, own], k, num_frames=t1 - t0)]
-            queries.append([q.clone()])                     # RoPE'd again at the read-out
-            if camera is not None:
-                qh, kh, vh, beta_cam = (x[:, own] for x in self.camera_streams(
-                    u[:, rows], hi - lo, camera_rows(camera, rows), beta, chunk_size, first))
-                part_terms.append(frame_terms(kh, vh, beta_cam, num_frames=t1 - t0))
-                queries[-1].append(qh.clone())
-            if not terms:
-                terms = [[x.new_empty(*x.shape[:2], T, *x.shape[3:]) for x in pair] for pair in part_terms]
-            for whole, pair in zip(terms, part_terms):
-                whole[0][:, :, t0:t1], whole[1][:, :, t0:t1] = pair
-            del whole, pair, part_terms                     # (so that the terms die with `terms`' entries below)
-        decay = torch.cat(decays, 1)
-        states = [scan_states(*terms.pop(0), decay, chunk_size) for _ in range(len(terms))]  # each freed when used
-        out = torch.empty_like(u)
-        for (t0, t1), query in zip(spans, queries):
-            rows = slice(t0 * S, t1 * S)
-            main = read_out(states[0][:, :, :, t0:t1], apply_rope(query[0], rope[rows]), query[0])
-            cam = read_out(states[1][:, :, :, t0:t1], query[1]) if camera is not None else None
-            out[:, rows] = self.output(u[:, rows], main, cam, camera_rows(camera, rows))
-        return out
+@torch.no_grad()
+def gdn_in_parts(layer: GDNSelfAttention, u, thw, rope, camera, chunk_size, part_frames):
+    """layer(u, ...) in parts (the memory mode, inference): each part's streams (with the frames the short conv reaches on either side) give its
+    frames' scan terms, and only its queries are kept; then the states of all frames; then each part reads out
+    its output. Kept whole: the query streams (two with the camera), the output, and per frame the terms, then
+    the states (fp32 DxD: ~5 MB per frame with the camera at the release size, about the size of the frame's
+    tokens in the four (B, N, C) tensors above)."""
+    B, N, C = u.shape
+    T, S = thw[0], N // thw[0]
+    reach = layer.conv_k.weight.shape[-1] - 1
+    spans = frame_spans(0, T, None, part_frames)
+    terms, decays, queries = [], [], []                # terms: [M, U] of all frames per stream (main, camera)
+    for t0, t1 in spans:
+        lo, hi = max(0, t0 - reach), min(T, t1 + reach)
+        rows, own = slice(lo * S, hi * S), slice((t0 - lo) * S, (t1 - lo) * S)
+        first = lo % chunk_size if chunk_size else 0    # all the short conv needs: few values to compile for
+        beta, decay = layer.gates(u[:, rows], hi - lo)
+        decays.append(decay[:, t0 - lo:t1 - lo])
+        _, k_rot, v, q, k = (x[:, own] for x in layer.main_streams(u[:, rows], hi - lo, rope[rows], chunk_size,
+                                                                  first))
+        part_terms = [frame_terms(k_rot, v, beta[:, own], k, num_frames=t1 - t0)]
+        queries.append([q.clone()])                     # RoPE'd again at the read-out
+        if camera is not None:
+            qh, kh, vh, beta_cam = (x[:, own] for x in layer.camera_streams(
+                u[:, rows], hi - lo, camera_rows(camera, rows), beta, chunk_size, first))
+            part_terms.append(frame_terms(kh, vh, beta_cam, num_frames=t1 - t0))
+            queries[-1].append(qh.clone())
+        if not terms:
+            terms = [[x.new_empty(*x.shape[:2], T, *x.shape[3:]) for x in pair] for pair in part_terms]
+        for whole, pair in zip(terms, part_terms):
+            whole[0][:, :, t0:t1], whole[1][:, :, t0:t1] = pair
+        del whole, pair, part_terms                     # (so that the terms die with `terms`' entries below)
+    decay = torch.cat(decays, 1)
+    states = [scan_states(*terms.pop(0), decay, chunk_size) for _ in range(len(terms))]  # each freed when used
+    out = torch.empty_like(u)
+    for (t0, t1), query in zip(spans, queries):
+        rows = slice(t0 * S, t1 * S)
+        main = read_out(states[0][:, :, :, t0:t1], apply_rope(query[0], rope[rows]), query[0])
+        cam = read_out(states[1][:, :, :, t0:t1], query[1]) if camera is not None else None
+        out[:, rows] = layer.output(u[:, rows], main, cam, camera_rows(camera, rows))
+    return out

@@ -32,6 +32,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 import camera
+import fast
 from dit import DiT, DiTConfig
 from refiner import ConnectorsConfig, PromptEncoder, Refiner, RefinerConfig, TextConnectors, refine
 from vae import VAE, VAEConfig
@@ -284,6 +285,8 @@ def generate(dit, vae, tokenizer, text_encoder, image, prompt: str, *, refiner: 
     """
     c2w = check_inputs(prompt, action, c2w, translation_speed, rotation_speed_deg, steps, num_frames, fps)
     pil = _load_image(image)
+    if torch.device(device).type == "cuda":
+        fast.accelerate(dit)  # the CUDA kernels and compiled blocks (fast.py); the same model, the same weights
     memory = _PeakMemory(device)
 
     # Camera trajectory (camera.md §1-§2): snapped to 8k + 1 frames (>= 9: both counts were checked), at most the

@@ -30,6 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import camera  # noqa: E402
+import fast  # noqa: E402
 from dit import DiT, DiTConfig  # noqa: E402
 from reference import TINY_DIT, max_rel_err, randomize_  # noqa: E402
 
@@ -173,6 +174,7 @@ def main():
     with torch.device("meta"):
         ours = DiT(cfg).eval()
     ours = randomize_(ours.to(dtype).to_empty(device=device))  # drawn on the device: a second for the full model
+    fast.accelerate(ours)  # the CUDA kernels and compiled blocks, as generate.py runs the DiT
     state = ours.state_dict()
     n_params = sum(p.numel() for p in ours.parameters())
     heads, head_dim = cfg.hidden_size // cfg.linear_head_dim, cfg.linear_head_dim

@@ -1,4 +1,4 @@
-"""Benchmark of the fused per-head streams (attention.head_stream, one Triton kernel) against the same streams as
+"""Benchmark of the fused per-head streams (fast.head_stream, one Triton kernel) against the same streams as
 the readable code compiled by torch.compile (what the DiT blocks ran before), at the release's 961-frame shape:
 B=1, N=121*880 tokens, 20 heads of 112, bf16, the GDN and softmax layers' seven streams.
 
@@ -16,8 +16,9 @@ from triton.testing import do_bench
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-import attention  # noqa: E402
-from attention import RMSNorm, head_stream, rope_table, camera_rope_table  # noqa: E402
+import fast  # noqa: E402
+from attention import RMSNorm, rope_table, camera_rope_table  # noqa: E402
+from fast import head_stream  # noqa: E402
 from reference import max_rel_err, readable_stream  # noqa: E402
 
 H, D, K = 20, 112, 4
@@ -75,12 +76,12 @@ def main():
                     f"{err:.1e}")
         print(rows[-1], flush=True)
         if args.tune:
-            default = dict(attention.HEAD_STREAM_LAUNCH)
+            default = dict(fast.HEAD_STREAM_LAUNCH)
             for tokens, heads, warps in TUNE:
-                attention.HEAD_STREAM_LAUNCH.update(tokens=tokens, heads=heads, warps=warps)
+                fast.HEAD_STREAM_LAUNCH.update(tokens=tokens, heads=heads, warps=warps)
                 ms = do_bench(lambda: fused(x), warmup=10, rep=100, return_mode="median")
                 print(f"    tokens {tokens:2d} heads {heads} warps {warps}: {ms:.3f} ms", flush=True)
-            attention.HEAD_STREAM_LAUNCH.update(default)
+            fast.HEAD_STREAM_LAUNCH.update(default)
     print(f"\nper-head streams, {torch.cuda.get_device_name()}, bf16, {args.frames} frames (N={N}, 20 x 112)")
     print(f"{'stream':36s} | compiled    fused  ratio |   GB/s | rel.err")
     print("\n".join(rows))

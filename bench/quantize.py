@@ -109,6 +109,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("bench/quantize.py needs a CUDA device")
     from dit import DiT, DiTConfig
+    from fast import accelerate
 
     device = torch.cuda.get_device_name()
     tokens = [((f - 1) // 8 + 1) * LATENT_HW[0] * LATENT_HW[1] for f in args.frames]
@@ -118,6 +119,7 @@ def main() -> None:
         model = DiT(DiTConfig())
     model = model.to(torch.bfloat16).to_empty(device="cuda").eval()
     randomize_(model)
+    accelerate(model)  # as generate.py runs it (the NVFP4 layers swapped in later keep the fast blocks)
     results, reference = {}, {}
     for config in ("bf16", "nvfp4 default", "nvfp4 +camera", "nvfp4 small"):
         if config == "nvfp4 default":

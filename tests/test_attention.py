@@ -6,12 +6,10 @@ import torch.nn.functional as F
 from diffusers.models import normalization
 from diffusers.models.transformers import transformer_sana_wm as ref
 
-import attention
 from attention import (CrossAttention, RMSNorm, SoftmaxSelfAttention, apply_rope, block_causal_sdpa, frame_spans,
-                       camera_rope_table, head_stream, rms_cap, rope_table, ucpe)
-import gdn
+                       camera_rope_table, rms_cap, rope_table, ucpe)
 from gdn import GDNSelfAttention, short_conv
-from reference import max_rel_err, randomize_, readable_stream, tiny_camera
+from reference import max_rel_err, randomize_, tiny_camera
 
 ATOL = 1e-6
 C, HEADS, D = 48, 2, 24
@@ -176,98 +174,3 @@ def test_self_attention(kind, with_camera, thw):
     expected = theirs(u, HW=thw, rotary_emb=rope, camera_conditions=raymap, ucpe_ray_transforms=transforms)
     got = ours(u, thw, torch.view_as_real(rope[0, 0]), ours_camera(transforms) if with_camera else None)
     assert max_abs(got, expected) <= ATOL
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The fused per-head streams (attention.head_stream, a Triton kernel: the interpreter on the CPU, in fp32)
-
-STREAMS = {  # the layers' streams (gdn.py, attention.py), with the chunk-causal and memory-mode short conv
-    "softmax q": dict(norm=True),
-    "gdn q": dict(norm=True, relu=True),
-    "gdn k": dict(norm=True, relu=True, scale=0.3, conv=(None, 0)),
-    "gdn k, chunks of 2": dict(norm=True, relu=True, scale=0.3, conv=(2, 0)),
-    "gdn k, window from frame 3": dict(norm=True, relu=True, scale=0.3, conv=(2, 3)),
-    "camera q": dict(norm=True, relu=True, matrix=1, cap=True),
-    "camera k": dict(norm=True, relu=True, scale=0.3, conv=(2, 1), matrix=2, cap=True),
-    "camera v": dict(matrix=2, cap=True),
-    "camera decode": dict(matrix=0, conjugate=True),
-}
-
-
-@pytest.mark.parametrize("name", list(STREAMS))
-def test_head_stream_kernel(name):
-    """Each stream the layers run through the kernel equals the readable composition; the input is a strided view
-    (one of three heads of a fused projection, or the (B, H, N, D) attention output transposed)."""
-    case = dict(STREAMS[name])
-    thw, T = (5, 2, 3), 5
-    N = 30
-    transforms = ours_camera(camera_transforms(thw))
-    table = transforms[3] if "matrix" in case else rope_table(D, thw)
-    if case.pop("norm", False):
-        case["norm"] = randomize_(RMSNorm(C, 1e-5), seed=2)
-    if "conv" in case:
-        chunk_size, first_frame = case.pop("conv")
-        case["conv"] = (torch.randn(C, 1, 4, generator=gen(4)), T, chunk_size, first_frame)
-    if "matrix" in case:
-        case["matrix"] = transforms[case["matrix"]]
-    if "decode" in name:
-        x = torch.randn(2, HEADS, N, D, generator=gen(5)).transpose(1, 2)
-    else:
-        x = torch.randn(2, N, 3, HEADS, D, generator=gen(5))[:, :, 1]
-    out, plain, inflation = readable_stream(x, table, **case)
-    got = head_stream(x, table, keep_plain="matrix" not in case, inflation="matrix" in case, **case)
-    assert max_rel_err(got[0], out) <= 1e-6
-    if "matrix" in case:
-        assert got[1] is None and max_rel_err(got[2], inflation) <= 1e-6
-    else:
-        assert got[2] is None and max_rel_err(got[1], plain) <= 1e-6
-
-
-@pytest.mark.parametrize("kind,chunk_size", [("softmax", None), ("gdn", None), ("gdn", 2)])
-def test_self_attention_with_kernels(kind, chunk_size, monkeypatch):
-    """The self-attention layers with their streams through the kernel (as on CUDA in inference) equal the layers
-    as written, with the camera branch; chunk-causal for GDN (the short conv's future stops at chunk ends)."""
-    layer = randomize_(SELF_ATTENTION[kind][1]())
-    thw = (5, 2, 3)
-    u = torch.randn(2, 30, C, generator=gen(3))
-    rope, camera = rope_table(D, thw), ours_camera(camera_transforms(thw))
-    with torch.no_grad():
-        expected = layer(u, thw, rope, camera, chunk_size)
-        for module in (attention, gdn):
-            monkeypatch.setattr(module, "use_kernels", lambda x: True)
-        assert max_abs(layer(u, thw, rope, camera, chunk_size), expected) <= ATOL
-
-
-def test_head_stream_errors():
-    x = torch.randn(1, 6, 2, 8)
-    with pytest.raises(ValueError, match="conv: .* needs a norm"):
-        head_stream(x, rope_table(8, (2, 1, 3)), conv=(torch.randn(16, 1, 2), 2, None, 0))
-    with pytest.raises(ValueError, match="x: expected contiguous channels"):
-        head_stream(x.transpose(2, 3), rope_table(8, (2, 1, 3)))
-    with pytest.raises(ValueError, match="cap, inflation: .* give matrix"):
-        head_stream(x, rope_table(8, (2, 1, 3)), cap=True)
-    with pytest.raises(ValueError, match="keep_plain: .* RoPE streams only"):
-        head_stream(x, rope_table(8, (2, 1, 3))[:, :2], matrix=torch.eye(4).expand(1, 6, 4, 4), keep_plain=True)
-
-
-@pytest.mark.gpu
-def test_head_stream_bf16_on_cuda():
-    """In bf16 at the release head size the kernel is within bf16 rounding of the readable streams run eagerly
-    (which round every intermediate to bf16; the kernel keeps fp32 between the points where they store)."""
-    thw, Dh, H = (6, 4, 10), 112, 4
-    B, N = 1, 240
-    with torch.no_grad():
-        rope = rope_table(Dh, thw, "cuda")
-        rope_cam = camera_rope_table(rope, Dh).contiguous()
-        P = (torch.eye(4) + 0.3 * torch.randn(B, N, 4, 4, generator=gen(1))).cuda().bfloat16()
-        norm = randomize_(RMSNorm(H * Dh, 1e-5)).cuda().bfloat16()
-        x = torch.randn(B, N, 3, H, Dh, generator=gen(2)).cuda().bfloat16()[:, :, 0]
-        conv = (torch.randn(H * Dh, 1, 4, generator=gen(3)).cuda().bfloat16(), thw[0], None, 0)
-        for case in (dict(table=rope, norm=norm, relu=True, conv=conv, scale=0.1),
-                     dict(table=rope_cam, norm=norm, relu=True, conv=conv, scale=0.1, matrix=P, cap=True),
-                     dict(table=rope_cam, matrix=P, conjugate=True)):
-            out, plain, inflation = readable_stream(x, **case)
-            got, got_plain, _ = head_stream(x, **case, keep_plain="matrix" not in case)
-            assert max_rel_err(got.float(), out.float()) <= 1e-2
-            if got_plain is not None:
-                assert max_rel_err(got_plain.float(), plain.float()) <= 1e-2

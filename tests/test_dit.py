@@ -12,9 +12,7 @@ from diffusers.models import embeddings
 from diffusers.models.transformers import transformer_sana_wm as ref
 from safetensors.torch import save_file
 
-import attention
 import dit
-import gdn
 from dit import (CaptionEmbedder, DiT, DiTConfig, FinalLayer, GLUMBConvTemp, PatchEmbed, TimestepEmbedder,
                  timestep_sinusoid)
 from reference import (TINY_DIT, load_sana_wm_native, max_rel_err, randomize_, tiny_dit_inputs,
@@ -78,61 +76,15 @@ def test_ffn(t_kernel, thw):
     m = torch.randn(2, thw[0] * thw[1] * thw[2], C, generator=gen())
     assert max_abs(ours(m, thw), theirs(m, thw)) <= MODULE_ATOL
     # Frames split across conv calls (to bound the hidden tensors' memory) change nothing.
-    ours.MAX_CONV_ELEMENTS = ours.inverted_conv.conv.out_channels * thw[1] * thw[2]
-    assert max_abs(ours(m, thw), theirs(m, thw)) <= MODULE_ATOL
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dit, "FFN_MAX_ELEMENTS", ours.inverted_conv.conv.out_channels * thw[1] * thw[2])
+        assert max_abs(dit.ffn_in_parts(ours, m, thw, None), theirs(m, thw)) <= MODULE_ATOL
     # So do parts of frames in the temporal conv too (the memory mode), with and without causal chunks. (Up to
     # rounding: on AVX-512 oneDNN sums a conv over fewer frames in another order, ~1 ulp apart.)
-    ours.MAX_CONV_ELEMENTS = GLUMBConvTemp.MAX_CONV_ELEMENTS
     for chunk_size in (None, 2):
         whole = ours(m, thw, chunk_size)
         for part_frames in (1, 2, thw[0] + 1):
-            assert max_abs(ours(m, thw, chunk_size, part_frames), whole) <= MODULE_ATOL
-
-
-@pytest.mark.parametrize("K,T,chunk_size", [(3, 5, None), (3, 5, 2), (5, 4, 3), (5, 2, None), (3, 1, None)])
-def test_temporal_residual_gemm_form(K, T, chunk_size):
-    """The inference form of the FFN's temporal residual (one matrix product per tap over frame-shifted token rows)
-    equals the conv2d form, including chunk boundaries and videos shorter than the filter."""
-    B, S = 2, 6
-    conv = torch.nn.Conv2d(C, C, (K, 1), padding=(K // 2, 0), bias=False)
-    z = torch.randn(B, T * S, C, generator=gen(0))
-    with torch.no_grad():
-        conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen(1)) / C ** 0.5)
-        expected = dit.temporal_residual(z.view(B, T, S, C).permute(0, 3, 1, 2), conv, chunk_size)
-        got = dit._temporal_residual_op(z, conv.weight, T, chunk_size or T)
-    assert max_rel_err(got, expected.permute(0, 2, 3, 1).reshape(B, T * S, C)) <= 1e-6
-
-
-def depthwise_glu_case(dtype, device):
-    """A channels-last input as the FFN passes it, with a width that is not a power of two, and its weights."""
-    n, c2, h, w = 3, 2 * 70, 9, 11  # 99 pixels: two tiles of 64, the second partial
-    s = torch.randn(n, h, w, c2, generator=gen(0)).to(device, dtype).permute(0, 3, 1, 2)
-    weight, bias = torch.randn(c2, 1, 3, 3, generator=gen(1)), torch.randn(c2, generator=gen(2))
-    return s, weight.to(device, dtype), bias.to(device, dtype)
-
-
-def test_depthwise_glu_kernel():
-    """The Triton depthwise conv + GLU (Triton's interpreter on the CPU, fp32) equals the conv2d form."""
-    s, weight, bias = depthwise_glu_case(torch.float32, "cpu")
-    with torch.no_grad():
-        expected = dit.depthwise_glu(s, weight, bias)                              # CPU: the conv2d form
-        got = dit._depthwise_glu_op(s, weight, bias).permute(0, 3, 1, 2)
-    assert max_rel_err(got, expected) <= 1e-5
-
-
-@pytest.mark.gpu
-def test_depthwise_glu_kernel_bf16_on_cuda():
-    """In bf16 the kernel rounds where the reference does (conv output, SiLU(gate), product), with fp32 accumulation:
-    against the exact result (float64 from the same bf16 inputs) it is as close as cuDNN's conv + GLU, and within
-    bf16 rounding. (Triton's interpreter truncates to bf16 instead of rounding: a GPU test.)"""
-    s, weight, bias = depthwise_glu_case(torch.bfloat16, "cuda")
-    with torch.no_grad():
-        got = dit.depthwise_glu(s, weight, bias)                                   # CUDA: the kernel
-        value, gate = F.conv2d(s, weight, bias, padding=1, groups=s.shape[1]).chunk(2, dim=1)
-        cudnn = value * F.silu(gate)
-        exact = dit.depthwise_glu(*(t.cpu().double() for t in (s, weight, bias)))
-    err, err_cudnn = max_rel_err(got.cpu().double(), exact), max_rel_err(cudnn.cpu().double(), exact)
-    assert err <= 1e-2 and err <= 1.5 * err_cudnn
+            assert max_abs(dit.ffn_in_parts(ours, m, thw, chunk_size, part_frames), whole) <= MODULE_ATOL
 
 
 def test_final_layer():
@@ -213,35 +165,27 @@ def test_padded_text_is_cropped_exactly():
 
 
 def test_dit_bf16():
-    """bf16 inference runs through the same precision islands. Outputs agree to bf16 resolution: the fp32 scan
-    sums in another order than diffusers', and one rounding flip moves a value by 2^-8 relative (8-bit mantissa).
-    (diffusers cannot build its ray matrices in bf16 on the CPU, so the comparison drops the raymap; with it,
-    ours is compared with diffusers' fp32 output.)"""
+    """bf16 inference runs through the same precision islands, and is as accurate as diffusers' in bf16: against
+    the fp32 model, our bf16 velocity is within 1.1x diffusers' own bf16 error (the fp32 scan sums in another
+    order than diffusers', and each rounding flip moves a value by 2^-8 relative; the two bf16 runs then differ by
+    about as much as each differs from fp32, 2-3 ulps of the largest output here). (diffusers cannot build its ray
+    matrices in bf16 on the CPU, so that comparison drops the raymap; with it, ours is compared with diffusers' fp32
+    output.)"""
     theirs = tiny_sana_wm_transformer()
     ours = ours_from(theirs).to(torch.bfloat16)
     inputs = tiny_dit_inputs()
     with torch.no_grad():
         expected_fp32 = theirs(**inputs)[0]
         no_raymap = {**inputs, "camera_conditions": None}
+        no_raymap_fp32 = theirs(**no_raymap)[0]
         expected = theirs.to(torch.bfloat16)(**no_raymap)[0]
         got = ours(*ours_args(no_raymap))
-        assert got.dtype == torch.bfloat16 and max_rel_err(got, expected) <= 2 ** -7
+        assert got.dtype == torch.bfloat16
+        assert max_rel_err(got, no_raymap_fp32) <= 1.1 * max_rel_err(expected, no_raymap_fp32)
+        assert max_rel_err(got, expected) <= 2 ** -6
         assert max_rel_err(ours(*ours_args(inputs)), expected_fp32) <= 2 ** -6
 
 
-
-@pytest.mark.gpu
-def test_compiled_blocks_on_cuda_equal_eager():
-    """On CUDA in inference the DiT blocks run through torch.compile (attention.fused_on_cuda); the tiny DiT gives
-    the same velocity as with everything run as written (force_eager), at the whole-model fp32 tolerance."""
-    theirs = tiny_sana_wm_transformer()
-    ours = ours_from(theirs).cuda()
-    args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in ours_args(tiny_dit_inputs())]
-    with torch.no_grad():
-        fused = ours(*args)
-        with torch.compiler.set_stance("force_eager"):
-            eager = ours(*args)
-    assert max_abs(fused, eager) <= MODEL_ATOL
 
 def test_release_state_dict_layout():
     with torch.device("meta"):
@@ -369,55 +313,6 @@ def test_memory_mode(name, frames):
             for chunk_size in (1, 2, 3):
                 whole = ours(*args, chunk_size=chunk_size)
                 assert max_abs(ours(*args, chunk_size=chunk_size, part_frames=part_frames), whole) <= MODEL_ATOL
-
-
-def test_memory_mode_with_kernels(monkeypatch):
-    """The memory mode with the layers' streams through the Triton kernel (as on CUDA; the interpreter here): the
-    same velocity as the whole-video step as written, bidirectional and chunk-causal, 9 frames so that the GDN
-    parts' windows start inside the video (the kernel's short conv gets first_frame)."""
-    overrides, thw, _ = CONFIGS["varied"]
-    ours = ours_from(tiny_sana_wm_transformer(**overrides))
-    args = ours_args(tiny_dit_inputs(thw=(9, *thw[1:]), in_channels=6, caption_channels=24))
-    with torch.no_grad():
-        expected = {chunk_size: ours(*args, chunk_size=chunk_size) for chunk_size in (None, 4)}
-        for module in (attention, gdn):
-            monkeypatch.setattr(module, "use_kernels", lambda x: True)
-        # Fewer, larger programs than the GPU's launch: the interpreter's time goes by the program.
-        monkeypatch.setitem(attention.HEAD_STREAM_LAUNCH, "tokens", 16)
-        for chunk_size, part_frames in ((None, 2), (4, 3)):
-            got = ours(*args, chunk_size=chunk_size, part_frames=part_frames)
-            assert max_abs(got, expected[chunk_size]) <= MODEL_ATOL
-
-
-@pytest.mark.gpu
-def test_kernels_on_cuda_equal_the_code_as_written(monkeypatch):
-    """On CUDA in inference the streams run through the kernel and the blocks are compiled; the tiny DiT's velocity
-    equals the model run as written (kernels off, eager), fp32, at the whole-model tolerance."""
-    theirs = tiny_sana_wm_transformer()
-    ours = ours_from(theirs).cuda()
-    args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in ours_args(tiny_dit_inputs())]
-    with torch.no_grad():
-        fused = ours(*args)
-        for module in (attention, gdn):
-            monkeypatch.setattr(module, "use_kernels", lambda x: False)
-        with torch.compiler.set_stance("force_eager"):
-            written = ours(*args)
-    assert max_abs(fused, written) <= MODEL_ATOL
-
-
-@pytest.mark.gpu
-def test_memory_mode_on_cuda():
-    """On CUDA the memory mode runs the three Triton scan stages one at a time: the same velocity as the compiled
-    whole-video step (fp32, the whole-model tolerance); 9 frames, so that parts' windows start inside the video."""
-    overrides, thw, _ = CONFIGS["varied"]
-    theirs = tiny_sana_wm_transformer(**overrides)
-    ours = ours_from(theirs).cuda()
-    inputs = tiny_dit_inputs(thw=(9, *thw[1:]), in_channels=6, caption_channels=24)
-    args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in ours_args(inputs)]
-    with torch.no_grad():
-        for chunk_size, part_frames in ((None, 1), (None, 2), (2, 3), (4, 3)):
-            whole = ours(*args, chunk_size=chunk_size)
-            assert max_abs(ours(*args, chunk_size=chunk_size, part_frames=part_frames), whole) <= MODEL_ATOL
 
 
 # ---------------------------------------------------------------------------------------------------- chunk-causal
