@@ -2,12 +2,9 @@
 
 A stage-1 latent (B, 128, T, h, w) is cleaned block by block by the *video* half of the LTX-2 transformer, which was
 fine-tuned with a rank-384 LoRA (released merged into the dense weights) and is run for 3 Euler steps from a
-truncated noise level σ = 0.909375, so the stage-1 content survives (refiner.md §7).
-
-Reading order: 1. configs (refiner.md §2, §9); 2. RoPE (§6, §4e); 3. layers; 4. the sliding-window KV cache (§5, §7);
-5. the video transformer (§5); 6. LoRA (§3); 7. the refinement loop, refine() (§7). After the machinery line: the
-text input (Gemma-3 and LTX-2's text connectors, §4), config parsing, loading of the release `refiner/` folder
-(strict; the audio branch is skipped by default, §9), LoRA merging and files, the audio parameter holders:
+truncated noise level σ = 0.909375, so the stage-1 content survives (refiner.md §7). Sections: 1. config,
+2. RoPE, 3. layers, 4. the sliding-window KV cache, 5. the video transformer, 6. LoRA, 7. refine(). After the
+machinery line: the text input (Gemma-3, LTX-2's text connectors), config parsing, loading, LoRA files, audio.
 
     encoder = PromptEncoder.from_pretrained("release/refiner", dtype=torch.bfloat16, device="cuda")
     text, text_mask = encoder("a prompt")          # Gemma-3-12B + connectors, (1, 1024, 3840) and (1, 1024)
@@ -32,7 +29,7 @@ import torch.nn.functional as F
 STAGE2_SIGMAS = (0.909375, 0.725, 0.421875, 0.0)
 
 
-# 1. Configs. Defaults = the release (LTX-2.0, refiner.md §2 and §9). -------------------------------------------------
+# 1. Config. Defaults = the release (LTX-2.0, refiner.md §2 and §9). -----------------------------------------------
 @dataclass
 class RefinerConfig:
     """LTX-2 video transformer (`SanaWMLTX2RefinerTransformer3DModel`). The audio_* sizes only shape the parameter
@@ -66,28 +63,6 @@ class RefinerConfig:
     @property
     def inner_dim(self) -> int:
         return self.num_attention_heads * self.attention_head_dim
-
-
-@dataclass
-class ConnectorsConfig:
-    """LTX-2.0 text connectors (`LTX2TextConnectors`, per_modality_projections=False)."""
-    caption_channels: int = 3840
-    text_proj_in_factor: int = 49       # Gemma-3-12B hidden states: embeddings + 48 layers
-    video_connector_num_attention_heads: int = 30
-    video_connector_attention_head_dim: int = 128
-    video_connector_num_layers: int = 2
-    video_connector_num_learnable_registers: int = 128
-    audio_connector_num_attention_heads: int = 30
-    audio_connector_attention_head_dim: int = 128
-    audio_connector_num_layers: int = 2
-    audio_connector_num_learnable_registers: int = 128
-    connector_rope_base_seq_len: int = 4096
-    rope_theta: float = 10000.0
-    rope_double_precision: bool = True
-    rope_type: str = "split"
-
-    def __post_init__(self):
-        _check_connectors_config(self)
 
 
 # 2. Rotary positions. A table is (cos, sin) of the rotation angles of each rotated pair: "split" (the release):
@@ -127,15 +102,6 @@ def video_rope(frames, height: int, width: int, fps: float, cfg: RefinerConfig, 
     theta = _rope_freqs(n, cfg.rope_theta, cfg.rope_double_precision, device)
     angles = ((frac[:, :, None] * 2 - 1) * theta).transpose(1, 2).flatten(1)     # (N, 3n), index 3k + axis
     return _rope_table(angles, cfg.inner_dim, cfg.num_attention_heads, cfg.rope_type)
-
-
-def text_rope(length: int, cfg: ConnectorsConfig, device=None):
-    """1-D RoPE of the video connector (§4e): position i → frac i/4096, angles (2·frac − 1)·θ_k."""
-    inner = cfg.video_connector_num_attention_heads * cfg.video_connector_attention_head_dim
-    frac = torch.arange(length, dtype=torch.float32, device=device) / cfg.connector_rope_base_seq_len
-    theta = _rope_freqs(inner // 2, cfg.rope_theta, cfg.rope_double_precision, device)
-    angles = (frac[:, None] * 2 - 1) * theta
-    return _rope_table(angles, inner, cfg.video_connector_num_attention_heads, cfg.rope_type)
 
 
 def apply_rope(x: torch.Tensor, rope) -> torch.Tensor:
@@ -189,25 +155,17 @@ class Attention(nn.Module):
         return self.attend(q, k, v, bias)
 
 
-class _GELUProj(nn.Module):
-    def __init__(self, dim_in: int, dim_out: int):
-        super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out)
-
-    def forward(self, x):
-        return F.gelu(self.proj(x), approximate="tanh")
-
-
 class FeedForward(nn.Module):
     """Linear dim→4·dim, GELU(tanh), Linear 4·dim→dim."""
 
     def __init__(self, dim: int):
         super().__init__()
         # net.1 is the reference's (parameter-free) dropout slot, kept so the second Linear is named net.2.
-        self.net = nn.Sequential(_GELUProj(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim))
+        self.net = nn.ModuleList([nn.ModuleDict({"proj": nn.Linear(dim, 4 * dim)}), nn.Identity(),
+                                  nn.Linear(4 * dim, dim)])
 
     def forward(self, x):
-        return self.net(x)
+        return self.net[2](F.gelu(self.net[0]["proj"](x), approximate="tanh"))
 
 
 class MLP(nn.Module):
@@ -254,10 +212,10 @@ class LayerKV:
 
 
 class WindowKVCache:
-    def __init__(self, num_layers: int):
+    def __init__(self, num_layers: int, sink_frames: int = 0):
         self.layers = [LayerKV() for _ in range(num_layers)]
+        self.sink_frames = sink_frames      # latent frames in the sink
         self.sink_rope = None               # RoPE table of the sink at its current (sliding) position
-        self.sink_frames = 0                # latent frames in the sink (capture_sink sets it)
 
     def window(self, layer: LayerKV, k: torch.Tensor, v: torch.Tensor):
         """K/V the current block attends to: [sink (rotated now); history; current block]."""
@@ -313,11 +271,8 @@ class RefinerBlock(nn.Module):
 
 
 class Refiner(nn.Module):
-    """The LTX-2 video transformer: one forward predicts the flow velocity of one AR block of tokens.
-
-    `keep_audio=True` also creates LTX-2's audio and audio↔video modules, purely as parameter holders so the full
-    checkpoint round-trips with strict loading; no forward ever reads them (see `_add_audio_holders`).
-    """
+    """The LTX-2 video transformer: one forward predicts the flow velocity of one AR block of tokens. `keep_audio`
+    adds LTX-2's audio modules as parameter holders for strict loading, never read (see `_add_audio_holders`)."""
 
     def __init__(self, cfg: RefinerConfig | None = None, keep_audio: bool = False):
         super().__init__()
@@ -377,20 +332,18 @@ class LoRALinear(nn.Module):
             raise ValueError(f"rank must be >= 1, got {rank}")
         self.weight, self.bias = linear.weight, linear.bias
         self.rank, self.alpha = rank, float(rank if alpha is None else alpha)
+        self.scale = self.alpha / self.rank
         w = linear.weight
         self.lora_A = nn.Linear(w.shape[1], rank, bias=False, device=w.device, dtype=w.dtype)
         self.lora_B = nn.Linear(rank, w.shape[0], bias=False, device=w.device, dtype=w.dtype)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
-        self.merged = False
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
+        self.merged = False                 # merge() folds B·A into W (after the machinery line)
 
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
         return y if self.merged else y + self.lora_B(self.lora_A(x)) * self.scale
+
 
 def add_lora(model: nn.Module, rank: int = 384, alpha: float | None = None, targets: str = LORA_TARGETS) -> list:
     """Wrap every nn.Linear whose full name matches `targets` (default: the 4 self-attention, 4 cross-attention and
@@ -421,8 +374,7 @@ def capture_sink(refiner: Refiner, sink: torch.Tensor, text, text_mask, fps: flo
     """The attention sink: the clean stage-1 frames 0..k−1 (B, C, k, h, w), in the model dtype, run once at σ = 0;
     every layer keeps their K/V before RoPE in a fresh cache. Returns (cache, the sink's velocity tokens)."""
     B, _, k, h, w = sink.shape
-    cache = WindowKVCache(len(refiner.transformer_blocks))
-    cache.sink_frames = k
+    cache = WindowKVCache(len(refiner.transformer_blocks), k)
     t = torch.zeros(B, dtype=torch.float32, device=sink.device)
     return cache, refiner(pack(sink), t, text, refiner.rope(range(k), h, w, fps), text_mask, cache, "sink")
 
@@ -491,6 +443,7 @@ def refine(refiner: Refiner, latents: torch.Tensor, text: torch.Tensor, text_mas
         out[:, :, s:e] = x
     return out
 
+
 # ================================================================================================================
 # Machinery below this line: the text input (Gemma-3 and LTX-2's text connectors, whose output refine() takes),
 # config parsing and checks, loading, LoRA merging and files, the audio parameter holders.
@@ -502,6 +455,37 @@ from pathlib import Path  # noqa: E402
 
 # The text input (refiner.md §4): Gemma-3 hidden states → masked range norm (twice) → text_proj_in → registers
 # → 2 RoPE transformer blocks → RMSNorm.
+@dataclass
+class ConnectorsConfig:
+    """LTX-2.0 text connectors (`LTX2TextConnectors`, per_modality_projections=False)."""
+    caption_channels: int = 3840
+    text_proj_in_factor: int = 49       # Gemma-3-12B hidden states: embeddings + 48 layers
+    video_connector_num_attention_heads: int = 30
+    video_connector_attention_head_dim: int = 128
+    video_connector_num_layers: int = 2
+    video_connector_num_learnable_registers: int = 128
+    audio_connector_num_attention_heads: int = 30
+    audio_connector_attention_head_dim: int = 128
+    audio_connector_num_layers: int = 2
+    audio_connector_num_learnable_registers: int = 128
+    connector_rope_base_seq_len: int = 4096
+    rope_theta: float = 10000.0
+    rope_double_precision: bool = True
+    rope_type: str = "split"
+
+    def __post_init__(self):
+        _check_connectors_config(self)
+
+
+def text_rope(length: int, cfg: ConnectorsConfig, device=None):
+    """1-D RoPE of the video connector (§4e): position i → frac i/4096, angles (2·frac − 1)·θ_k."""
+    inner = cfg.video_connector_num_attention_heads * cfg.video_connector_attention_head_dim
+    frac = torch.arange(length, dtype=torch.float32, device=device) / cfg.connector_rope_base_seq_len
+    theta = _rope_freqs(inner // 2, cfg.rope_theta, cfg.rope_double_precision, device)
+    angles = (frac[:, None] * 2 - 1) * theta
+    return _rope_table(angles, inner, cfg.video_connector_num_attention_heads, cfg.rope_type)
+
+
 def masked_range_norm(h: torch.Tensor, mask: torch.Tensor, scale: float = 8.0, eps: float = 1e-6) -> torch.Tensor:
     """h (B, L, C, layers), mask (B, L) bool → (B, L, C·layers), flat index c·layers + l; per batch item and layer:
     scale·(h − mean)/(max − min + eps) over the valid tokens, zero at padding (§4.4). The sum is in h's dtype, but
