@@ -799,10 +799,10 @@ def run_precompute(args) -> int:
         encoder = PromptEncoder.from_pretrained(weights / "refiner", dtype=dtype, device=device)
         encode_text, null_text = encoder, None
     else:
-        import generate
+        from dit import encode_negative_prompt, encode_prompt
         tokenizer, text_encoder = _gemma2(weights, dtype, device)
-        encode_text = functools.partial(generate.encode_prompt, tokenizer, text_encoder)
-        null_text = generate.encode_negative_prompt(tokenizer, text_encoder, "")
+        encode_text = functools.partial(encode_prompt, tokenizer, text_encoder)
+        null_text = encode_negative_prompt(tokenizer, text_encoder, "")
     return precompute(args.clips, args.out, vae, encode_text, args.num_frames, args.height, args.width,
                       null_text=null_text, fps=args.fps, shard_size=args.shard_size)
 
