@@ -29,7 +29,7 @@ import torch.nn.functional as F
 STAGE2_SIGMAS = (0.909375, 0.725, 0.421875, 0.0)
 
 
-# 1. Config. Defaults = the release (LTX-2.0, refiner.md §2 and §9). -----------------------------------------------
+# 1. Config. Defaults = the release (LTX-2.0, refiner.md §2 and §9).
 @dataclass
 class RefinerConfig:
     """LTX-2 video transformer (`SanaWMLTX2RefinerTransformer3DModel`). The audio_* sizes only shape the parameter
@@ -118,7 +118,7 @@ def apply_rope(x: torch.Tensor, rope) -> torch.Tensor:
     return out.flatten(2).to(x.dtype)
 
 
-# 3. Layers. Module nesting mirrors the checkpoint keys (to_out.0, ff.net.0.proj, ff.net.2, linear_1/linear_2). ----
+# 3. Layers. Module nesting mirrors the checkpoint keys (to_out.0, ff.net.0.proj, ff.net.2, linear_1/linear_2).
 def rms_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Parameter-free RMSNorm of the blocks: mean of squares in float32, product in float32, back to x's dtype."""
     xf = x.float()
@@ -231,7 +231,7 @@ class WindowKVCache:
             layer.hist_k, layer.hist_v = layer.hist_k[:, -keep_tokens:], layer.hist_v[:, -keep_tokens:]
 
 
-# 5. The LTX-2 video transformer (refiner.md §5). ---------------------------------------------------------------------
+# 5. The LTX-2 video transformer (refiner.md §5).
 class RefinerBlock(nn.Module):
     """x += gate·SelfAttn(RMS(x)·(1+scale)+shift); x += CrossAttn(RMS(x), text); x += gate·FF(RMS(x)·(1+s)+sh)."""
 
