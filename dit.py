@@ -498,3 +498,52 @@ def block_in_parts(block: Block, x, y, text_mask, t6, thw, rope, camera, plucker
     for t0, t1 in spans:
         x[:, t0 * S:t1 * S] += gated(gate_mlp[:, t0:t1], m[:, t0 * S:t1 * S])
     return x
+
+
+# The DiT's text input: the release's prompt recipe (Gemma-2-2b-it hidden states with the chi prefix, dit.md §11.2).
+# generate.py and train.py encode prompts with it.
+
+TEXT_LENGTH = 300  # text tokens the DiT cross-attends to (dit.md §11.2)
+
+# The release's prompt prefix ("chi prompt"): SANA-WM was trained with these lines, joined by "\n", in front of
+# every user prompt. They are data of the release and must stay exactly as they are, the trailing space included.
+CHI_PROMPT = "\n".join([
+    'Given a user prompt, generate an "Enhanced prompt" that provides detailed visual descriptions suitable for image generation. Evaluate the level of detail in the user prompt:',  # noqa: E501
+    "- If the prompt is simple, focus on adding specifics about colors, shapes, sizes, textures, and spatial relationships to create vivid and concrete scenes.",  # noqa: E501
+    "- If the prompt is already detailed, refine and enhance the existing details slightly without overcomplicating.",
+    "Here are examples of how to transform or refine prompts:",
+    "- User Prompt: A cat sleeping -> Enhanced: A small, fluffy white cat curled up in a round shape, sleeping peacefully on a warm sunny windowsill, surrounded by pots of blooming red flowers.",  # noqa: E501
+    "- User Prompt: A busy city street -> Enhanced: A bustling city street scene at dusk, featuring glowing street lamps, a diverse crowd of people in colorful clothing, and a double-decker bus passing by towering glass skyscrapers.",  # noqa: E501
+    "Please generate only the enhanced description for the prompt below and avoid including any additional commentary or evaluations:",  # noqa: E501
+    "User Prompt: ",
+])
+
+
+def _gemma(tokenizer, text_encoder, text: str, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (the training convention; Gemma's tokenizer pads left by default) final hidden states."""
+    tokens = tokenizer([text], max_length=length, padding="max_length", padding_side="right", truncation=True,
+                       return_tensors="pt")
+    device = next(text_encoder.parameters()).device
+    ids, mask = tokens.input_ids.to(device), tokens.attention_mask.to(device)
+    # last_hidden_state is the output of Gemma's final RMSNorm, the same tensor as hidden_states[-1].
+    return text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state, mask
+
+
+@torch.no_grad()
+def encode_prompt(tokenizer, text_encoder, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """User prompt -> ((1, 300, D) text tokens, (1, 300) mask), with the chi prefix in front.
+
+    The prefixed prompt is padded to len(prefix tokens) + 298, then BOS and the last 299 positions are kept: BOS,
+    the prefix's last token, up to 298 prompt tokens and right padding. The rest of the prefix only acts through
+    Gemma's attention (dit.md §11.2).
+    """
+    length = len(tokenizer.encode(CHI_PROMPT)) + TEXT_LENGTH - 2  # encode() counts the BOS it adds
+    hidden, mask = _gemma(tokenizer, text_encoder, CHI_PROMPT + prompt, length)
+    keep = [0] + list(range(length - TEXT_LENGTH + 1, length))
+    return hidden[:, keep], mask[:, keep]
+
+
+@torch.no_grad()
+def encode_negative_prompt(tokenizer, text_encoder, negative_prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The negative prompt is encoded as it is, without the chi prefix, to 300 tokens (dit.md §11.2)."""
+    return _gemma(tokenizer, text_encoder, negative_prompt, TEXT_LENGTH)

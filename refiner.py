@@ -2,20 +2,9 @@
 
 A stage-1 latent (B, 128, T, h, w) is cleaned block by block by the *video* half of the LTX-2 transformer, which was
 fine-tuned with a rank-384 LoRA (released merged into the dense weights) and is run for 3 Euler steps from a
-truncated noise level σ = 0.909375, so the stage-1 content survives (refiner.md §7).
-
-Reading order:
-  1. configs                       RefinerConfig, ConnectorsConfig            (refiner.md §2, §9)
-  2. positions                     video RoPE (3-D, fps-scaled), 1-D RoPE    (§6, §4e)
-  3. layers                        Attention (q/k RMSNorm across heads), FeedForward, MLP
-  4. the sliding-window KV cache   WindowKVCache                              (§5, §7)
-  5. the video transformer         RefinerBlock, Refiner                      (§5)
-  6. the text path                 masked range norm, TextConnectors, PromptEncoder (Gemma-3)  (§4)
-  7. loading                       release `refiner/` folder, strict, audio branch skipped by default (§9)
-  8. LoRA                          LoRALinear, add_lora, save_lora / load_lora  (§3)
-  9. the refinement loop           refine()                                   (§7)
-
-Public API (what generate.py calls; see refine() for the memory plan):
+truncated noise level σ = 0.909375, so the stage-1 content survives (refiner.md §7). Sections: 1. config,
+2. RoPE, 3. layers, 4. the sliding-window KV cache, 5. the video transformer, 6. LoRA, 7. refine(). After the
+machinery line: the text input (Gemma-3, LTX-2's text connectors), config parsing, loading, LoRA files, audio.
 
     encoder = PromptEncoder.from_pretrained("release/refiner", dtype=torch.bfloat16, device="cuda")
     text, text_mask = encoder("a prompt")          # Gemma-3-12B + connectors, (1, 1024, 3840) and (1, 1024)
@@ -23,19 +12,14 @@ Public API (what generate.py calls; see refine() for the memory plan):
     refiner = Refiner.from_pretrained("release/refiner", dtype=torch.bfloat16, device="cuda")
     latents = refine(refiner, latents, text, text_mask, fps=16, generator=torch.Generator("cuda").manual_seed(42))
 
-LoRA (fine-tuning; the release ships its adapter merged): add_lora(refiner, rank=384) wraps the 10 attention/FF
-linears of every block in LoRALinear (merge() / unmerge()); save_lora / load_lora move adapter-only safetensors.
-
-Tensor layouts: tokens (B, N, C) frame-major n = (t*h + i)*w + j; latents (B, C, T, h, w); K/V kept flat
+Layouts: tokens (B, N, C) frame-major n = (t*h + i)*w + j; latents (B, C, T, h, w); K/V kept flat
 (B, N, heads*head_dim) as the checkpoint's q/k norms act across all heads jointly.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -45,33 +29,7 @@ import torch.nn.functional as F
 STAGE2_SIGMAS = (0.909375, 0.725, 0.421875, 0.0)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 1. Configs. Defaults = the release (LTX-2.0, refiner.md §2 and §9).
-# ----------------------------------------------------------------------------------------------------------------
-
-_BOOKKEEPING = {"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values"}
-
-
-def _config_from_dict(cls, d: dict, fixed: dict, ignored: set):
-    """Build `cls` from a release config.json: known fields are read, `fixed` keys must hold the one value this
-    implementation supports (else ValueError), `ignored` keys change nothing on the video path."""
-    if "rope_type" not in d:     # diffusers would fall back to its class default "interleaved", the release is "split"
-        raise ValueError(f"{cls.__name__} config has no rope_type: expected 'split' (the release) or 'interleaved'")
-    fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in d.items():
-        if key in _BOOKKEEPING or key in ignored:
-            continue
-        if key in fixed:
-            if value != fixed[key]:
-                raise ValueError(f"config {key}={value!r} is not supported by {cls.__name__}: expected {fixed[key]!r}")
-        elif key in fields:
-            kwargs[key] = tuple(value) if isinstance(value, list) else value
-        else:
-            raise ValueError(f"unknown {cls.__name__} config key {key!r}")
-    return cls(**kwargs)
-
-
+# 1. Config. Defaults = the release (LTX-2.0, refiner.md §2 and §9).
 @dataclass
 class RefinerConfig:
     """LTX-2 video transformer (`SanaWMLTX2RefinerTransformer3DModel`). The audio_* sizes only shape the parameter
@@ -99,75 +57,16 @@ class RefinerConfig:
     audio_attention_head_dim: int = 64
     audio_cross_attention_dim: int = 2048
 
-    # Keys whose value is fixed by LTX-2.0 (the only layout the refiner forward supports, refiner.md §2).
-    FIXED = dict(patch_size=1, patch_size_t=1, audio_patch_size=1, audio_patch_size_t=1,
-                 activation_fn="gelu-approximate", qk_norm="rms_norm_across_heads", norm_elementwise_affine=False,
-                 attention_bias=True, attention_out_bias=True, ff_bias=True, audio_ff_bias=True, gated_attn=False,
-                 cross_attn_mod=False, audio_gated_attn=False, audio_cross_attn_mod=False, perturbed_attn=False,
-                 use_prompt_embeddings=True, use_keyframes_abs_pos_embedding=False)
-    # Audio-only settings without parameters, and an LTX-2.3-only switch.
-    IGNORED = {"audio_scale_factor", "audio_pos_embed_max_pos", "audio_sampling_rate", "audio_hop_length",
-               "cross_attn_timestep_scale_multiplier", "use_prompt_adaln_single"}
-
     def __post_init__(self):
-        if self.rope_type not in ("split", "interleaved"):
-            raise ValueError(f"rope_type must be 'split' or 'interleaved', got {self.rope_type!r}")
-        if self.cross_attention_dim != self.inner_dim:
-            raise ValueError(f"cross_attention_dim must equal heads*head_dim={self.inner_dim} (the caption "
-                             f"projection's width), got {self.cross_attention_dim}")
+        _check_refiner_config(self)
 
     @property
     def inner_dim(self) -> int:
         return self.num_attention_heads * self.attention_head_dim
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "RefinerConfig":
-        return _config_from_dict(cls, d, cls.FIXED, cls.IGNORED)
 
-
-@dataclass
-class ConnectorsConfig:
-    """LTX-2.0 text connectors (`LTX2TextConnectors`, per_modality_projections=False)."""
-    caption_channels: int = 3840
-    text_proj_in_factor: int = 49       # Gemma-3-12B hidden states: embeddings + 48 layers
-    video_connector_num_attention_heads: int = 30
-    video_connector_attention_head_dim: int = 128
-    video_connector_num_layers: int = 2
-    video_connector_num_learnable_registers: int = 128
-    audio_connector_num_attention_heads: int = 30
-    audio_connector_attention_head_dim: int = 128
-    audio_connector_num_layers: int = 2
-    audio_connector_num_learnable_registers: int = 128
-    connector_rope_base_seq_len: int = 4096
-    rope_theta: float = 10000.0
-    rope_double_precision: bool = True
-    rope_type: str = "split"
-
-    FIXED = dict(per_modality_projections=False, proj_bias=False, video_gated_attn=False, audio_gated_attn=False,
-                 causal_temporal_positioning=False)
-    IGNORED = {"video_hidden_dim", "audio_hidden_dim"}   # only read by the LTX-2.3 per-modality projections
-
-    def __post_init__(self):
-        if self.rope_type not in ("split", "interleaved"):
-            raise ValueError(f"rope_type must be 'split' or 'interleaved', got {self.rope_type!r}")
-        for side in ("video", "audio"):
-            width = (getattr(self, f"{side}_connector_num_attention_heads")
-                     * getattr(self, f"{side}_connector_attention_head_dim"))
-            if width != self.caption_channels:
-                raise ValueError(f"{side} connector heads*head_dim must equal caption_channels="
-                                 f"{self.caption_channels}, got {width}")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ConnectorsConfig":
-        return _config_from_dict(cls, d, cls.FIXED, cls.IGNORED)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 2. Rotary positions. A table is (cos, sin) of the rotation angles of each rotated pair:
-#    "split" (release): (N, heads, head_dim/2), pairs (j, j + head_dim/2) inside each head;
-#    "interleaved":     (N, inner/2),           pairs (2i, 2i+1) over the whole inner vector.
-# ----------------------------------------------------------------------------------------------------------------
-
+# 2. Rotary positions. A table is (cos, sin) of the rotation angles of each rotated pair: "split" (the release):
+#    (N, heads, head_dim/2), pairs (j, j + head_dim/2) inside each head; "interleaved": (N, inner/2), pairs (2i, 2i+1).
 def _rope_freqs(n: int, theta: float, double_precision: bool, device) -> torch.Tensor:
     """θ_k = theta^(k/(n-1)) · π/2, k = 0..n-1, formed in float64 (if asked) then rounded to float32 (§11.1)."""
     dtype = torch.float64 if double_precision else torch.float32
@@ -205,15 +104,6 @@ def video_rope(frames, height: int, width: int, fps: float, cfg: RefinerConfig, 
     return _rope_table(angles, cfg.inner_dim, cfg.num_attention_heads, cfg.rope_type)
 
 
-def text_rope(length: int, cfg: ConnectorsConfig, device=None):
-    """1-D RoPE of the video connector (§4e): position i → frac i/4096, angles (2·frac − 1)·θ_k."""
-    inner = cfg.video_connector_num_attention_heads * cfg.video_connector_attention_head_dim
-    frac = torch.arange(length, dtype=torch.float32, device=device) / cfg.connector_rope_base_seq_len
-    theta = _rope_freqs(inner // 2, cfg.rope_theta, cfg.rope_double_precision, device)
-    angles = (frac[:, None] * 2 - 1) * theta
-    return _rope_table(angles, inner, cfg.video_connector_num_attention_heads, cfg.rope_type)
-
-
 def apply_rope(x: torch.Tensor, rope) -> torch.Tensor:
     """Rotate the pairs of x (B, N, inner) by the table `rope` (layout told by its rank, see above); in float32,
     as the reference does, then back to x's dtype."""
@@ -228,10 +118,7 @@ def apply_rope(x: torch.Tensor, rope) -> torch.Tensor:
     return out.flatten(2).to(x.dtype)
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # 3. Layers. Module nesting mirrors the checkpoint keys (to_out.0, ff.net.0.proj, ff.net.2, linear_1/linear_2).
-# ----------------------------------------------------------------------------------------------------------------
-
 def rms_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Parameter-free RMSNorm of the blocks: mean of squares in float32, product in float32, back to x's dtype."""
     xf = x.float()
@@ -268,25 +155,17 @@ class Attention(nn.Module):
         return self.attend(q, k, v, bias)
 
 
-class _GELUProj(nn.Module):
-    def __init__(self, dim_in: int, dim_out: int):
-        super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out)
-
-    def forward(self, x):
-        return F.gelu(self.proj(x), approximate="tanh")
-
-
 class FeedForward(nn.Module):
     """Linear dim→4·dim, GELU(tanh), Linear 4·dim→dim."""
 
     def __init__(self, dim: int):
         super().__init__()
         # net.1 is the reference's (parameter-free) dropout slot, kept so the second Linear is named net.2.
-        self.net = nn.Sequential(_GELUProj(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim))
+        self.net = nn.ModuleList([nn.ModuleDict({"proj": nn.Linear(dim, 4 * dim)}), nn.Identity(),
+                                  nn.Linear(4 * dim, dim)])
 
     def forward(self, x):
-        return self.net(x)
+        return self.net[2](F.gelu(self.net[0]["proj"](x), approximate="tanh"))
 
 
 class MLP(nn.Module):
@@ -321,12 +200,9 @@ class AdaLNSingle(nn.Module):
         return self.linear(F.silu(e)), e
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # 4. The sliding-window KV cache (refiner.md §5, §7). Per layer: the sink's K (pre-RoPE, re-rotated for every window
 #    to sit just before the history) and V, and the post-RoPE K/V of the most recent refined frames. Its size is
 #    bounded by sink + kv_max_frames − sink frames, so the cost of refinement is linear in video length.
-# ----------------------------------------------------------------------------------------------------------------
-
 @dataclass
 class LayerKV:
     sink_k: torch.Tensor | None = None      # (B, sink tokens, inner), normed, before RoPE
@@ -336,14 +212,14 @@ class LayerKV:
 
 
 class WindowKVCache:
-    def __init__(self, num_layers: int):
+    def __init__(self, num_layers: int, sink_frames: int = 0):
         self.layers = [LayerKV() for _ in range(num_layers)]
+        self.sink_frames = sink_frames      # latent frames in the sink
         self.sink_rope = None               # RoPE table of the sink at its current (sliding) position
 
     def window(self, layer: LayerKV, k: torch.Tensor, v: torch.Tensor):
         """K/V the current block attends to: [sink (rotated now); history; current block]."""
-        if layer.sink_k is None or self.sink_rope is None:
-            raise ValueError("the cache holds no sink yet: run a forward with capture='sink' and set sink_rope")
+        _check_sink(self, layer)
         ks, vs = [apply_rope(layer.sink_k.to(k.dtype), self.sink_rope)], [layer.sink_v.to(v.dtype)]
         if layer.hist_k is not None:
             ks.append(layer.hist_k.to(k.dtype))
@@ -355,10 +231,7 @@ class WindowKVCache:
             layer.hist_k, layer.hist_v = layer.hist_k[:, -keep_tokens:], layer.hist_v[:, -keep_tokens:]
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # 5. The LTX-2 video transformer (refiner.md §5).
-# ----------------------------------------------------------------------------------------------------------------
-
 class RefinerBlock(nn.Module):
     """x += gate·SelfAttn(RMS(x)·(1+scale)+shift); x += CrossAttn(RMS(x), text); x += gate·FF(RMS(x)·(1+s)+sh)."""
 
@@ -398,11 +271,8 @@ class RefinerBlock(nn.Module):
 
 
 class Refiner(nn.Module):
-    """The LTX-2 video transformer: one forward predicts the flow velocity of one AR block of tokens.
-
-    `keep_audio=True` also creates LTX-2's audio and audio↔video modules, purely as parameter holders so the full
-    checkpoint round-trips with strict loading; no forward ever reads them (see `_add_audio_holders`).
-    """
+    """The LTX-2 video transformer: one forward predicts the flow velocity of one AR block of tokens. `keep_audio`
+    adds LTX-2's audio modules as parameter holders for strict loading, never read (see `_add_audio_holders`)."""
 
     def __init__(self, cfg: RefinerConfig | None = None, keep_audio: bool = False):
         super().__init__()
@@ -428,12 +298,7 @@ class Refiner(nn.Module):
         cache + capture: None = attend to [sink; history; current] (or only the block without a cache),
         "sink" = record pre-RoPE K/V as the sink, "history" = attend and append post-RoPE K/V to the history.
         Returns the velocity (B, N, out_channels)."""
-        if capture not in (None, "sink", "history"):
-            raise ValueError(f"capture must be None, 'sink' or 'history', got {capture!r}")
-        if capture is not None and cache is None:
-            raise ValueError(f"capture={capture!r} needs a WindowKVCache")
-        if cache is not None and len(cache.layers) != len(self.transformer_blocks):
-            raise ValueError(f"cache has {len(cache.layers)} layers, the model {len(self.transformer_blocks)}")
+        _check_forward(self, cache, capture)
         B = tokens.shape[0]
         bias = None
         if text_mask is not None:   # 0/1 mask → additive −10000 bias over the text keys
@@ -449,45 +314,177 @@ class Refiner(nn.Module):
         x = F.layer_norm(x, (x.shape[-1],), eps=1e-6) * (1 + scale) + shift
         return self.proj_out(x)
 
-    @classmethod
-    def from_pretrained(cls, path, dtype=torch.bfloat16, device="cpu", keep_audio: bool = False) -> "Refiner":
-        """Load the release `refiner/` folder (or its `transformer/` subfolder). By default the 2 295 audio-branch
-        tensors (5.8 B parameters, 11.7 GB in bf16) are checked but not read; `keep_audio=True` keeps them."""
-        folder = _component_dir(path, "transformer")
-        cfg = RefinerConfig.from_dict(_read_json(folder / "config.json"))
-        return _load(cls, (cfg,), folder, dtype, device, keep_audio)
+
+# 6. LoRA (refiner.md §3; the paper fine-tunes the refiner with rank 384). y = W x + b + (alpha/rank)·B(A(x)), B
+#    starting at zero so a fresh adapter changes nothing. The release ships the adapters merged into W, so loading
+#    it needs none of this; it is here to fine-tune further and to exchange adapters (PEFT key names).
+LORA_TARGETS = (r"transformer_blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)"
+                r"|transformer_blocks\.\d+\.ff\.net\.(0\.proj|2)")
 
 
-def _add_audio_holders(model: Refiner, cfg: RefinerConfig):
-    """LTX-2's audio stream and audio↔video cross-attention, as parameter holders only (keep_audio=True). They are
-    built from the same layer classes so every name and shape equals the checkpoint's; Refiner.forward never calls
-    them (the SANA-WM refiner runs the video stream only, refiner.md §9)."""
-    d, da = cfg.inner_dim, cfg.audio_num_attention_heads * cfg.audio_attention_head_dim
-    ha, hd = cfg.audio_num_attention_heads, cfg.audio_attention_head_dim
-    model.audio_proj_in = nn.Linear(cfg.audio_in_channels, da)
-    model.audio_caption_projection = MLP(cfg.caption_channels, da, "gelu_tanh")
-    model.audio_time_embed = AdaLNSingle(da, 6)
-    model.av_cross_attn_video_scale_shift = AdaLNSingle(d, 4)
-    model.av_cross_attn_audio_scale_shift = AdaLNSingle(da, 4)
-    model.av_cross_attn_video_a2v_gate = AdaLNSingle(d, 1)
-    model.av_cross_attn_audio_v2a_gate = AdaLNSingle(da, 1)
-    model.audio_scale_shift_table = nn.Parameter(torch.zeros(2, da))
-    model.audio_proj_out = nn.Linear(da, cfg.audio_out_channels)
-    for block in model.transformer_blocks:
-        block.audio_attn1 = Attention(da, da, ha, hd)
-        block.audio_attn2 = Attention(da, cfg.audio_cross_attention_dim, ha, hd)
-        block.audio_to_video_attn = Attention(d, da, ha, hd)
-        block.video_to_audio_attn = Attention(da, d, ha, hd)
-        block.audio_ff = FeedForward(da)
-        block.audio_scale_shift_table = nn.Parameter(torch.zeros(6, da))
-        block.video_a2v_cross_attn_scale_shift_table = nn.Parameter(torch.zeros(5, d))
-        block.audio_a2v_cross_attn_scale_shift_table = nn.Parameter(torch.zeros(5, da))
+class LoRALinear(nn.Module):
+    """A Linear plus a rank-r adapter. It takes over the wrapped Linear's own weight and bias (no copy), so the
+    state-dict keys stay `<name>.weight/.bias` and the adapter adds `<name>.lora_A.weight`, `<name>.lora_B.weight`."""
+
+    def __init__(self, linear: nn.Linear, rank: int, alpha: float | None = None):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        self.weight, self.bias = linear.weight, linear.bias
+        self.rank, self.alpha = rank, float(rank if alpha is None else alpha)
+        self.scale = self.alpha / self.rank
+        w = linear.weight
+        self.lora_A = nn.Linear(w.shape[1], rank, bias=False, device=w.device, dtype=w.dtype)
+        self.lora_B = nn.Linear(rank, w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.merged = False                 # merge() folds B·A into W (after the machinery line)
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        return y if self.merged else y + self.lora_B(self.lora_A(x)) * self.scale
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 6. The text path (refiner.md §4): Gemma-3 hidden states → masked range norm (twice) → text_proj_in → registers
-#    → 2 RoPE transformer blocks → RMSNorm.
-# ----------------------------------------------------------------------------------------------------------------
+def add_lora(model: nn.Module, rank: int = 384, alpha: float | None = None, targets: str = LORA_TARGETS) -> list:
+    """Wrap every nn.Linear whose full name matches `targets` (default: the 4 self-attention, 4 cross-attention and
+    2 feed-forward linears of each transformer block) in a LoRALinear; returns the wrapped names."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(targets, n)]
+    if not names:
+        raise ValueError(f"no nn.Linear of the model matches targets={targets!r}")
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha))
+    return names
+
+
+# 7. The refinement loop (refiner.md §7): truncated-σ flow matching, 3 Euler steps, chunk-causal blocks over a
+#    sliding window [sink | ≤ kv_max_frames − sink history frames | current block]. Its two model calls,
+#    capture_sink and block_velocity, are also the window that train.refiner_loss trains on.
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, T, h, w) → (B, T·h·w, C), frame-major."""
+    return latents.flatten(2).transpose(1, 2)
+
+
+def unpack(tokens: torch.Tensor, frames: int, height: int, width: int) -> torch.Tensor:
+    return tokens.transpose(1, 2).unflatten(2, (frames, height, width))
+
+
+def capture_sink(refiner: Refiner, sink: torch.Tensor, text, text_mask, fps: float):
+    """The attention sink: the clean stage-1 frames 0..k−1 (B, C, k, h, w), in the model dtype, run once at σ = 0;
+    every layer keeps their K/V before RoPE in a fresh cache. Returns (cache, the sink's velocity tokens)."""
+    B, _, k, h, w = sink.shape
+    cache = WindowKVCache(len(refiner.transformer_blocks), k)
+    t = torch.zeros(B, dtype=torch.float32, device=sink.device)
+    return cache, refiner(pack(sink), t, text, refiner.rope(range(k), h, w, fps), text_mask, cache, "sink")
+
+
+def block_velocity(refiner: Refiner, cache: WindowKVCache, x: torch.Tensor, sigma: float, start: int, text,
+                   text_mask, fps: float, history: int = 0, capture: str | None = None) -> torch.Tensor:
+    """The velocity (B, C, n, h, w) of x, the frames start..start+n−1 at noise level σ (in the model dtype), at
+    their absolute RoPE positions. They attend to [sink; the last `history` refined frames; x], the sink rotated
+    to the frames just before the history (it slides with the window). capture as in Refiner.forward."""
+    B, _, n, h, w = x.shape
+    off = start - history - cache.sink_frames
+    cache.sink_rope = refiner.rope(range(off, off + cache.sink_frames), h, w, fps)
+    t = torch.full((B,), float(sigma) * refiner.cfg.timestep_scale_multiplier, dtype=torch.float32, device=x.device)
+    v = refiner(pack(x), t, text, refiner.rope(range(start, start + n), h, w, fps), text_mask, cache, capture)
+    return unpack(v, n, h, w)
+
+
+@torch.no_grad()
+def refine(refiner: Refiner, latents: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None = None, *,
+           fps: float, sink_size: int = 1, block_size: int = 3, kv_max_frames: int = 11,
+           sigmas=STAGE2_SIGMAS, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Refine a stage-1 latent (B, C, T, h, w) (normalised LTX-2 VAE space) and return it, same shape, in the
+    refiner's dtype. Frames < sink_size are copied unchanged; decode, then drop the first `sink_size` pixel frames
+    (and the first camera pose), refiner.md §8.
+
+    text/text_mask: PromptEncoder output for the raw prompt. fps: the video frame rate (it scales RoPE time).
+    generator: draws one fresh ε per block in the model dtype; default: seed 42 on the latents' device, as the
+    reference. The CUDA and CPU streams differ, so pass explicit generators to compare across devices.
+
+    Memory plan for one 80 GB GPU (bf16, 704×1280): run PromptEncoder first and free it (Gemma-3-12B 24 GB), then
+    load the video-only Refiner (26.1 GB); the KV cache holds at most kv_max_frames frames per layer (7.6 GB)."""
+    _check_refine(refiner.cfg, latents, text, text_mask, fps, sink_size, block_size, sigmas)
+    dtype, device = refiner.proj_in.weight.dtype, latents.device
+    T, h, w = latents.shape[2:]
+    # σ held as float32, as the reference's scheduler does; Python floats below are these float32 values.
+    sig = torch.tensor(sigmas, dtype=torch.float32)
+    dts = (sig[1:] - sig[:-1]).tolist()             # Euler steps σ_{i+1} − σ_i, formed in float32
+    sig = sig.tolist()
+    if generator is None:
+        generator = torch.Generator(device).manual_seed(42)
+
+    z = latents.to(dtype)
+    out = z.clone()
+    text = text.to(dtype)
+    max_hist = kv_max_frames - sink_size              # history frames kept (not trimmed if <= 0, as the reference)
+    # (a) The attention sink: clean stage-1 frames 0..sink-1 at σ = 0; their K/V are kept before RoPE.
+    cache, _ = capture_sink(refiner, z[:, :, :sink_size], text, text_mask, fps)
+    hist = 0
+    for s in range(sink_size, T, block_size):
+        e = min(s + block_size, T)                    # the last block may be shorter
+        noise = torch.randn(z[:, :, s:e].shape, generator=generator, device=generator.device, dtype=dtype)
+        # x_σ0 = (1 − σ0)·x0 + σ0·ε with x0 = the stage-1 block: the truncated start keeps the stage-1 content.
+        x = ((1.0 - sig[0]) * z[:, :, s:e].float() + sig[0] * noise.to(device).float()).to(dtype)
+        for i in range(len(sig) - 1):
+            v = block_velocity(refiner, cache, x, sig[i], s, text, text_mask, fps, hist)
+            # x̂0 = x − σ·v rounded to the model dtype, Euler on the velocity (x − x̂0)/σ in float32 (§11.4).
+            x0 = (x.float() - v.float() * sig[i]).to(dtype)
+            vel = (x.float() - x0.float()) / sig[i]
+            x = (x.float() + dts[i] * vel).to(dtype)
+        # (b) Append the refined block's post-RoPE K/V (seen with the same prefix) to the history; trim it.
+        block_velocity(refiner, cache, x, 0.0, s, text, text_mask, fps, hist, capture="history")
+        hist += e - s
+        if max_hist > 0 and hist > max_hist:
+            cache.trim_history(max_hist * h * w)      # h·w tokens per latent frame
+            hist = max_hist
+        out[:, :, s:e] = x
+    return out
+
+
+# ================================================================================================================
+# Machinery below this line: the text input (Gemma-3 and LTX-2's text connectors, whose output refine() takes),
+# config parsing and checks, loading, LoRA merging and files, the audio parameter holders.
+# The refiner above is complete without it.
+# ================================================================================================================
+import dataclasses  # noqa: E402  (the imports of the machinery alone)
+from pathlib import Path  # noqa: E402
+
+
+# The text input (refiner.md §4): Gemma-3 hidden states → masked range norm (twice) → text_proj_in → registers
+# → 2 RoPE transformer blocks → RMSNorm.
+@dataclass
+class ConnectorsConfig:
+    """LTX-2.0 text connectors (`LTX2TextConnectors`, per_modality_projections=False)."""
+    caption_channels: int = 3840
+    text_proj_in_factor: int = 49       # Gemma-3-12B hidden states: embeddings + 48 layers
+    video_connector_num_attention_heads: int = 30
+    video_connector_attention_head_dim: int = 128
+    video_connector_num_layers: int = 2
+    video_connector_num_learnable_registers: int = 128
+    audio_connector_num_attention_heads: int = 30
+    audio_connector_attention_head_dim: int = 128
+    audio_connector_num_layers: int = 2
+    audio_connector_num_learnable_registers: int = 128
+    connector_rope_base_seq_len: int = 4096
+    rope_theta: float = 10000.0
+    rope_double_precision: bool = True
+    rope_type: str = "split"
+
+    def __post_init__(self):
+        _check_connectors_config(self)
+
+
+def text_rope(length: int, cfg: ConnectorsConfig, device=None):
+    """1-D RoPE of the video connector (§4e): position i → frac i/4096, angles (2·frac − 1)·θ_k."""
+    inner = cfg.video_connector_num_attention_heads * cfg.video_connector_attention_head_dim
+    frac = torch.arange(length, dtype=torch.float32, device=device) / cfg.connector_rope_base_seq_len
+    theta = _rope_freqs(inner // 2, cfg.rope_theta, cfg.rope_double_precision, device)
+    angles = (frac[:, None] * 2 - 1) * theta
+    return _rope_table(angles, inner, cfg.video_connector_num_attention_heads, cfg.rope_type)
+
 
 def masked_range_norm(h: torch.Tensor, mask: torch.Tensor, scale: float = 8.0, eps: float = 1e-6) -> torch.Tensor:
     """h (B, L, C, layers), mask (B, L) bool → (B, L, C·layers), flat index c·layers + l; per batch item and layer:
@@ -561,26 +558,16 @@ class TextConnectors(nn.Module):
         The masked range norm runs twice, as in diffusers 0.42.1: the SANA-WM refiner normalises when it packs the
         Gemma states (in the text encoder's dtype), and the LTX-2 connectors normalise again internally."""
         B, L = mask.shape
-        if hidden_states.shape[:2] != (B, L) or hidden_states.shape[2:] != (self.cfg.caption_channels,
-                                                                              self.cfg.text_proj_in_factor):
-            raise ValueError(f"hidden_states must be (B, L, {self.cfg.caption_channels}, "
-                             f"{self.cfg.text_proj_in_factor}) matching mask {tuple(mask.shape)}, "
-                             f"got {tuple(hidden_states.shape)}")
-        mask = mask.bool()
-        n = mask.sum(1, keepdim=True)
-        if not torch.equal(mask, torch.arange(L, device=mask.device)[None] >= L - n):
-            raise ValueError("mask must be left-padded (valid tokens last), as the Gemma-3 tokenizer pads")
+        mask = _check_text_input(self.cfg, hidden_states, mask)
         x = masked_range_norm(hidden_states, mask).to(self.text_proj_in.weight.dtype)
         x = masked_range_norm(x.unflatten(2, (self.cfg.caption_channels, -1)), mask)
         x = self.video_connector(self.text_proj_in(x), mask, text_rope(L, self.cfg, x.device))
         return x, torch.ones(B, L, dtype=torch.int64, device=x.device)
-
     @classmethod
     def from_pretrained(cls, path, dtype=torch.bfloat16, device="cpu", keep_audio=False) -> "TextConnectors":
         folder = _component_dir(path, "connectors")
         cfg = ConnectorsConfig.from_dict(_read_json(folder / "config.json"))
         return _load(cls, (cfg,), folder, dtype, device, keep_audio)
-
 
 class PromptEncoder:
     """Prompt → refiner text embeddings: Gemma-3 tokenizer (left padding to 1024, BOS) → Gemma-3 → connectors.
@@ -624,10 +611,120 @@ class PromptEncoder:
         return cls(tokenizer, text_encoder, TextConnectors.from_pretrained(path, dtype, device), max_length)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 7. Loading: build on the meta device, check every key and shape of the files against the full (audio included)
-#    layout, read only what the module holds, load_state_dict(strict=True, assign=True).
-# ----------------------------------------------------------------------------------------------------------------
+# Config parsing and checks ---------------------------------------------------------------------------------------
+_BOOKKEEPING = {"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values"}
+
+
+# Keys whose value is fixed by LTX-2.0 (the only layout the refiner forward supports, refiner.md §2), and keys that
+# change nothing on the video path: audio-only settings without parameters, LTX-2.3-only switches.
+_FIXED = {
+    RefinerConfig: dict(patch_size=1, patch_size_t=1, audio_patch_size=1, audio_patch_size_t=1,
+                        activation_fn="gelu-approximate", qk_norm="rms_norm_across_heads",
+                        norm_elementwise_affine=False, attention_bias=True, attention_out_bias=True, ff_bias=True,
+                        audio_ff_bias=True, gated_attn=False, cross_attn_mod=False, audio_gated_attn=False,
+                        audio_cross_attn_mod=False, perturbed_attn=False, use_prompt_embeddings=True,
+                        use_keyframes_abs_pos_embedding=False),
+    ConnectorsConfig: dict(per_modality_projections=False, proj_bias=False, video_gated_attn=False,
+                           audio_gated_attn=False, causal_temporal_positioning=False)}
+_IGNORED = {
+    RefinerConfig: {"audio_scale_factor", "audio_pos_embed_max_pos", "audio_sampling_rate", "audio_hop_length",
+                    "cross_attn_timestep_scale_multiplier", "use_prompt_adaln_single"},
+    ConnectorsConfig: {"video_hidden_dim", "audio_hidden_dim"}}   # read by the LTX-2.3 per-modality projections
+
+
+def _config_from_dict(cls, d: dict):
+    """Build `cls` from a release config.json: known fields are read, fixed keys must hold the one value this
+    implementation supports (else ValueError), ignored keys change nothing on the video path."""
+    fixed, ignored = _FIXED[cls], _IGNORED[cls]
+    if "rope_type" not in d:     # diffusers would fall back to its class default "interleaved", the release is "split"
+        raise ValueError(f"{cls.__name__} config has no rope_type: expected 'split' (the release) or 'interleaved'")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in d.items():
+        if key in _BOOKKEEPING or key in ignored:
+            continue
+        if key in fixed:
+            if value != fixed[key]:
+                raise ValueError(f"config {key}={value!r} is not supported by {cls.__name__}: expected {fixed[key]!r}")
+        elif key in fields:
+            kwargs[key] = tuple(value) if isinstance(value, list) else value
+        else:
+            raise ValueError(f"unknown {cls.__name__} config key {key!r}")
+    return cls(**kwargs)
+
+
+RefinerConfig.from_dict = ConnectorsConfig.from_dict = classmethod(_config_from_dict)
+
+
+def _check_refiner_config(cfg: RefinerConfig) -> None:
+    if cfg.rope_type not in ("split", "interleaved"):
+        raise ValueError(f"rope_type must be 'split' or 'interleaved', got {cfg.rope_type!r}")
+    if cfg.cross_attention_dim != cfg.inner_dim:
+        raise ValueError(f"cross_attention_dim must equal heads*head_dim={cfg.inner_dim} (the caption "
+                         f"projection's width), got {cfg.cross_attention_dim}")
+
+
+def _check_connectors_config(cfg: ConnectorsConfig) -> None:
+    if cfg.rope_type not in ("split", "interleaved"):
+        raise ValueError(f"rope_type must be 'split' or 'interleaved', got {cfg.rope_type!r}")
+    for side in ("video", "audio"):
+        width = (getattr(cfg, f"{side}_connector_num_attention_heads")
+                 * getattr(cfg, f"{side}_connector_attention_head_dim"))
+        if width != cfg.caption_channels:
+            raise ValueError(f"{side} connector heads*head_dim must equal caption_channels="
+                             f"{cfg.caption_channels}, got {width}")
+
+
+def _check_sink(cache: WindowKVCache, layer: LayerKV) -> None:
+    if layer.sink_k is None or cache.sink_rope is None:
+        raise ValueError("the cache holds no sink yet: run a forward with capture='sink' and set sink_rope")
+
+
+def _check_forward(model: Refiner, cache: WindowKVCache | None, capture: str | None) -> None:
+    if capture not in (None, "sink", "history"):
+        raise ValueError(f"capture must be None, 'sink' or 'history', got {capture!r}")
+    if capture is not None and cache is None:
+        raise ValueError(f"capture={capture!r} needs a WindowKVCache")
+    if cache is not None and len(cache.layers) != len(model.transformer_blocks):
+        raise ValueError(f"cache has {len(cache.layers)} layers, the model {len(model.transformer_blocks)}")
+
+
+def _check_text_input(cfg: ConnectorsConfig, hidden_states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mask as bool, after checking the connectors' input."""
+    B, L = mask.shape
+    if hidden_states.shape[:2] != (B, L) or hidden_states.shape[2:] != (cfg.caption_channels,
+                                                                          cfg.text_proj_in_factor):
+        raise ValueError(f"hidden_states must be (B, L, {cfg.caption_channels}, "
+                         f"{cfg.text_proj_in_factor}) matching mask {tuple(mask.shape)}, "
+                         f"got {tuple(hidden_states.shape)}")
+    mask = mask.bool()
+    n = mask.sum(1, keepdim=True)
+    if not torch.equal(mask, torch.arange(L, device=mask.device)[None] >= L - n):
+        raise ValueError("mask must be left-padded (valid tokens last), as the Gemma-3 tokenizer pads")
+    return mask
+
+
+def _check_refine(cfg: RefinerConfig, latents, text, text_mask, fps, sink_size, block_size, sigmas) -> None:
+    if latents.dim() != 5 or latents.shape[1] != cfg.in_channels:
+        raise ValueError(f"latents must be (B, {cfg.in_channels}, T, h, w), got {tuple(latents.shape)}")
+    B, _, T, h, w = latents.shape
+    if text.dim() != 3 or text.shape[0] != B or text.shape[2] != cfg.caption_channels:
+        raise ValueError(f"text must be (B={B}, L, {cfg.caption_channels}), got {tuple(text.shape)}")
+    if text_mask is not None and text_mask.shape != text.shape[:2]:
+        raise ValueError(f"text_mask: expected (B, L) = {tuple(text.shape[:2])}, got {tuple(text_mask.shape)}")
+    if not 1 <= sink_size < T:
+        raise ValueError(f"sink_size must be in [1, T={T}), got {sink_size}")
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    if not fps > 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
+    sig = torch.tensor(sigmas, dtype=torch.float32)
+    if sig.dim() != 1 or len(sig) < 2 or sig[-1] != 0 or not bool((sig[:-1] > sig[1:]).all()):
+        raise ValueError(f"sigmas must decrease strictly and end at 0, got {tuple(sigmas)}")
+
+
+# Loading: build on the meta device, check every key and shape of the files against the full (audio included)
+# layout, read only what the module holds, load_state_dict(strict=True, assign=True).
 
 def _read_json(path: Path) -> dict:
     import json
@@ -673,68 +770,36 @@ def _load(cls, args, folder: Path, dtype, device, keep_audio: bool):
     return model.eval()
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 8. LoRA (refiner.md §3; the paper fine-tunes the refiner with rank 384). y = W x + b + (alpha/rank)·B(A(x)), B
-#    starting at zero so a fresh adapter changes nothing. The release ships the adapters merged into W, so loading
-#    it needs none of this; it is here to fine-tune further and to exchange adapters (PEFT key names).
-# ----------------------------------------------------------------------------------------------------------------
-
-LORA_TARGETS = (r"transformer_blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)"
-                r"|transformer_blocks\.\d+\.ff\.net\.(0\.proj|2)")
-
-
-class LoRALinear(nn.Module):
-    """A Linear plus a rank-r adapter. It takes over the wrapped Linear's own weight and bias (no copy), so the
-    state-dict keys stay `<name>.weight/.bias` and the adapter adds `<name>.lora_A.weight`, `<name>.lora_B.weight`."""
-
-    def __init__(self, linear: nn.Linear, rank: int, alpha: float | None = None):
-        super().__init__()
-        if rank < 1:
-            raise ValueError(f"rank must be >= 1, got {rank}")
-        self.weight, self.bias = linear.weight, linear.bias
-        self.rank, self.alpha = rank, float(rank if alpha is None else alpha)
-        w = linear.weight
-        self.lora_A = nn.Linear(w.shape[1], rank, bias=False, device=w.device, dtype=w.dtype)
-        self.lora_B = nn.Linear(rank, w.shape[0], bias=False, device=w.device, dtype=w.dtype)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
-        self.merged = False
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)
-        return y if self.merged else y + self.lora_B(self.lora_A(x)) * self.scale
-
-    @torch.no_grad()
-    def merge(self):
-        """W += (alpha/rank)·B·A (formed in float32); forward then uses W alone."""
-        if self.merged:
-            raise ValueError("adapter is already merged")
-        self.weight += (self.scale * self.lora_B.weight.float() @ self.lora_A.weight.float()).to(self.weight.dtype)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self):
-        if not self.merged:
-            raise ValueError("adapter is not merged")
-        self.weight -= (self.scale * self.lora_B.weight.float() @ self.lora_A.weight.float()).to(self.weight.dtype)
-        self.merged = False
+@classmethod
+def _refiner_from_pretrained(cls, path, dtype=torch.bfloat16, device="cpu", keep_audio: bool = False) -> Refiner:
+    """Load the release `refiner/` folder (or its `transformer/` subfolder). By default the 2 295 audio-branch
+    tensors (5.8 B parameters, 11.7 GB in bf16) are checked but not read; `keep_audio=True` keeps them."""
+    folder = _component_dir(path, "transformer")
+    cfg = RefinerConfig.from_dict(_read_json(folder / "config.json"))
+    return _load(cls, (cfg,), folder, dtype, device, keep_audio)
 
 
-def add_lora(model: nn.Module, rank: int = 384, alpha: float | None = None, targets: str = LORA_TARGETS) -> list:
-    """Wrap every nn.Linear whose full name matches `targets` (default: the 4 self-attention, 4 cross-attention and
-    2 feed-forward linears of each transformer block) in a LoRALinear; returns the wrapped names."""
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(targets, n)]
-    if not names:
-        raise ValueError(f"no nn.Linear of the model matches targets={targets!r}")
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha))
-    return names
+Refiner.from_pretrained = _refiner_from_pretrained
+
+
+# LoRA merging and adapter files ----------------------------------------------------------------------------------
+@torch.no_grad()
+def _lora_merge(self: LoRALinear):
+    """W += (alpha/rank)·B·A (formed in float32); forward then uses W alone."""
+    if self.merged:
+        raise ValueError("adapter is already merged")
+    self.weight += (self.scale * self.lora_B.weight.float() @ self.lora_A.weight.float()).to(self.weight.dtype)
+    self.merged = True
+
+
+@torch.no_grad()
+def _lora_unmerge(self: LoRALinear):
+    if not self.merged:
+        raise ValueError("adapter is not merged")
+    self.weight -= (self.scale * self.lora_B.weight.float() @ self.lora_A.weight.float()).to(self.weight.dtype)
+    self.merged = False
+
+LoRALinear.merge, LoRALinear.unmerge = _lora_merge, _lora_unmerge
 
 
 def save_lora(model: nn.Module, path):
@@ -785,92 +850,28 @@ def load_lora(model: nn.Module, path) -> list:
     return names
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 9. The refinement loop (refiner.md §7): truncated-σ flow matching, 3 Euler steps, chunk-causal blocks over a
-#    sliding window [sink | ≤ kv_max_frames − sink history frames | current block].
-# ----------------------------------------------------------------------------------------------------------------
-
-def pack(latents: torch.Tensor) -> torch.Tensor:
-    """(B, C, T, h, w) → (B, T·h·w, C), frame-major."""
-    return latents.flatten(2).transpose(1, 2)
-
-
-def unpack(tokens: torch.Tensor, frames: int, height: int, width: int) -> torch.Tensor:
-    return tokens.transpose(1, 2).unflatten(2, (frames, height, width))
-
-
-@torch.no_grad()
-def refine(refiner: Refiner, latents: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None = None, *,
-           fps: float, sink_size: int = 1, block_size: int = 3, kv_max_frames: int = 11,
-           sigmas=STAGE2_SIGMAS, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Refine a stage-1 latent (B, C, T, h, w) (normalised LTX-2 VAE space) and return it, same shape, in the
-    refiner's dtype. Frames < sink_size are copied unchanged; decode, then drop the first `sink_size` pixel frames
-    (and the first camera pose), refiner.md §8.
-
-    text/text_mask: PromptEncoder output for the raw prompt. fps: the video frame rate (it scales RoPE time).
-    generator: draws one fresh ε per block in the model dtype; default: seed 42 on the latents' device, as the
-    reference. The CUDA and CPU streams differ, so pass explicit generators to compare across devices.
-
-    Memory plan for one 80 GB GPU (bf16, 704×1280): run PromptEncoder first and free it (Gemma-3-12B 24 GB), then
-    load the video-only Refiner (26.1 GB); the KV cache holds at most kv_max_frames frames per layer (7.6 GB)."""
-    cfg, dtype = refiner.cfg, refiner.proj_in.weight.dtype
-    if latents.dim() != 5 or latents.shape[1] != cfg.in_channels:
-        raise ValueError(f"latents must be (B, {cfg.in_channels}, T, h, w), got {tuple(latents.shape)}")
-    B, _, T, h, w = latents.shape
-    if text.dim() != 3 or text.shape[0] != B or text.shape[2] != cfg.caption_channels:
-        raise ValueError(f"text must be (B={B}, L, {cfg.caption_channels}), got {tuple(text.shape)}")
-    if text_mask is not None and text_mask.shape != text.shape[:2]:
-        raise ValueError(f"text_mask: expected (B, L) = {tuple(text.shape[:2])}, got {tuple(text_mask.shape)}")
-    if not 1 <= sink_size < T:
-        raise ValueError(f"sink_size must be in [1, T={T}), got {sink_size}")
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
-    if not fps > 0:
-        raise ValueError(f"fps must be > 0, got {fps}")
-    # σ held as float32, as the reference's scheduler does; Python floats below are these float32 values.
-    sig = torch.tensor(sigmas, dtype=torch.float32)
-    if sig.dim() != 1 or len(sig) < 2 or sig[-1] != 0 or not bool((sig[:-1] > sig[1:]).all()):
-        raise ValueError(f"sigmas must decrease strictly and end at 0, got {tuple(sigmas)}")
-    dts = (sig[1:] - sig[:-1]).tolist()             # Euler steps σ_{i+1} − σ_i, formed in float32
-    sig = sig.tolist()
-    device = latents.device
-    if generator is None:
-        generator = torch.Generator(device).manual_seed(42)
-
-    z = latents.to(dtype)
-    out = z.clone()
-    text = text.to(dtype)
-    tpf = h * w                                       # tokens per latent frame
-    max_hist = kv_max_frames - sink_size              # history frames kept (not trimmed if <= 0, as the reference)
-    cache = WindowKVCache(len(refiner.transformer_blocks))
-
-    def velocity(x, sigma, rope, capture=None):
-        tokens = pack(x)
-        t = torch.full((B,), sigma * cfg.timestep_scale_multiplier, dtype=torch.float32, device=device)
-        return tokens, refiner(tokens, t, text, rope, text_mask, cache, capture)
-
-    # (a) The attention sink: clean stage-1 frames 0..sink-1 at σ = 0; their K/V are kept before RoPE.
-    velocity(z[:, :, :sink_size], 0.0, refiner.rope(range(sink_size), h, w, fps), capture="sink")
-    hist = 0
-    for s in range(sink_size, T, block_size):
-        e = min(s + block_size, T)                    # the last block may be shorter
-        rope = refiner.rope(range(s, e), h, w, fps)   # absolute frame positions
-        off = s - hist - sink_size                    # the sink slides to sit just before the history
-        cache.sink_rope = refiner.rope(range(off, off + sink_size), h, w, fps)
-        noise = torch.randn(z[:, :, s:e].shape, generator=generator, device=generator.device, dtype=dtype)
-        # x_σ0 = (1 − σ0)·x0 + σ0·ε with x0 = the stage-1 block: the truncated start keeps the stage-1 content.
-        x = ((1.0 - sig[0]) * z[:, :, s:e].float() + sig[0] * noise.to(device).float()).to(dtype)
-        for i in range(len(sig) - 1):
-            tokens, v = velocity(x, sig[i], rope)
-            # x̂0 = x − σ·v rounded to the model dtype, Euler on the velocity (x − x̂0)/σ in float32 (§11.4).
-            x0 = unpack((tokens.float() - v.float() * sig[i]).to(dtype), e - s, h, w)
-            vel = (x.float() - x0.float()) / sig[i]
-            x = (x.float() + dts[i] * vel).to(dtype)
-        # (b) Append the refined block's post-RoPE K/V (seen with the same prefix) to the history; trim it.
-        velocity(x, 0.0, rope, capture="history")
-        hist += e - s
-        if max_hist > 0 and hist > max_hist:
-            cache.trim_history(max_hist * tpf)
-            hist = max_hist
-        out[:, :, s:e] = x
-    return out
+# The audio parameter holders (keep_audio=True) -------------------------------------------------------------------
+def _add_audio_holders(model: Refiner, cfg: RefinerConfig):
+    """LTX-2's audio stream and audio↔video cross-attention, as parameter holders only (keep_audio=True). They are
+    built from the same layer classes so every name and shape equals the checkpoint's; Refiner.forward never calls
+    them (the SANA-WM refiner runs the video stream only, refiner.md §9)."""
+    d, da = cfg.inner_dim, cfg.audio_num_attention_heads * cfg.audio_attention_head_dim
+    ha, hd = cfg.audio_num_attention_heads, cfg.audio_attention_head_dim
+    model.audio_proj_in = nn.Linear(cfg.audio_in_channels, da)
+    model.audio_caption_projection = MLP(cfg.caption_channels, da, "gelu_tanh")
+    model.audio_time_embed = AdaLNSingle(da, 6)
+    model.av_cross_attn_video_scale_shift = AdaLNSingle(d, 4)
+    model.av_cross_attn_audio_scale_shift = AdaLNSingle(da, 4)
+    model.av_cross_attn_video_a2v_gate = AdaLNSingle(d, 1)
+    model.av_cross_attn_audio_v2a_gate = AdaLNSingle(da, 1)
+    model.audio_scale_shift_table = nn.Parameter(torch.zeros(2, da))
+    model.audio_proj_out = nn.Linear(da, cfg.audio_out_channels)
+    for block in model.transformer_blocks:
+        block.audio_attn1 = Attention(da, da, ha, hd)
+        block.audio_attn2 = Attention(da, cfg.audio_cross_attention_dim, ha, hd)
+        block.audio_to_video_attn = Attention(d, da, ha, hd)
+        block.video_to_audio_attn = Attention(da, d, ha, hd)
+        block.audio_ff = FeedForward(da)
+        block.audio_scale_shift_table = nn.Parameter(torch.zeros(6, da))
+        block.video_a2v_cross_attn_scale_shift_table = nn.Parameter(torch.zeros(5, d))
+        block.audio_a2v_cross_attn_scale_shift_table = nn.Parameter(torch.zeros(5, da))

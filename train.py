@@ -386,33 +386,28 @@ def refiner_loss(model, batch: dict, sink_size: int, fps: float, weighting: str 
         loss     = w(σ)·(v_θ − v)²,  w = σ² ("x0": = (x̂0 − z_target)² with x̂0 = x_σ − σ·v_θ) or 1 ("none").
     The target grows like 1/σ as σ → 0, so unweighted the rare small σ dominate every batch (the tiny test model
     saw single-batch losses of 3e3 next to typical ones of 3); σ² puts every noise level on the latent's scale.
-    The window mirrors one AR step at inference: the clean stage-1 sink frame(s) at σ = 0, captured pre-RoPE and
-    placed just before the block (no history), then the noisy block at its absolute frame positions.
+    The window is one AR step of refiner.refine, made by the same two calls (capture_sink, block_velocity): the clean
+    stage-1 sink frame(s) at σ = 0, captured pre-RoPE and placed just before the block (no history), then the noisy
+    block at its absolute frame positions.
     Tokens and text enter the model in `dtype` (its compute dtype); timesteps stay fp32.
     """
     if weighting not in ("x0", "none"):
         raise ValueError(f"refiner_weighting: expected 'x0' or 'none', got {weighting!r}")
-    from refiner import WindowKVCache, pack, unpack
+    from refiner import block_velocity, capture_sink
     losses = []
     for b in range(batch["latents"].shape[0]):
         z1, zt = batch["stage1"][b:b + 1], batch["latents"][b:b + 1]
         eps, sigma, s = batch["noise"][b:b + 1], batch["sigma"][b], int(batch["start"][b])
         text, mask = batch["text"][b:b + 1].to(dtype), batch["text_mask"][b:b + 1]
-        _, _, T, h, w = zt.shape
         e = s + eps.shape[2]
-        cache = WindowKVCache(len(model.transformer_blocks))
-        zero = torch.zeros(1, device=zt.device)
-        sink_out = model(pack(z1[:, :, :sink_size]).to(dtype), zero, text, model.rope(range(sink_size), h, w, fps),
-                         mask, cache, "sink")
-        cache.sink_rope = model.rope(range(s - sink_size, s), h, w, fps)
+        cache, sink_out = capture_sink(model, z1[:, :, :sink_size].to(dtype), text, mask, fps)
         x_sigma = (1 - sigma) * z1[:, :, s:e] + sigma * eps
-        v = model(pack(x_sigma).to(dtype), (sigma * 1000).reshape(1), text, model.rope(range(s, e), h, w, fps), mask,
-                  cache)
+        v = block_velocity(model, cache, x_sigma.to(dtype), sigma, s, text, mask, fps)
         target = (x_sigma - zt[:, :, s:e]) / sigma
         weight = sigma ** 2 if weighting == "x0" else 1.0
         # Only the sink's K/V feed the loss, not its output; the zero-weighted term keeps the output in the graph so
         # that FSDP's pre-backward hooks (registered on module outputs) gather the weights for its backward too.
-        losses.append(weight * (unpack(v.float(), e - s, h, w) - target).pow(2).mean() + 0.0 * sink_out.float().sum())
+        losses.append(weight * (v.float() - target).pow(2).mean() + 0.0 * sink_out.float().sum())
     return torch.stack(losses).mean()
 
 
@@ -804,10 +799,10 @@ def run_precompute(args) -> int:
         encoder = PromptEncoder.from_pretrained(weights / "refiner", dtype=dtype, device=device)
         encode_text, null_text = encoder, None
     else:
-        import generate
+        from dit import encode_negative_prompt, encode_prompt
         tokenizer, text_encoder = _gemma2(weights, dtype, device)
-        encode_text = functools.partial(generate.encode_prompt, tokenizer, text_encoder)
-        null_text = generate.encode_negative_prompt(tokenizer, text_encoder, "")
+        encode_text = functools.partial(encode_prompt, tokenizer, text_encoder)
+        null_text = encode_negative_prompt(tokenizer, text_encoder, "")
     return precompute(args.clips, args.out, vae, encode_text, args.num_frames, args.height, args.width,
                       null_text=null_text, fps=args.fps, shard_size=args.shard_size)
 

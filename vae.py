@@ -45,36 +45,7 @@ class VAEConfig:
     scaling_factor: float = 1.0
 
     def __post_init__(self):
-        def fail(what):
-            raise ValueError(f"VAEConfig: {what}")
-
-        n_enc, n_dec = len(self.block_out_channels), len(self.decoder_block_out_channels)
-        if len(self.layers_per_block) != n_enc + 1 or len(self.downsample_type) != n_enc:
-            fail("layers_per_block needs len(block_out_channels) + 1 entries and downsample_type one per block")
-        if not (len(self.decoder_layers_per_block) == n_dec + 1 and len(self.upsample_type) == n_dec
-                and len(self.upsample_factor) == n_dec):
-            fail("decoder_layers_per_block needs len(decoder_block_out_channels) + 1 entries, "
-                 "upsample_type and upsample_factor one per block")
-        for kind in self.downsample_type + self.upsample_type:
-            if kind not in STRIDES:
-                fail(f"re-sampling type {kind!r} is not one of {sorted(STRIDES)}")
-        c = self.latent_channels
-        for c_out, kind in zip(self.block_out_channels, self.downsample_type):
-            n = math.prod(STRIDES[kind])
-            if c_out % n or (c * n) % c_out:
-                fail(f"a {kind} downsampler {c} -> {c_out} channels does not split into whole groups")
-            c = c_out
-        c = self.decoder_block_out_channels[-1]
-        for c_block, kind, u in zip(self.decoder_block_out_channels[::-1], self.upsample_type,
-                                    self.upsample_factor[::-1]):
-            # otherwise diffusers inserts a channel-changing ResNet (a LayerNorm shortcut), not in the release
-            if c_block != c or c % u or math.prod(STRIDES[kind]) % u:
-                fail(f"decoder block of {c_block} channels cannot follow {c} channels with upsample_factor {u}")
-            c //= u
-        enc = [math.prod(s) for s in zip(*(STRIDES[k] for k in self.downsample_type))]
-        dec = [math.prod(s) for s in zip(*(STRIDES[k] for k in self.upsample_type))]
-        if enc != dec or enc[1] != enc[2]:
-            fail(f"encoder strides {enc} and decoder strides {dec} (t, h, w) must agree and be square")
+        _check_config(self)  # the architecture's consistency checks, after the machinery line
 
     @property
     def spatial_compression_ratio(self) -> int:  # 4 * 2 * 2 * 2 = 32 for the release, not diffusers' 64
@@ -86,32 +57,8 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "VAEConfig":
-        """From a diffusers AutoencoderKLLTX2Video config.json. Keys starting with '_' are bookkeeping. Keys
-        that switch on features the release does not use (vae.md §8) must hold the release value."""
-        release_only = {"down_block_types": "LTX2VideoDownBlock3D", "spatio_temporal_scaling": True,
-                        "decoder_spatio_temporal_scaling": True, "decoder_inject_noise": False,
-                        "upsample_residual": True, "timestep_conditioning": False, "patch_size_t": 1}
-        names = {f.name for f in fields(cls)}
-        kwargs, ratios = {}, {}
-        for key, value in d.items():
-            if key.startswith("_") or key == "resnet_norm_eps":  # eps of the LayerNorm shortcut: absent here
-                continue
-            if key in release_only:
-                if any(v != release_only[key] for v in (value if isinstance(value, (list, tuple)) else [value])):
-                    raise ValueError(f"config {key}={value!r}: only {release_only[key]!r} is supported (vae.md §8)")
-            elif key in ("spatial_compression_ratio", "temporal_compression_ratio"):
-                ratios[key] = value
-            elif key in names:
-                kwargs[key] = tuple(value) if isinstance(value, list) else value
-            else:
-                raise ValueError(f"config key {key!r} is not a field of VAEConfig")
-        cfg = cls(**kwargs)
-        for key, value in ratios.items():
-            # derived from the architecture here; diffusers derives 64 / 16 when they are null, which breaks
-            # its tiling (vae.md §1 pitfalls), so a stated value must be the true one
-            if value is not None and value != getattr(cfg, key):
-                raise ValueError(f"config {key}={value}: this architecture compresses by {getattr(cfg, key)}")
-        return cfg
+        """From a diffusers AutoencoderKLLTX2Video config.json (parsed after the machinery line)."""
+        return _config_from_dict(d)
 
 
 @dataclass(frozen=True)
@@ -317,6 +264,138 @@ class Decoder(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------------------
+
+class VAE(nn.Module):
+    """The LTX-2 video autoencoder: encode -> posterior mean, decode -> video; normalise for the DiT (§6).
+
+    The VAE is frozen in SANA-WM, so encode/decode run without autograd. Inputs are moved to the weights'
+    device and dtype, as the reference pipeline does. By default both tile as SANA-WM does (vae.md §7);
+    `tiling=None` runs the network on the whole input at once."""
+
+    def __init__(self, cfg: VAEConfig | None = None):
+        super().__init__()
+        self.cfg = cfg = cfg or VAEConfig()
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.register_buffer("latents_mean", torch.zeros(cfg.latent_channels))
+        self.register_buffer("latents_std", torch.ones(cfg.latent_channels))
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor, tiling: Tiling | None = SANA_WM_TILING, return_logvar: bool = False):
+        """video (B, 3, 1 + 8k, H, W) in [-1, 1], H and W multiples of 32 -> posterior mean
+        (B, 128, 1 + k, H/32, W/32); with return_logvar also the log-variance, one map for all channels,
+        clamped to [-30, 20] (§4)."""
+        cfg = self.cfg
+        r, rt = cfg.spatial_compression_ratio, cfg.temporal_compression_ratio
+        if video.dim() != 5 or video.shape[1] != cfg.in_channels:
+            raise ValueError(f"video: expected (B, {cfg.in_channels}, T, H, W), got {tuple(video.shape)}")
+        T, H, W = video.shape[2:]
+        if (T - 1) % rt or H % r or W % r:
+            raise ValueError(f"video: expected 1 + {rt}k frames and H, W multiples of {r}, got T={T}, H={H}, W={W}")
+        video = video.to(self.latents_mean)
+        moments = self.encoder(video) if tiling is None else _tiled_encode(self, video, tiling)
+        # channel `latent_channels` is the one log-variance map; diffusers copies it to 128 channels before
+        # tiling, but blending is per channel, so copying it afterwards gives the same result
+        mean, logvar = moments[:, :cfg.latent_channels], moments[:, cfg.latent_channels:]
+        if return_logvar:
+            return mean, logvar.clamp(-30.0, 20.0).expand_as(mean)
+        return mean
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor, tiling: Tiling | None = SANA_WM_TILING) -> torch.Tensor:
+        """z (B, 128, T, h, w) -> video (B, 3, 1 + 8(T - 1), 32h, 32w), nominally in [-1, 1], not clamped."""
+        cfg = self.cfg
+        if z.dim() != 5 or z.shape[1] != cfg.latent_channels:
+            raise ValueError(f"z: expected (B, {cfg.latent_channels}, T, h, w), got {tuple(z.shape)}")
+        z = z.to(self.latents_mean)
+        return self.decoder(z) if tiling is None else _tiled_decode(self, z, tiling)
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Posterior mean -> the DiT's latent space: per channel (z - mean) * scaling_factor / std (§6)."""
+        mean, std = (b.view(1, -1, 1, 1, 1).to(z) for b in (self.latents_mean, self.latents_std))
+        return (z - mean) * self.cfg.scaling_factor / std
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        """The inverse of normalize: z / scaling_factor * std + mean."""
+        mean, std = (b.view(1, -1, 1, 1, 1).to(z) for b in (self.latents_mean, self.latents_std))
+        return z / self.cfg.scaling_factor * std + mean
+
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, device="cpu",
+                        config: VAEConfig | None = None) -> "VAE":
+        """Load the release vae/ folder or a single .safetensors file (the loader is after the machinery line)."""
+        return _load(cls, path, dtype, device, config)
+
+
+# ================================================================================================================
+# Machinery below this line: config checks and parsing, tiled encode/decode (bounded memory) and loading.
+# The VAE above is complete without it.
+# ================================================================================================================
+
+def _check_config(cfg: VAEConfig) -> None:
+    """The lists of a VAEConfig agree with each other and with the release's layer rules (vae.md §1)."""
+    def fail(what):
+        raise ValueError(f"VAEConfig: {what}")
+
+    n_enc, n_dec = len(cfg.block_out_channels), len(cfg.decoder_block_out_channels)
+    if len(cfg.layers_per_block) != n_enc + 1 or len(cfg.downsample_type) != n_enc:
+        fail("layers_per_block needs len(block_out_channels) + 1 entries and downsample_type one per block")
+    if not (len(cfg.decoder_layers_per_block) == n_dec + 1 and len(cfg.upsample_type) == n_dec
+            and len(cfg.upsample_factor) == n_dec):
+        fail("decoder_layers_per_block needs len(decoder_block_out_channels) + 1 entries, "
+             "upsample_type and upsample_factor one per block")
+    for kind in cfg.downsample_type + cfg.upsample_type:
+        if kind not in STRIDES:
+            fail(f"re-sampling type {kind!r} is not one of {sorted(STRIDES)}")
+    c = cfg.latent_channels
+    for c_out, kind in zip(cfg.block_out_channels, cfg.downsample_type):
+        n = math.prod(STRIDES[kind])
+        if c_out % n or (c * n) % c_out:
+            fail(f"a {kind} downsampler {c} -> {c_out} channels does not split into whole groups")
+        c = c_out
+    c = cfg.decoder_block_out_channels[-1]
+    for c_block, kind, u in zip(cfg.decoder_block_out_channels[::-1], cfg.upsample_type,
+                                cfg.upsample_factor[::-1]):
+        # otherwise diffusers inserts a channel-changing ResNet (a LayerNorm shortcut), not in the release
+        if c_block != c or c % u or math.prod(STRIDES[kind]) % u:
+            fail(f"decoder block of {c_block} channels cannot follow {c} channels with upsample_factor {u}")
+        c //= u
+    enc = [math.prod(s) for s in zip(*(STRIDES[k] for k in cfg.downsample_type))]
+    dec = [math.prod(s) for s in zip(*(STRIDES[k] for k in cfg.upsample_type))]
+    if enc != dec or enc[1] != enc[2]:
+        fail(f"encoder strides {enc} and decoder strides {dec} (t, h, w) must agree and be square")
+
+
+def _config_from_dict(d: dict) -> VAEConfig:
+    """From a diffusers AutoencoderKLLTX2Video config.json. Keys starting with '_' are bookkeeping. Keys
+    that switch on features the release does not use (vae.md §8) must hold the release value."""
+    release_only = {"down_block_types": "LTX2VideoDownBlock3D", "spatio_temporal_scaling": True,
+                    "decoder_spatio_temporal_scaling": True, "decoder_inject_noise": False,
+                    "upsample_residual": True, "timestep_conditioning": False, "patch_size_t": 1}
+    names = {f.name for f in fields(VAEConfig)}
+    kwargs, ratios = {}, {}
+    for key, value in d.items():
+        if key.startswith("_") or key == "resnet_norm_eps":  # eps of the LayerNorm shortcut: absent here
+            continue
+        if key in release_only:
+            if any(v != release_only[key] for v in (value if isinstance(value, (list, tuple)) else [value])):
+                raise ValueError(f"config {key}={value!r}: only {release_only[key]!r} is supported (vae.md §8)")
+        elif key in ("spatial_compression_ratio", "temporal_compression_ratio"):
+            ratios[key] = value
+        elif key in names:
+            kwargs[key] = tuple(value) if isinstance(value, list) else value
+        else:
+            raise ValueError(f"config key {key!r} is not a field of VAEConfig")
+    cfg = VAEConfig(**kwargs)
+    for key, value in ratios.items():
+        # derived from the architecture here; diffusers derives 64 / 16 when they are null, which breaks
+        # its tiling (vae.md §1 pitfalls), so a stated value must be the true one
+        if value is not None and value != getattr(cfg, key):
+            raise ValueError(f"config {key}={value}: this architecture compresses by {getattr(cfg, key)}")
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------------------
 # Tiling (vae.md §7). A tile's leading overlap is blended linearly with the trailing overlap of the tile
 # before it; the reference does this in place, so a tile's trailing overlap, when a later tile reads it, has
 # already been blended with the tiles above/left of it. We keep exactly that: each tile is blended first, its
@@ -401,144 +480,96 @@ def _tile_time(x, fn, window: int, step: int, keep: int, blend: int, out_len: in
     return out
 
 
+def _check_tiling(cfg: VAEConfig, tiling: Tiling) -> None:
+    r, rt = cfg.spatial_compression_ratio, cfg.temporal_compression_ratio
+    if not (0 < tiling.stride <= tiling.size and tiling.size % r == 0 and tiling.stride % r == 0
+            and 0 < tiling.frame_stride <= tiling.frames and tiling.frames % rt == 0
+            and tiling.frame_stride % rt == 0):
+        raise ValueError(f"tiling: expected 0 < stride <= size, multiples of {r} pixels, and 0 < "
+                         f"frame_stride <= frames, multiples of {rt} frames; got {tiling}")
+
+
+def _tiled_encode(vae: VAE, video: torch.Tensor, tiling: Tiling) -> torch.Tensor:
+    """The encoder's moments of `video`, tile by tile as SANA-WM runs it (§7)."""
+    cfg = vae.cfg
+    r, rt = cfg.spatial_compression_ratio, cfg.temporal_compression_ratio
+    _check_tiling(cfg, tiling)
+    T, H, W = video.shape[2:]
+
+    def space(x):
+        if x.shape[-2] > tiling.size or x.shape[-1] > tiling.size:
+            return _tile_space(x, vae.encoder, tiling.size, tiling.stride, tiling.stride // r,
+                               (tiling.size - tiling.stride) // r, (H // r, W // r))
+        return vae.encoder(x)
+
+    if T > tiling.frames:
+        return _tile_time(video, space, tiling.frames + 1, tiling.frame_stride, tiling.frame_stride // rt,
+                          (tiling.frames - tiling.frame_stride) // rt, 1 + (T - 1) // rt)
+    return space(video)
+
+
+def _tiled_decode(vae: VAE, z: torch.Tensor, tiling: Tiling) -> torch.Tensor:
+    """The decoded video of `z`, tile by tile as SANA-WM runs it (§7)."""
+    cfg = vae.cfg
+    r, rt = cfg.spatial_compression_ratio, cfg.temporal_compression_ratio
+    _check_tiling(cfg, tiling)
+    T, h, w = z.shape[2:]
+    window, step = tiling.size // r, tiling.stride // r
+
+    def space(x):
+        if x.shape[-2] > window or x.shape[-1] > window:
+            return _tile_space(x, vae.decoder, window, step, tiling.stride, tiling.size - tiling.stride,
+                               (h * r, w * r))
+        return vae.decoder(x)
+
+    if T > tiling.frames // rt:
+        return _tile_time(z, space, tiling.frames // rt + 1, tiling.frame_stride // rt, tiling.frame_stride,
+                          tiling.frames - tiling.frame_stride, 1 + (T - 1) * rt)
+    return space(z)
+
+
 # ------------------------------------------------------------------------------------------------------------
+# Loading
 
-class VAE(nn.Module):
-    """The LTX-2 video autoencoder: encode -> posterior mean, decode -> video; normalise for the DiT (§6).
-
-    The VAE is frozen in SANA-WM, so encode/decode run without autograd. Inputs are moved to the weights'
-    device and dtype, as the reference pipeline does. By default both tile as SANA-WM does (vae.md §7);
-    `tiling=None` runs the network on the whole input at once."""
-
-    def __init__(self, cfg: VAEConfig | None = None):
-        super().__init__()
-        self.cfg = cfg = cfg or VAEConfig()
-        self.encoder = Encoder(cfg)
-        self.decoder = Decoder(cfg)
-        self.register_buffer("latents_mean", torch.zeros(cfg.latent_channels))
-        self.register_buffer("latents_std", torch.ones(cfg.latent_channels))
-
-    def _check_tiling(self, tiling: Tiling) -> None:
-        r, rt = self.cfg.spatial_compression_ratio, self.cfg.temporal_compression_ratio
-        if not (0 < tiling.stride <= tiling.size and tiling.size % r == 0 and tiling.stride % r == 0
-                and 0 < tiling.frame_stride <= tiling.frames and tiling.frames % rt == 0
-                and tiling.frame_stride % rt == 0):
-            raise ValueError(f"tiling: expected 0 < stride <= size, multiples of {r} pixels, and 0 < "
-                             f"frame_stride <= frames, multiples of {rt} frames; got {tiling}")
-
-    @torch.no_grad()
-    def encode(self, video: torch.Tensor, tiling: Tiling | None = SANA_WM_TILING, return_logvar: bool = False):
-        """video (B, 3, 1 + 8k, H, W) in [-1, 1], H and W multiples of 32 -> posterior mean
-        (B, 128, 1 + k, H/32, W/32); with return_logvar also the log-variance, one map for all channels,
-        clamped to [-30, 20] (§4)."""
-        cfg = self.cfg
-        r, rt = cfg.spatial_compression_ratio, cfg.temporal_compression_ratio
-        if video.dim() != 5 or video.shape[1] != cfg.in_channels:
-            raise ValueError(f"video: expected (B, {cfg.in_channels}, T, H, W), got {tuple(video.shape)}")
-        T, H, W = video.shape[2:]
-        if (T - 1) % rt or H % r or W % r:
-            raise ValueError(f"video: expected 1 + {rt}k frames and H, W multiples of {r}, got T={T}, H={H}, W={W}")
-        video = video.to(self.latents_mean)
-        if tiling is None:
-            moments = self.encoder(video)
+def _load(cls, path, dtype: torch.dtype, device, config: VAEConfig | None) -> VAE:
+    """Load the release vae/ folder (diffusers layout: config.json and one .safetensors file, or shards listed
+    by a *.safetensors.index.json) or a single .safetensors file, strictly, with diffusers' key names. A file,
+    or a folder without config.json, uses `config` (default: the release). Tensors are converted one at a
+    time and assigned to a model built on the meta device, so the weights exist once."""
+    path = Path(path)
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        indexes = sorted(path.glob("*.safetensors.index.json"))
+        if indexes:
+            files = sorted({path / f for f in json.loads(indexes[0].read_text())["weight_map"].values()})
         else:
-            self._check_tiling(tiling)
-
-            def space(x):
-                if x.shape[-2] > tiling.size or x.shape[-1] > tiling.size:
-                    return _tile_space(x, self.encoder, tiling.size, tiling.stride, tiling.stride // r,
-                                       (tiling.size - tiling.stride) // r, (H // r, W // r))
-                return self.encoder(x)
-
-            if T > tiling.frames:
-                moments = _tile_time(video, space, tiling.frames + 1, tiling.frame_stride,
-                                     tiling.frame_stride // rt, (tiling.frames - tiling.frame_stride) // rt,
-                                     1 + (T - 1) // rt)
-            else:
-                moments = space(video)
-        # channel `latent_channels` is the one log-variance map; diffusers copies it to 128 channels before
-        # tiling, but blending is per channel, so copying it afterwards gives the same result
-        mean, logvar = moments[:, :cfg.latent_channels], moments[:, cfg.latent_channels:]
-        if return_logvar:
-            return mean, logvar.clamp(-30.0, 20.0).expand_as(mean)
-        return mean
-
-    @torch.no_grad()
-    def decode(self, z: torch.Tensor, tiling: Tiling | None = SANA_WM_TILING) -> torch.Tensor:
-        """z (B, 128, T, h, w) -> video (B, 3, 1 + 8(T - 1), 32h, 32w), nominally in [-1, 1], not clamped."""
-        cfg = self.cfg
-        r, rt = cfg.spatial_compression_ratio, cfg.temporal_compression_ratio
-        if z.dim() != 5 or z.shape[1] != cfg.latent_channels:
-            raise ValueError(f"z: expected (B, {cfg.latent_channels}, T, h, w), got {tuple(z.shape)}")
-        z = z.to(self.latents_mean)
-        if tiling is None:
-            return self.decoder(z)
-        self._check_tiling(tiling)
-        T, h, w = z.shape[2:]
-        window, step = tiling.size // r, tiling.stride // r
-
-        def space(x):
-            if x.shape[-2] > window or x.shape[-1] > window:
-                return _tile_space(x, self.decoder, window, step, tiling.stride, tiling.size - tiling.stride,
-                                   (h * r, w * r))
-            return self.decoder(x)
-
-        if T > tiling.frames // rt:
-            return _tile_time(z, space, tiling.frames // rt + 1, tiling.frame_stride // rt, tiling.frame_stride,
-                              tiling.frames - tiling.frame_stride, 1 + (T - 1) * rt)
-        return space(z)
-
-    def normalize(self, z: torch.Tensor) -> torch.Tensor:
-        """Posterior mean -> the DiT's latent space: per channel (z - mean) * scaling_factor / std (§6)."""
-        mean, std = (b.view(1, -1, 1, 1, 1).to(z) for b in (self.latents_mean, self.latents_std))
-        return (z - mean) * self.cfg.scaling_factor / std
-
-    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
-        """The inverse of normalize: z / scaling_factor * std + mean."""
-        mean, std = (b.view(1, -1, 1, 1, 1).to(z) for b in (self.latents_mean, self.latents_std))
-        return z / self.cfg.scaling_factor * std + mean
-
-    @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, device="cpu",
-                        config: VAEConfig | None = None) -> "VAE":
-        """Load the release vae/ folder (diffusers layout: config.json and one .safetensors file, or shards listed
-        by a *.safetensors.index.json) or a single .safetensors file, strictly, with diffusers' key names. A file,
-        or a folder without config.json, uses `config` (default: the release). Tensors are converted one at a
-        time and assigned to a model built on the meta device, so the weights exist once."""
-        path = Path(path)
-        if path.is_file():
-            files = [path]
-        elif path.is_dir():
-            indexes = sorted(path.glob("*.safetensors.index.json"))
-            if indexes:
-                files = sorted({path / f for f in json.loads(indexes[0].read_text())["weight_map"].values()})
-            else:
-                files = sorted(path.glob("*.safetensors"))
-                if len(files) != 1:
-                    raise ValueError(f"path: expected one *.safetensors file or an index in {path}, "
-                                     f"found {[f.name for f in files]}")
-            if (path / "config.json").is_file():
-                config = VAEConfig.from_dict(json.loads((path / "config.json").read_text()))
-        else:
-            raise ValueError(f"path: expected the release vae/ folder or a .safetensors file, got {path}")
-        cfg = config or VAEConfig()
-        with torch.device("meta"):
-            model = cls(cfg)
-        state = {}
-        for file in files:
-            try:
-                with safe_open(file, framework="pt") as f:
-                    for key in f.keys():
-                        state[key] = f.get_tensor(key).to(device=device, dtype=dtype)
-            except (SafetensorError, OSError) as e:
-                raise ValueError(f"path: {file} is not a readable safetensors file ({e})") from e
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        missing = sorted(expected.keys() - state.keys())
-        unexpected = sorted(state.keys() - expected.keys())
-        wrong = [f"{k}: {tuple(state[k].shape)} != {expected[k]}" for k in sorted(expected.keys() & state.keys())
-                 if tuple(state[k].shape) != expected[k]]
-        if missing or unexpected or wrong:
-            raise ValueError(f"{path}: the weights do not match the VAE config: missing {missing}, "
-                             f"unexpected {unexpected}, wrong shapes {wrong}")
-        model.load_state_dict(state, strict=True, assign=True)
-        return model.eval()
+            files = sorted(path.glob("*.safetensors"))
+            if len(files) != 1:
+                raise ValueError(f"path: expected one *.safetensors file or an index in {path}, "
+                                 f"found {[f.name for f in files]}")
+        if (path / "config.json").is_file():
+            config = VAEConfig.from_dict(json.loads((path / "config.json").read_text()))
+    else:
+        raise ValueError(f"path: expected the release vae/ folder or a .safetensors file, got {path}")
+    cfg = config or VAEConfig()
+    with torch.device("meta"):
+        model = cls(cfg)
+    state = {}
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    state[key] = f.get_tensor(key).to(device=device, dtype=dtype)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"path: {file} is not a readable safetensors file ({e})") from e
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    wrong = [f"{k}: {tuple(state[k].shape)} != {expected[k]}" for k in sorted(expected.keys() & state.keys())
+             if tuple(state[k].shape) != expected[k]]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{path}: the weights do not match the VAE config: missing {missing}, "
+                         f"unexpected {unexpected}, wrong shapes {wrong}")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
