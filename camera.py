@@ -31,8 +31,8 @@ FOV_RANGE_DEG = (25.0, 120.0)  # the official inference tool refuses intrinsics 
 # Per action scheme, the defaults of action_to_c2w: translation per frame, degrees per frame, pitch limit (degrees).
 ACTION_SCHEMES = {"v2": {"translation_speed": 0.025, "rotation_speed_deg": 0.6, "pitch_limit_deg": 60.0},
                   "legacy": {"translation_speed": 0.05, "rotation_speed_deg": 1.2, "pitch_limit_deg": 85.0}}
-# v2's inertia (official action DSL v2): time constants while a key drives a control and while it coasts, in
-# seconds, at a fixed dt of 1/16 s whatever the output frame rate.
+# v2's inertia (official action DSL v2): per-frame easing 1 - exp(-dt / tau), dt = 1/16 s whatever the output frame
+# rate, tau = 0.45 s while a key drives the control and 1 s while it coasts.
 V2_ALPHA_PRESS, V2_ALPHA_COAST = 1 - math.exp(-(1 / 16) / 0.45), 1 - math.exp(-(1 / 16) / 1.0)
 # An hour and three quarters at 16 fps, 100x the longest video the release makes (961 frames = one minute); the
 # cap stops a typo such as "w-99999999" from building a list of 10^8 frames before anything else is checked.
@@ -105,6 +105,7 @@ def _horizontal(axis: np.ndarray, eps: float) -> np.ndarray:
 
 
 def _positive(name: str, value: float) -> float:
+    """value as a float, refused (ValueError naming it) unless a finite real number > 0."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
             or not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFilter, ImageFont, UnidentifiedImageError
 from tqdm import tqdm
 
 import camera
@@ -578,8 +578,6 @@ def draw_action_overlay(frames: torch.Tensor, c2w: np.ndarray) -> torch.Tensor:
     Returns new frames. Sizes follow the official ones (56 px keys on 704 x 1280); their pixel minimums assume a
     frame of ~400 px or more, so a smaller one shrinks the keys until the panel fits (at most H/6, (W - 2 margin)/7).
     """
-    from PIL import ImageDraw, ImageFilter, ImageFont
-
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != torch.uint8:
         raise ValueError(f"frames must be (F, H, W, 3) uint8, got {frames.dtype} {tuple(frames.shape)}")
     keys, stick = action_overlay_controls(c2w)
@@ -711,7 +709,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image", help="first frame (any size; resized and centre-cropped to 704x1280)")
     p.add_argument("--prompt", help="the text prompt, or a text file holding it")
     p.add_argument("--action", help="camera as WASD/IJKL actions, e.g. 'w-80,dw-40,w-40' (frames per key set; "
-                                    "w/s forward/back, a/d turn, j/l strafe, i/k look up/down)")
+                                    "w/s forward/back, i/k look up/down, v2's a/d turn and j/l strafe)")
     p.add_argument("--camera", help="camera as a .npy of (F, 4, 4) camera-to-world poses (OpenCV axes)")
     p.add_argument("--intrinsics", nargs="+", metavar="K",
                    help="fx fy cx cy in input-image pixels, or a .npy (3,3)/(F,3,3)/(4,)/(F,4); default: 60 deg FOV")
