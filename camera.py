@@ -4,7 +4,8 @@ Implements reference/camera.md (SANA-WM's camera control: per-ray UCPE attention
 checked against diffusers 0.42.1 (`pipelines/sana_wm/cam_utils.py`, camera helpers of `transformer_sana_wm.py`).
 Read top to bottom, it follows the data:
 
-  §1  action string "w-80,jw-40" -> (N+1, 4, 4) camera-to-world poses   parse_action, action_to_c2w
+  §1  action string "w-80,dw-40" -> (N+1, 4, 4) camera-to-world poses   parse_action, action_to_c2w,
+                                                                         action_scheme_matters
   §2  frame counts; checks of poses and intrinsics                       snap_num_frames, check_c2w,
                                                                          normalize_intrinsics, prepare_trajectory,
                                                                          field_of_view, check_field_of_view
@@ -27,6 +28,15 @@ from PIL import Image
 
 ACTION_KEYS = frozenset("wasdijkl")
 FOV_RANGE_DEG = (25.0, 120.0)  # the official inference tool refuses intrinsics outside this (inference_sana_wm.py)
+# Per action scheme, the defaults of action_to_c2w: translation per frame, degrees per frame, pitch limit (degrees).
+ACTION_SCHEMES = {"v2": {"translation_speed": 0.025, "rotation_speed_deg": 0.6, "pitch_limit_deg": 60.0},
+                  "legacy": {"translation_speed": 0.05, "rotation_speed_deg": 1.2, "pitch_limit_deg": 85.0}}
+# v2's inertia (official action DSL v2): per-frame easing 1 - exp(-dt / tau), dt = 1/16 s whatever the output frame
+# rate, tau = 0.45 s while a key drives the control and 1 s while it coasts.
+V2_ALPHA_PRESS, V2_ALPHA_COAST = 1 - math.exp(-(1 / 16) / 0.45), 1 - math.exp(-(1 / 16) / 1.0)
+# An hour and three quarters at 16 fps, 100x the longest video the release makes (961 frames = one minute); the
+# cap stops a typo such as "w-99999999" from building a list of 10^8 frames before anything else is checked.
+MAX_ACTION_FRAMES = 100_000
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -34,18 +44,18 @@ FOV_RANGE_DEG = (25.0, 120.0)  # the official inference tool refuses intrinsics 
 # ----------------------------------------------------------------------------------------------------------------
 
 def parse_action(action: str) -> list[frozenset[str]]:
-    """One set of held keys per frame from the WASD/IJKL action language (camera.md §1.1).
+    """One set of held keys per frame from the WASD/IJKL action language (camera.md §1.1; both schemes).
 
-    `"w-80,jw-40"` is 80 frames holding w, then 40 frames holding j and w. A segment is `<keys>-<frames>`; keys are
+    `"w-80,dw-40"` is 80 frames holding w, then 40 frames holding d and w. A segment is `<keys>-<frames>`; keys are
     any of w a s d i j k l (case-insensitive, any order), `none` or nothing before the dash is an idle frame.
-    Whitespace is ignored and the full-width comma `，` separates segments too.
+    Whitespace is ignored and the full-width comma `，` separates segments too. At most MAX_ACTION_FRAMES frames.
     """
     if not isinstance(action, str):
-        raise ValueError(f"action must be a string such as 'w-80,jw-40', got {type(action).__name__}")
+        raise ValueError(f"action must be a string such as 'w-80,dw-40', got {type(action).__name__}")
     cleaned = "".join(action.replace("，", ",").split())
     if not cleaned:
-        raise ValueError("action is empty: expected segments '<keys>-<frames>' such as 'w-80,jw-40'")
-    frames = []
+        raise ValueError("action is empty: expected segments '<keys>-<frames>' such as 'w-80,dw-40'")
+    segments = []
     for segment in cleaned.split(","):
         if not segment:
             raise ValueError(f"action {action!r} has an empty segment: a comma too many?")
@@ -56,10 +66,22 @@ def parse_action(action: str) -> list[frozenset[str]]:
         held = frozenset() if keys == "none" else frozenset(keys)
         if not held <= ACTION_KEYS:
             raise ValueError(f"action segment {segment!r} has unknown keys {sorted(held - ACTION_KEYS)}: expected "
-                             f"w/s (forward/back), d/a (right/left), i/k (look up/down), l/j (turn right/left) "
-                             f"or 'none'")
-        frames += [held] * int(count)
-    return frames
+                             f"w/s (forward/back), a/d (turn left/right), i/k (look up/down), j/l (strafe "
+                             f"left/right; a/d and j/l swapped in the legacy scheme) or 'none'")
+        segments.append((held, int(count)))
+    total = sum(count for _, count in segments)
+    if total > MAX_ACTION_FRAMES:  # counted before the per-frame list is built
+        raise ValueError(f"action {action[:40]!r}... asks for {total} frames, more than MAX_ACTION_FRAMES = "
+                         f"{MAX_ACTION_FRAMES}")
+    return [held for held, count in segments for _ in range(count)]
+
+
+def action_scheme_matters(action: str) -> bool:
+    """Whether `action` heads the camera differently under the v2 and the legacy scheme: True iff some frame holds
+    exactly one of a/d or exactly one of j/l, the keys the schemes swap between turning and strafing (held together,
+    a pair cancels in both). Speeds, pitch limit and v2's inertia differ for every moving string, but they change
+    how far and how smoothly the camera goes, not which way, so they are not counted here."""
+    return any(("a" in keys) != ("d" in keys) or ("j" in keys) != ("l" in keys) for keys in parse_action(action))
 
 
 def _rot_x(angle: float) -> np.ndarray:
@@ -74,39 +96,73 @@ def _rot_y(angle: float) -> np.ndarray:
     return np.array([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]])
 
 
-def _horizontal(axis: np.ndarray) -> np.ndarray:
-    """The axis projected on the world XZ plane (y = 0, the ground) and made unit length; zero if it is vertical."""
+def _horizontal(axis: np.ndarray, eps: float) -> np.ndarray:
+    """The axis projected on the world XZ plane (y = 0, the ground), divided by its length + eps; zero if vertical."""
     flat = axis.copy()
     flat[1] = 0.0
     norm = np.linalg.norm(flat)
-    return flat / norm if norm > 0 else flat
+    return flat / (norm + eps) if norm > 0 else flat
 
 
-def action_to_c2w(action: str, translation_speed: float = 0.05, rotation_speed_deg: float = 1.2,
-                  pitch_limit_deg: float = 85.0) -> np.ndarray:
-    """Roll an action string out into camera-to-world poses (N+1, 4, 4) float32 for N action frames (camera.md §1.3).
+def _positive(name: str, value: float) -> float:
+    """value as a float, refused (ValueError naming it) unless a finite real number > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
 
-    Pose 0 is the identity. Each frame first turns the camera, then moves it, by a fixed step per held key:
-    i/k pitch about the camera's own x axis (i looks up: with +y down, Rx(+a) tips the forward axis towards -y),
-    l/j yaw about the world y axis (l turns right), w/s and d/a move along the camera's forward and right axes
-    flattened onto the world XZ plane, so the camera never changes height. A pitch step that would leave
-    +-pitch_limit_deg is dropped whole, not clamped. Rolled out in float64, returned as float32.
+
+def action_to_c2w(action: str, translation_speed: float | None = None, rotation_speed_deg: float | None = None,
+                  scheme: str = "v2", *, pitch_limit_deg: float | None = None) -> np.ndarray:
+    """Roll an action string out into camera-to-world poses (N+1, 4, 4) float32 for N action frames.
+
+    Pose 0 is the identity. Each frame the held keys set a target velocity of four controls, forward and right
+    translation (world units per frame, along the camera's forward and right axes flattened onto the world XZ
+    plane, so the camera never changes height), yaw about the world y axis and pitch about the camera's own x
+    axis (i looks up: with +y down, Rx(+a) tips the forward axis towards -y). The camera first turns, then moves.
+    None takes the scheme's default speed (per frame) and pitch limit. Rolled out in float64, returned as float32.
+
+    scheme="v2": the official action DSL v2 (NVlabs/Sana, 2026-06), defaults 0.025 units, 0.6 deg, 60 deg.
+        a/d turn left/right and j/l strafe. Velocity with inertia, at a fixed 16 fps: a frame that presses a key
+        not held the frame before snaps all four controls to the target; otherwise each eases towards its target,
+        v += alpha (target - v), alpha = 1 - exp(-dt/tau), tau = 0.45 s where the target is non-zero and 1 s where
+        it is zero (so after a release, and through `none` frames, the camera coasts to a stop). Pitch saturates at
+        +-pitch_limit_deg; the flattened axes are divided by their length + 1e-6.
+    scheme="legacy": camera.md §1.3, diffusers 0.42.1's roll-out bit for bit, defaults 0.05 units, 1.2 deg,
+        85 deg. a/d strafe and j/l turn; velocity = target every frame; a pitch step that would leave
+        +-pitch_limit_deg is dropped whole. A legacy string converts to v2 by swapping a<->j and d<->l.
     """
-    step, pitch_limit = math.radians(rotation_speed_deg), math.radians(pitch_limit_deg)
-    rotation, position, pitch = np.eye(3), np.zeros(3), 0.0
+    if scheme not in ACTION_SCHEMES:
+        raise ValueError(f"scheme must be one of {sorted(ACTION_SCHEMES)}, got {scheme!r}")
+    given = {"translation_speed": translation_speed, "rotation_speed_deg": rotation_speed_deg,
+             "pitch_limit_deg": pitch_limit_deg}
+    speed, degrees, limit = (ACTION_SCHEMES[scheme][name] if value is None else _positive(name, value)
+                             for name, value in given.items())
+    v2, frames = scheme == "v2", parse_action(action)
+    controls = ("ws", "lj", "da", "ik") if v2 else ("ws", "da", "lj", "ik")  # (+key, -key): forward, right, yaw, pitch
+    scale = np.array([speed, speed, math.radians(degrees), math.radians(degrees)])
+    pitch_limit, eps = math.radians(limit), 1e-6 if v2 else 0.0
+    rotation, position, pitch, velocity, before = np.eye(3), np.zeros(3), 0.0, np.zeros(4), frozenset()
     rotations, positions = [rotation], [position]
-    for keys in parse_action(action):
-        d_pitch = step * (("i" in keys) - ("k" in keys))
-        if abs(pitch + d_pitch) <= pitch_limit:
+    for keys in frames:
+        target = scale * np.array([(plus in keys) - (minus in keys) for plus, minus in controls])
+        if not v2 or keys - before:
+            velocity = target
+        else:
+            alpha = np.where(np.abs(target) > 1e-12, V2_ALPHA_PRESS, V2_ALPHA_COAST)
+            velocity = velocity + alpha * (target - velocity)
+        before = keys
+        forward_step, right_step, d_yaw, d_pitch = velocity
+        if v2:
+            d_pitch = min(max(pitch + d_pitch, -pitch_limit), pitch_limit) - pitch
+            pitch += d_pitch
+        elif abs(pitch + d_pitch) <= pitch_limit:
             pitch += d_pitch
         else:
             d_pitch = 0.0
-        d_yaw = step * (("l" in keys) - ("j" in keys))
         rotation = _rot_y(d_yaw) @ rotation @ _rot_x(d_pitch)  # yaw in the world frame, pitch in the camera frame
-        forward, right = _horizontal(rotation[:, 2]), _horizontal(rotation[:, 0])
-        move = (translation_speed * forward * (("w" in keys) - ("s" in keys))
-                + translation_speed * right * (("d" in keys) - ("a" in keys)))
-        position = position + move
+        position = position + (_horizontal(rotation[:, 2], eps) * forward_step
+                               + _horizontal(rotation[:, 0], eps) * right_step)
         rotations.append(rotation)
         positions.append(position)
     c2w = np.tile(np.eye(4), (len(rotations), 1, 1))
@@ -330,7 +386,7 @@ def prepare_camera(c2w, intrinsics, size: tuple[int, int] = (704, 1280),
         (8k-7 .. 8k; frame 0 uses 0 .. 7), channel 6*f + m for frame f of the 8 and component m of (d, o x d).
 
     c2w (F, 4, 4) and intrinsics in any form normalize_intrinsics takes, in pixels of the size = (H, W) image
-    (after preprocess_image). T = (F-1)//8 + 1, h = H//32, w = W//32. OpenCV axes.
+    (after preprocess_image), multiples of the spatial strides. T = (F-1)//8 + 1, h = H/32, w = W/32. OpenCV axes.
     """
     poses = torch.from_numpy(check_c2w(c2w))
     num_frames = len(poses)
@@ -338,9 +394,9 @@ def prepare_camera(c2w, intrinsics, size: tuple[int, int] = (704, 1280),
     if len(size) != 2 or len(vae_stride) != 3 or not all(isinstance(n, int) and n > 0 for n in (*size, *vae_stride)):
         raise ValueError(f"size must be (H, W) and vae_stride (t, h, w), positive integers; got {size}, {vae_stride}")
     (height, width), (stride_t, stride_h, stride_w) = size, vae_stride
+    if height % stride_h or width % stride_w:  # the VAE makes no latent grid for such an image: a caller's mistake
+        raise ValueError(f"size {size} must be multiples of vae_stride's spatial strides ({stride_h}, {stride_w})")
     h, w = height // stride_h, width // stride_w
-    if h == 0 or w == 0:
-        raise ValueError(f"size {size} is smaller than one latent pixel of vae_stride {vae_stride}")
 
     # §4.1 poses relative to the first (closed-form inverse); pose 0 is written as exactly the identity.
     rel = torch.cat([torch.eye(4)[None], se3_inverse(poses[0]) @ poses[1:]])

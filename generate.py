@@ -4,11 +4,11 @@ Specs: dit.md §11 (text recipe, first-frame conditioning, sampler), camera.md �
 §7-§8 and §10 (stage 2, the hand-off, the memory plan).
 
     python generate.py --demo                                   # tiny random-weight models on CPU: the plumbing
-    python generate.py --weights RELEASE --image in.png --prompt "a desert road" --action "w-80,jw-40,w-40"
+    python generate.py --weights RELEASE --image in.png --prompt "a desert road" --action "w-80,dw-40,w-40"
 
 Reading order: text encoding (Gemma-2 with the chi prefix), the sampler (`schedule` + `sample`), `generate` (the
 whole pipeline as one function: stage 1, the refiner, decoding), then model loading (the release, or tiny random
-models for the demo), the mp4 writer and the command line (`main`).
+models for the demo), the output (the action overlay, the mp4 writer) and the command line (`main`).
 
 The release folder (`--weights`) holds `dit/`, `vae/`, the stage-1 text encoder Gemma-2-2b-it as a transformers
 folder `text_encoder/` (config.json + *.safetensors) with its tokenizer files either inside it or in a sibling
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFilter, ImageFont, UnidentifiedImageError
 from tqdm import tqdm
 
 import camera
@@ -194,10 +194,12 @@ def _load_image(image) -> Image.Image:
         raise ValueError(f"--image: {image!r} is not a readable image ({e})") from None
 
 
-def check_inputs(prompt: str, action: str | None, c2w, translation_speed: float, rotation_speed_deg: float,
-                 steps: int, num_frames: int, fps: float) -> np.ndarray:
+def check_inputs(prompt: str, action: str | None, c2w, translation_speed: float | None,
+                 rotation_speed_deg: float | None, steps: int, num_frames: int, fps: float,
+                 action_scheme: str = "v2") -> np.ndarray:
     """generate()'s checks that need no model, on their own so that run() makes them before loading any; returns
-    the camera trajectory (F, 4, 4), rolled out of `action` or checked from `c2w` (camera.md §1-§2)."""
+    the camera trajectory (F, 4, 4), rolled out of `action` under `action_scheme` (camera.action_to_c2w; None
+    speeds = the scheme's defaults) or checked from `c2w` (camera.md §1-§2)."""
     if (action is None) == (c2w is None):
         raise ValueError("camera: give exactly one of action (--action, a WASD/IJKL string) or c2w (--camera)")
     if not prompt.strip():
@@ -209,7 +211,7 @@ def check_inputs(prompt: str, action: str | None, c2w, translation_speed: float,
     if not fps > 0:
         raise ValueError(f"--fps must be positive, got {fps}")
     if action is not None:
-        c2w = camera.action_to_c2w(action, translation_speed, rotation_speed_deg)
+        c2w = camera.action_to_c2w(action, translation_speed, rotation_speed_deg, action_scheme)
     c2w = camera.check_c2w(c2w)
     if len(c2w) < 9:
         raise ValueError(f"camera: the trajectory has {len(c2w)} poses; at least 9 frames are needed (8k + 1, k >= 1)")
@@ -219,11 +221,14 @@ def check_inputs(prompt: str, action: str | None, c2w, translation_speed: float,
 @torch.no_grad()
 def generate(dit, vae, tokenizer, text_encoder, image, prompt: str, *, refiner: Stage2 | None = None,
              action: str | None = None, c2w: np.ndarray | None = None, intrinsics=None,
-             translation_speed: float = 0.05, rotation_speed_deg: float = 1.2, num_frames: int = 161,
+             translation_speed: float | None = None, rotation_speed_deg: float | None = None,
+             action_scheme: str = "v2", num_frames: int = 161,
              steps: int = 60, guidance_scale: float = 5.0, negative_prompt: str = "", seed: int = 0,
              fps: float = 16, height: int = HEIGHT, width: int = WIDTH, device="cpu", offload: bool = False,
              part_frames: int | None = None, decode: bool = True) -> Result:
     """First frame `image` (PIL image or path) + `prompt` + camera (`action` string or `c2w` (F, 4, 4)) -> video.
+    The action string is rolled out under action_scheme ("v2" the official DSL, "legacy" diffusers 0.42.1's; see
+    camera.action_to_c2w), with that scheme's speeds where translation_speed / rotation_speed_deg are None.
 
     dit: dit.DiT; vae: vae.VAE; tokenizer and text_encoder: Gemma-2's, the encoder being the decoder stack
     (transformers' Gemma2Model, whose last_hidden_state is read). intrinsics: [fx, fy, cx, cy], a 3x3 K, (F, 4)
@@ -236,7 +241,8 @@ def generate(dit, vae, tokenizer, text_encoder, image, prompt: str, *, refiner: 
     (num_frames - 1 frames, camera c2w[1:]). Before stage 2 the stage-1 DiT and Gemma-2 are moved to the CPU, where
     they stay, so the GPU holds only stage 2 and, without offload, the VAE (refiner.md §10).
     """
-    c2w = check_inputs(prompt, action, c2w, translation_speed, rotation_speed_deg, steps, num_frames, fps)
+    c2w = check_inputs(prompt, action, c2w, translation_speed, rotation_speed_deg, steps, num_frames, fps,
+                       action_scheme)
     pil = _load_image(image)
     if torch.device(device).type == "cuda":
         fast.accelerate(dit)  # the CUDA kernels and compiled blocks (fast.py); the same model, the same weights
@@ -485,6 +491,116 @@ def write_mp4(frames: torch.Tensor, path: str, fps: int):
         container.mux(stream.encode())  # flush
 
 
+OVERLAY_KEYS = "WASD"
+
+
+def action_overlay_controls(c2w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """What the action overlay shows on each of the F frames of the camera path c2w (F, 4, 4), derived from the
+    poses as the official overlay does (NVlabs/Sana diffusion/utils/action_overlay.py), not from an action string:
+
+    keys (F, 4) bool, held W A S D: from the step to the next pose in the camera's own frame, inv(c2w_t) c2w_t+1,
+    W/S when it moves forward/back by more than max(0.005, 0.3 x the clip's 95th percentile of |dz|), D/A likewise
+    right/left along x. So A/D light up for strafing (v2's j/l), never for turning.
+    stick (F, 2) in [-1, 1], (yaw, pitch): the step's rotation as intrinsic Y-X-Z Euler angles, yaw = Y (> 0 turns
+    right), pitch = X (> 0 looks up); each divided by max(0.5 deg, its 95th percentile of |angle|), clipped, then
+    smoothed by e <- 0.35 x + 0.65 e from 0. The last frame repeats the one before.
+    """
+    poses = camera.check_c2w(c2w).astype(np.float64)
+    if len(poses) < 2:
+        return np.zeros((len(poses), 4), bool), np.zeros((len(poses), 2))
+    rotation, position = poses[:, :3, :3], poses[:, :3, 3]
+    rel_r = rotation[:-1].transpose(0, 2, 1) @ rotation[1:]  # the closed-form SE(3) inverse times the next pose
+    rel_t = np.einsum("fji,fj->fi", rotation[:-1], position[1:] - position[:-1])
+    dx, dz = rel_t[:, 0], rel_t[:, 2]
+    thr_x, thr_z = (max(0.005, 0.3 * np.percentile(np.abs(d), 95)) for d in (dx, dz))
+    keys = np.stack([dz > thr_z, dx < -thr_x, dz < -thr_z, dx > thr_x], axis=1)
+    # R = Ry(yaw) Rx(pitch) Rz(roll): R[1, 2] = -sin(pitch), (R[0, 2], R[2, 2]) = cos(pitch) (sin, cos)(yaw).
+    yaw = np.degrees(np.arctan2(rel_r[:, 0, 2], rel_r[:, 2, 2]))
+    pitch = np.degrees(np.arcsin(np.clip(-rel_r[:, 1, 2], -1.0, 1.0)))
+    angles = np.stack([yaw, pitch], axis=1)
+    normalised = np.clip(angles / np.maximum(0.5, np.percentile(np.abs(angles), 95, axis=0)), -1, 1)
+    stick, smoothed = np.zeros_like(normalised), np.zeros(2)
+    for i, x in enumerate(normalised):
+        smoothed = stick[i] = 0.35 * x + 0.65 * smoothed
+    return np.concatenate([keys, keys[-1:]]), np.concatenate([stick, stick[-1:]])
+
+
+def draw_action_overlay(frames: torch.Tensor, c2w: np.ndarray) -> torch.Tensor:
+    """The official action overlay drawn over the video's bottom-left corner: the W A S D key tiles (held ones
+    white, the others dark) and, beside them, a joystick whose knob shows the turn (x: yaw right, y: pitch, a look
+    up moving it down as in the official overlay), as action_overlay_controls derives them from c2w.
+
+    frames (F, H, W, 3) uint8; c2w (F', 4, 4) the camera of each frame (frame t shows entry min(t, F' - 1)).
+    Returns new frames. Sizes follow the official ones (56 px keys on 704 x 1280); their pixel minimums assume a
+    frame of ~400 px or more, so a smaller one shrinks the keys until the panel fits (at most H/6, (W - 2 margin)/7).
+    """
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != torch.uint8:
+        raise ValueError(f"frames must be (F, H, W, 3) uint8, got {frames.dtype} {tuple(frames.shape)}")
+    keys, stick = action_overlay_controls(c2w)
+    video = frames.numpy().copy()
+    height, width = video.shape[1:3]
+    margin = height // 20
+    key = max(1, min(max(32, height * 8 // 100), height // 6, (width - 2 * margin) // 7))
+    gap, corner = max(4, key * 15 // 100), max(4, key // 5)
+    cluster_w, cluster_h = 3 * key + 2 * gap, 2 * key + gap
+    x0, y0 = margin, height - margin - cluster_h
+    small = min(key, 32) / 32  # scales the official pixel minimums on frames too small for them
+    r = max(round(30 * small), int(0.47 * cluster_h))  # the joystick plate's radius
+    ring, halo = round(7 * small), round(14 * small)  # the outer ring's and the plate shadow's distance to the plate
+    cx, cy = x0 + cluster_w + key + r, y0 + cluster_h // 2
+    tiles = [(x0 + key + gap, y0), (x0, y0 + key + gap), (x0 + key + gap, y0 + key + gap),
+             (x0 + 2 * (key + gap), y0 + key + gap)]  # W A S D
+    try:
+        font = ImageFont.truetype("DejaVuSans-Bold.ttf", max(1, key // 2))
+    except OSError:
+        font = ImageFont.load_default(max(1, key // 2))
+    white = lambda alpha: (255, 255, 255, alpha)  # noqa: E731
+
+    # What every frame shares: the soft shadows, the plate, its ring and cross-hair.
+    static = Image.new("RGBA", (width, height))
+    draw = ImageDraw.Draw(static)
+    draw.rounded_rectangle((x0 - 4, y0 - 4, x0 + cluster_w + 4, y0 + cluster_h + 4), corner + 4, fill=(0, 0, 0, 74))
+    draw.ellipse((cx - r - halo, cy - r - halo, cx + r + halo, cy + r + halo), fill=(0, 0, 0, 88))
+    static = static.filter(ImageFilter.GaussianBlur(max(2, key // 8)))
+    draw = ImageDraw.Draw(static)
+    draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=(7, 9, 13, 104), outline=white(95), width=max(1, r // 28))
+    draw.ellipse((cx - r - ring, cy - r - ring, cx + r + ring, cy + r + ring), outline=white(42), width=1)
+    arm = round(0.63 * r)
+    draw.line((cx - arm, cy, cx + arm, cy), fill=white(56))
+    draw.line((cx, cy - arm, cx, cy + arm), fill=white(56))
+    box = static.getbbox()
+    arrow, knob, line = max(round(7 * small), int(0.16 * r)), max(round(7 * small), int(0.13 * r)), max(2, r // 10)
+
+    for t in range(len(video)):
+        held, (yaw, pitch) = keys[min(t, len(keys) - 1)], stick[min(t, len(stick) - 1)]
+        layer = static.copy()
+        draw = ImageDraw.Draw(layer)
+        for letter, (x, y), pressed in zip(OVERLAY_KEYS, tiles, held):
+            fill, outline, ink = ((white(200), white(255), (0, 0, 0, 220)) if pressed else
+                                  ((0, 0, 0, 100), white(60), white(180)))
+            draw.rounded_rectangle((x, y, x + key - 1, y + key - 1), corner, fill=fill, outline=outline,
+                                   width=max(1, key // 28))
+            draw.text((x + key / 2, y + key / 2), letter, fill=ink, font=font, anchor="mm")
+        for dx, dy, value in ((0, -1, -pitch), (0, 1, pitch), (-1, 0, -yaw), (1, 0, yaw)):  # up down left right
+            tip_x, tip_y = cx + dx * (0.78 * r + arrow / 2), cy + dy * (0.78 * r + arrow / 2)
+            base_x, base_y = tip_x - dx * arrow, tip_y - dy * arrow
+            draw.polygon([(tip_x, tip_y), (base_x - dy * arrow / 2, base_y - dx * arrow / 2),
+                          (base_x + dy * arrow / 2, base_y + dx * arrow / 2)], fill=white(210 if value > 0.08 else 72))
+        kx, ky = cx + yaw * 0.48 * r, cy + pitch * 0.48 * r
+        glow = Image.new("RGBA", (width, height))
+        glow_draw = ImageDraw.Draw(glow)
+        glow_draw.line((cx, cy, kx, ky), fill=white(110), width=line)
+        glow_draw.ellipse((kx - 1.8 * knob, ky - 1.8 * knob, kx + 1.8 * knob, ky + 1.8 * knob), fill=white(60))
+        layer.alpha_composite(glow.crop(box).filter(ImageFilter.GaussianBlur(max(1, r // 14))), dest=box[:2])
+        draw.ellipse((kx - knob, ky - knob, kx + knob, ky + knob), fill=white(230))
+        dot = max(2, knob // 3)
+        draw.ellipse((kx - dot, ky - dot, kx + dot, ky + dot), fill=(20, 22, 28, 230))
+        region = Image.fromarray(video[t, box[1]:box[3], box[0]:box[2]]).convert("RGBA")
+        video[t, box[1]:box[3], box[0]:box[2]] = np.asarray(
+            Image.alpha_composite(region, layer.crop(box)).convert("RGB"))
+    return torch.from_numpy(video)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 
@@ -548,12 +664,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="SANA-WM: image + prompt + camera path -> video (stage 1 + refiner).")
     p.add_argument("--image", help="first frame (any size; resized and centre-cropped to 704x1280)")
     p.add_argument("--prompt", help="the text prompt, or a text file holding it")
-    p.add_argument("--action", help="camera as WASD/IJKL actions, e.g. 'w-80,jw-40,w-40' (frames per key set)")
+    p.add_argument("--action", help="camera as WASD/IJKL actions, e.g. 'w-80,dw-40,w-40' (frames per key set; "
+                                    "w/s forward/back, i/k look up/down, v2's a/d turn and j/l strafe)")
     p.add_argument("--camera", help="camera as a .npy of (F, 4, 4) camera-to-world poses (OpenCV axes)")
     p.add_argument("--intrinsics", nargs="+", metavar="K",
                    help="fx fy cx cy in input-image pixels, or a .npy (3,3)/(F,3,3)/(4,)/(F,4); default: 60 deg FOV")
-    p.add_argument("--translation_speed", type=float, default=0.05, help="world units per frame for w/a/s/d")
-    p.add_argument("--rotation_speed_deg", type=float, default=1.2, help="degrees per frame for i/j/k/l")
+    p.add_argument("--action_scheme", choices=sorted(camera.ACTION_SCHEMES), default="v2",
+                   help="v2: the official action DSL (a/d turn, j/l strafe, eased motion); legacy: diffusers "
+                        "0.42.1's (a/d strafe, j/l turn, constant steps)")
+    p.add_argument("--translation_speed", type=float, default=None,
+                   help="world units per frame for w/s and the strafe keys (default: v2 0.025, legacy 0.05)")
+    p.add_argument("--rotation_speed_deg", type=float, default=None,
+                   help="degrees per frame for i/k and the turn keys (default: v2 0.6, legacy 1.2)")
+    p.add_argument("--no_action_overlay", action="store_true",
+                   help="with --action, leave out the W/A/S/D keys and joystick drawn over the video")
     p.add_argument("--num_frames", type=int, default=161,
                    help="snapped to 8k+1, at most the trajectory's length; the refiner drops the first frame (160)")
     p.add_argument("--steps", type=int, default=60)
@@ -599,7 +723,7 @@ def run(args: argparse.Namespace) -> str:
         print("DEMO: tiny models with RANDOM weights on the CPU (stage 1" + ("" if args.no_refiner else " + refiner")
               + "). The video is noise; this only proves the plumbing.")
         if args.action is None and args.camera is None:
-            args.action = "w-8,l-8"
+            args.action = "w-8,d-8"
     else:
         for flag in ("weights", "image", "prompt"):
             if getattr(args, flag) is None:
@@ -611,7 +735,8 @@ def run(args: argparse.Namespace) -> str:
     image = _load_image(args.image) if args.image is not None else demo_image()
     prompt = _read_prompt(args.prompt) if args.prompt is not None else DEMO_PROMPT
     c2w = check_inputs(prompt, args.action, _read_camera(args.camera) if args.camera is not None else None,
-                       args.translation_speed, args.rotation_speed_deg, args.steps, args.num_frames, args.fps)
+                       args.translation_speed, args.rotation_speed_deg, args.steps, args.num_frames, args.fps,
+                       args.action_scheme)
     intrinsics = _read_intrinsics(args.intrinsics)
     if intrinsics is not None:
         camera.check_field_of_view(intrinsics, *image.size)
@@ -627,6 +752,11 @@ def run(args: argparse.Namespace) -> str:
         stage2 = None if args.no_refiner else release_refiner(args.weights, dtype, device)  # checked, not loaded
         dit, vae, tokenizer, text_encoder = load_release(args.weights, dtype, "cpu" if offload else device)
 
+    if args.action is not None and camera.action_scheme_matters(args.action):
+        turn, strafe = ("a/d", "j/l") if args.action_scheme == "v2" else ("j/l", "a/d")
+        print(f"note: --action ran under the {args.action_scheme} action scheme ({turn} turn, {strafe} strafe); "
+              f"strings of the other scheme convert by swapping a<->j and d<->l, or pass --action_scheme "
+              f"{'legacy' if args.action_scheme == 'v2' else 'v2'}", file=sys.stderr)
     with _threads(1 if args.demo else torch.get_num_threads()):
         result = generate(dit, vae, tokenizer, text_encoder, image, prompt, refiner=stage2, c2w=c2w,
                           intrinsics=intrinsics, num_frames=args.num_frames, steps=args.steps,
@@ -637,7 +767,8 @@ def run(args: argparse.Namespace) -> str:
     os.makedirs(args.output_dir, exist_ok=True)
     stem = "demo" if args.image is None else os.path.splitext(os.path.basename(args.image))[0]
     path = os.path.join(args.output_dir, f"{stem}_seed{args.seed}.mp4")
-    write_mp4(result.frames, path, args.fps)
+    overlay = args.action is not None and not args.no_action_overlay
+    write_mp4(draw_action_overlay(result.frames, result.c2w) if overlay else result.frames, path, args.fps)
     np.save(path[:-4] + "_c2w.npy", result.c2w)
     F, H, W, _ = result.frames.shape
     peaks = result.peak_memory_gib

@@ -39,7 +39,8 @@ def make_inputs(cfg, batch, frames, hw, text_len, device, dtype, seed=0):
     """Our forward's arguments: latents (B, c, T, h, w), timesteps (B, T) with the clean conditioning frame 0,
     text (B, L, C) with a padded tail, and raymap (B, T, 20) + Plücker (B, 48, T, h, w) from one camera path."""
     steps, (h, w) = frames - 1, hw
-    c2w = camera.action_to_c2w(f"wl-{steps // 2},dj-{steps - steps // 2}")  # walk turning right, strafe turning left
+    # Legacy key meanings: walk turning right, then strafe right turning left.
+    c2w = camera.action_to_c2w(f"wl-{steps // 2},dj-{steps - steps // 2}", scheme="legacy")
     H, W = 32 * h, 32 * w  # pixels; focal length 0.78 W as in tests/reference.tiny_camera
     raymap, plucker = camera.prepare_camera(c2w, [W * 25 / 32, W * 25 / 32, W / 2, H / 2], size=(H, W))
     T = raymap.shape[0]

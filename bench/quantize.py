@@ -86,8 +86,8 @@ def step_inputs(frames: int, seed: int = 1):
     text = torch.randn(1, 300, 2304, device="cuda", generator=g).bfloat16()
     mask = torch.ones(1, 300, dtype=torch.int64, device="cuda")
     mask[:, 120:] = 0
-    raymap, plucker = prepare_camera(action_to_c2w(f"wl-{(frames - 1) // 2},dk-{frames - 1 - (frames - 1) // 2}"),
-                                     [640.0, 640.0, 640.0, 352.0])
+    c2w = action_to_c2w(f"wl-{(frames - 1) // 2},dk-{frames - 1 - (frames - 1) // 2}", scheme="legacy")
+    raymap, plucker = prepare_camera(c2w, [640.0, 640.0, 640.0, 352.0])
     return x, timestep, text, mask, raymap[None].cuda(), plucker[None].cuda().bfloat16()
 
 

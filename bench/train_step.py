@@ -33,7 +33,7 @@ def make_batch(cfg: DiTConfig, frames: int, height: int, width: int, device) -> 
     """Random latents/noise/text, σ = 0.7 on the noisy frames (frame 0 clean), a real camera path's inputs."""
     g = torch.Generator().manual_seed(0)
     T_lat, h, w = (frames - 1) // 8 + 1, height // 32, width // 32
-    c2w = camera.action_to_c2w(f"w-{frames // 2},jw-{frames - 1 - frames // 2}")
+    c2w = camera.action_to_c2w(f"w-{frames // 2},jw-{frames - 1 - frames // 2}", scheme="legacy")
     k = [0.6 * width, 0.6 * width, width / 2, height / 2]
     raymap, plucker = camera.prepare_camera(c2w, k, size=(height, width))
     sigma = torch.full((1, T_lat), 0.7)

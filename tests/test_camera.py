@@ -1,6 +1,9 @@
 """camera.py against diffusers 0.42.1 (camera.md §10): action roll-outs, frame snapping, intrinsics handling, the
-first-frame preprocessing, raymap / Plücker packing and the UCPE ray matrices; then every bad input."""
+first-frame preprocessing, raymap / Plücker packing and the UCPE ray matrices; the official action DSL v2 against
+the official demo trajectories (tests/data) and its worked values; then every bad input."""
+import time
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -75,23 +78,91 @@ def test_action_to_c2w_matches_reference(seed):
     action = random_action(rng) + ",i-60,kw-5,k-90,il-30"
     speeds = dict(translation_speed=float(rng.uniform(0.01, 0.2)), rotation_speed_deg=float(rng.uniform(0.5, 5)),
                   pitch_limit_deg=float(rng.choice([5.0, 30.0, 85.0])))
-    ours, theirs = camera.action_to_c2w(action, **speeds), ref.action_string_to_c2w(action, **speeds)
+    ours = camera.action_to_c2w(action, scheme="legacy", **speeds)
+    theirs = ref.action_string_to_c2w(action, **speeds)
     assert ours.dtype == np.float32 and ours.shape == theirs.shape == (len(camera.parse_action(action)) + 1, 4, 4)
     assert max_diff(ours, theirs) <= TOL
 
 
-def test_action_semantics():
+def test_legacy_action_semantics():
     forward = lambda c2w: c2w[-1, :3, 2]  # noqa: E731
-    walk = camera.action_to_c2w("w-5", translation_speed=0.1)
+    walk = camera.action_to_c2w("w-5", translation_speed=0.1, scheme="legacy")
     assert walk.shape == (6, 4, 4) and np.allclose(walk[:, :3, :3], np.eye(3)) and np.isclose(walk[-1, 2, 3], 0.5)
-    assert np.array_equal(camera.action_to_c2w("none-3"), np.tile(np.eye(4, dtype=np.float32), (4, 1, 1)))
-    assert forward(camera.action_to_c2w("i-1"))[1] < 0  # look up = towards -y (y points down)
-    assert forward(camera.action_to_c2w("l-1"))[0] > 0  # turn right = towards +x
-    assert camera.action_to_c2w("d-1")[-1, 0, 3] > 0  # strafe right
+    assert np.array_equal(camera.action_to_c2w("none-3", scheme="legacy"),
+                          np.tile(np.eye(4, dtype=np.float32), (4, 1, 1)))
+    assert forward(camera.action_to_c2w("i-1", scheme="legacy"))[1] < 0  # look up = towards -y (y points down)
+    assert forward(camera.action_to_c2w("l-1", scheme="legacy"))[0] > 0  # turn right = towards +x
+    assert camera.action_to_c2w("d-1", scheme="legacy")[-1, 0, 3] > 0  # strafe right
     # Pitch stops at the last whole 1.2-degree step inside 85 degrees (70 steps = 84), and moving stays level.
-    looked_up = camera.action_to_c2w("i-100,w-10")
+    looked_up = camera.action_to_c2w("i-100,w-10", scheme="legacy")
     assert np.isclose(np.degrees(np.arcsin(-forward(looked_up)[1])), 84.0, atol=1e-3)
     assert np.allclose(looked_up[:, 1, 3], 0) and looked_up[-1, 2, 3] > 0.49
+
+
+# ---------------------------------------------------------------------------------------------- §1 the action DSL v2
+
+DATA = Path(__file__).parent / "data"
+OFFICIAL_DEMOS = [  # the official gallery's action strings and speeds (NVlabs/Sana docs/sana_wm.md)
+    ("w-100,dw-60,w-100,aw-60", {}, 321),
+    ("w-35,aw-60,dw-100,aw-55,w-25,none-50", {}, 326),
+    ("w-25,aw-60,dw-100,aw-55,none-85", {"translation_speed": 0.015}, 326),
+]
+
+
+def yaw_deg(c2w: np.ndarray) -> np.ndarray:
+    return np.degrees(np.arctan2(c2w[:, 0, 2].astype(np.float64), c2w[:, 2, 2]))
+
+
+@pytest.mark.parametrize("demo", range(len(OFFICIAL_DEMOS)))
+def test_v2_reproduces_the_official_demo_trajectories(demo):
+    action, speeds, num_poses = OFFICIAL_DEMOS[demo]
+    official = np.load(DATA / f"demo_{demo}_pose.npy")
+    ours = camera.action_to_c2w(action, **speeds)
+    assert official.shape == ours.shape == (num_poses, 4, 4) and ours.dtype == np.float32
+    assert max_diff(ours, official) <= TOL
+    assert max_diff(camera.action_to_c2w(action, scheme="legacy", **speeds), official) > 0.1
+
+
+def test_v2_worked_values():
+    """Values of the official roll-out: snapping on a press, coasting after a release or while both of two opposite
+    keys were held, the saturating pitch limit, and the pressed key's snap cutting a coast short."""
+    coast = camera.action_to_c2w("w-3,none-3")
+    assert np.allclose(coast[:, 2, 3], [0, 0.025, 0.0499999, 0.0749999, 0.0984852, 0.1205476, 0.1412733], atol=1e-6)
+    assert np.array_equal(coast[:, :3, :3], np.tile(np.eye(3, dtype=np.float32), (7, 1, 1)))
+    assert np.allclose(yaw_deg(camera.action_to_c2w("d-2,none-2")), [0, 0.6, 1.2, 1.7636479, 2.2931457], atol=1e-5)
+    assert np.allclose(yaw_deg(camera.action_to_c2w("ad-5,a-5")), [0] * 6 + [-0.0778052, -0.2233261, -0.4277817,
+                                                                             -0.6835297, -0.9839185], atol=1e-5)
+    strafe = camera.action_to_c2w("wl-4")[:, :3, 3]  # j/l strafe in v2
+    assert np.allclose(strafe, np.arange(5)[:, None] * [0.025, 0, 0.025], atol=1e-6)
+    assert np.isclose(yaw_deg(camera.action_to_c2w("d-16"))[-1], 9.6, atol=1e-5)
+    assert np.isclose(yaw_deg(camera.action_to_c2w("d-16,none-64"))[-1], 18.732733, atol=1e-5)
+    assert np.allclose(yaw_deg(camera.action_to_c2w("d-16,w-5"))[16:], 9.6, atol=1e-5)  # w's press zeroes the yaw
+    looked_up = camera.action_to_c2w("i-200")[-1]
+    assert np.isclose(np.degrees(np.arcsin(-looked_up[1, 2])), 60.0, atol=1e-4)  # saturated, not dropped at 59.4
+    stream = camera.action_to_c2w("w-80,dw-40,w-80,aw-40")
+    assert np.allclose(yaw_deg(stream)[[80, 120, 160, 200, 240]], [0, 24, 32.53948, 33.24044, 9.24044], atol=1e-4)
+    assert np.allclose(stream[-1, :3, 3], [1.61087, 0, 5.600827], atol=1e-5)
+    assert np.isclose(camera.action_to_c2w("w-10", translation_speed=0.1)[-1, 2, 3], 0.999999, atol=1e-7)
+    # a/d turn and j/l strafe in v2; the legacy scheme swaps them.
+    assert yaw_deg(camera.action_to_c2w("a-3"))[-1] < 0 and camera.action_to_c2w("j-3")[-1, 0, 3] < 0
+    assert np.allclose(camera.action_to_c2w("j-3")[:, :3, :3], np.eye(3))
+    assert np.allclose(camera.action_to_c2w("a-3", scheme="legacy")[:, :3, :3], np.eye(3))
+
+
+def test_action_scheme_matters():
+    for action in ("w-5,d-5", "j-1", "ad-3,a-1", "WL-2", "jl-2,none-3,l-1"):
+        assert camera.action_scheme_matters(action), action
+    for action in ("w-10,none-5", "wsik-4", "ad-5", "jl-5,wi-3", "ADJL-2", "none-3"):
+        assert not camera.action_scheme_matters(action), action
+
+
+def test_huge_action_is_refused_at_once():
+    for action in ("w-99999999", "w-99999999999999999999", f"w-{camera.MAX_ACTION_FRAMES},s-1"):
+        start = time.perf_counter()
+        with pytest.raises(ValueError, match="MAX_ACTION_FRAMES"):
+            camera.action_to_c2w(action)
+        assert time.perf_counter() - start < 1.0
+    assert len(camera.parse_action(f"w-{camera.MAX_ACTION_FRAMES - 1},s-1")) == camera.MAX_ACTION_FRAMES
 
 
 # ---------------------------------------------------------------------------------------------- §2 frames, intrinsics
@@ -149,9 +220,9 @@ def test_preprocess_image_matches_reference(seed):
 
 # ---------------------------------------------------------------------------------------------- §4 DiT inputs
 
-CAMERA_CASES = [  # (num_frames, (H, W), vae_stride): frame counts 8k+1 and not, non-square and non-multiple sizes
+CAMERA_CASES = [  # (num_frames, (H, W), vae_stride): frame counts 8k+1 and not, non-square sizes, other strides
     (1, (64, 96), (8, 32, 32)), (2, (96, 64), (8, 32, 32)), (5, (160, 96), (8, 32, 32)), (9, (64, 128), (8, 32, 32)),
-    (12, (100, 200), (8, 32, 32)), (17, (96, 160), (8, 32, 32)), (30, (64, 96), (8, 32, 32)),
+    (12, (96, 224), (8, 32, 32)), (17, (96, 160), (8, 32, 32)), (30, (64, 96), (8, 32, 32)),
     (41, (128, 96), (8, 32, 32)), (13, (48, 80), (4, 16, 16)), (33, (96, 64), (8, 32, 32)),
 ]
 
@@ -238,6 +309,19 @@ BAD_INPUTS = [
     (lambda: camera.parse_action("w-3,,a-2"), "action"),
     (lambda: camera.parse_action("w-3,"), "action"),
     (lambda: camera.action_to_c2w("wx-3"), "action"),
+    (lambda: camera.action_to_c2w("w-3", translation_speed=float("nan")), "translation_speed"),
+    (lambda: camera.action_to_c2w("w-3", translation_speed=float("inf")), "translation_speed"),
+    (lambda: camera.action_to_c2w("w-3", translation_speed=-0.05), "translation_speed"),
+    (lambda: camera.action_to_c2w("w-3", translation_speed=0.0, scheme="legacy"), "translation_speed"),
+    (lambda: camera.action_to_c2w("w-3", translation_speed="0.05"), "translation_speed"),
+    (lambda: camera.action_to_c2w("d-3", rotation_speed_deg=float("nan")), "rotation_speed_deg"),
+    (lambda: camera.action_to_c2w("d-3", rotation_speed_deg=float("-inf")), "rotation_speed_deg"),
+    (lambda: camera.action_to_c2w("d-3", rotation_speed_deg=-1.2, scheme="legacy"), "rotation_speed_deg"),
+    (lambda: camera.action_to_c2w("i-3", pitch_limit_deg=0.0), "pitch_limit_deg"),
+    (lambda: camera.action_to_c2w("w-3", scheme="v3"), "scheme"),
+    (lambda: camera.action_to_c2w("w-3", scheme=None), "scheme"),
+    (lambda: camera.action_to_c2w("w-99999999"), "action"),
+    (lambda: camera.action_scheme_matters("d-"), "action"),
     (lambda: camera.check_c2w(np.eye(4)), "c2w"),
     (lambda: camera.check_c2w(np.zeros((3, 3, 4))), "c2w"),
     (lambda: camera.check_c2w(np.zeros((0, 4, 4))), "c2w"),
@@ -272,6 +356,9 @@ BAD_INPUTS = [
     (lambda: camera.resize_and_center_crop(IMAGE, 0, 96), "height"),
     (lambda: camera.crop_intrinsics(np.ones((3, 3)), (640, 480), (96, 72), (0, 4)), "intrinsics"),
     (lambda: camera.prepare_camera(GOOD_C2W, GOOD_K, size=(16, 96)), "size"),
+    (lambda: camera.prepare_camera(GOOD_C2W, GOOD_K, size=(100, 96)), "size"),  # 3.125 latent rows
+    (lambda: camera.prepare_camera(GOOD_C2W, GOOD_K, size=(64, 200)), "size"),
+    (lambda: camera.prepare_camera(GOOD_C2W, GOOD_K, size=(48, 72), vae_stride=(4, 16, 16)), "size"),
     (lambda: camera.prepare_camera(GOOD_C2W, GOOD_K, size=(64, 96), vae_stride=(8, 32)), "vae_stride"),
     (lambda: camera.snap_num_frames(9, stride=0), "stride"),
     (lambda: camera.se3_inverse(torch.zeros(2, 3, 4)), "transforms"),

@@ -114,7 +114,7 @@ def test_generate_matches_pipeline_without_cfg(models):
     ref = pipe(image=image, prompt=G.DEMO_PROMPT, height=SIZE[0], width=SIZE[1], num_inference_steps=3,
                guidance_scale=1.0, generator=torch.Generator().manual_seed(7), output_type="latent", **kwargs).frames
     ours = G.generate(dit, vae, tokenizer, gemma, image, G.DEMO_PROMPT, height=SIZE[0], width=SIZE[1], steps=3,
-                      guidance_scale=1.0, seed=7, decode=False, offload=True, **kwargs)
+                      guidance_scale=1.0, seed=7, decode=False, offload=True, action_scheme="legacy", **kwargs)
     assert ours.latents.shape == ref.shape == (1, 8, 3, 4, 6)
     assert (ours.latents - ref).abs().max() <= 1e-4, (ours.latents - ref).abs().max()
 
@@ -215,7 +215,7 @@ def test_two_stage_matches_pipeline_then_refiner(models):
     ref_video = ref_refiner(stage1, G.DEMO_PROMPT, fps=12, output_type="np")  # (F, H, W, 3) in [0, 1]
 
     ours = G.generate(dit, vae, tokenizer, gemma, image, G.DEMO_PROMPT, refiner=_tiny_refiner(p), height=SIZE[0],
-                      width=SIZE[1], steps=2, guidance_scale=1.0, seed=5, fps=12, **kwargs)
+                      width=SIZE[1], steps=2, guidance_scale=1.0, seed=5, fps=12, action_scheme="legacy", **kwargs)
     assert ours.latents.shape == ref_latents.shape == (1, 8, 5, 4, 6)
     assert (ours.latents - ref_latents).abs().max() <= 1e-4, (ours.latents - ref_latents).abs().max()
     assert (ours.latents[:, :, 0] - stage1[:, :, 0]).abs().max() <= 1e-5  # the sink frame is carried through
@@ -224,7 +224,7 @@ def test_two_stage_matches_pipeline_then_refiner(models):
     assert ref_video.shape == (32, *SIZE, 3) and ours.frames.shape == (32, *SIZE, 3)
     error = np.abs(ours.frames.numpy().astype(np.float64) - 255 * ref_video.astype(np.float64)).max()
     assert error <= 0.5 + 127.5 * 1e-4, error
-    trajectory = G.camera.action_to_c2w("w-16,l-16")
+    trajectory = G.camera.action_to_c2w("w-16,l-16", scheme="legacy")
     assert ours.c2w.shape == (32, 4, 4) and np.array_equal(ours.c2w, trajectory[1:33])
     assert ours.intrinsics.shape == (32, 4) and ours.refine_seconds is not None
 
@@ -277,7 +277,7 @@ def test_generate_matches_pipeline_on_release():
     ref = pipe(image=image, prompt=G.DEMO_PROMPT, num_inference_steps=2, guidance_scale=5.0,
                generator=torch.Generator().manual_seed(0), output_type="latent", **kwargs).frames
     ours = G.generate(dit, vae, tokenizer, gemma, image, G.DEMO_PROMPT, steps=2, guidance_scale=5.0, seed=0,
-                      device=device, decode=False, **kwargs)
+                      device=device, decode=False, action_scheme="legacy", **kwargs)
     assert max_rel_err(ours.latents, ref) <= 1e-3, max_rel_err(ours.latents, ref)
 
 
@@ -292,16 +292,83 @@ def test_demo_writes_a_playable_mp4(tmp_path, capsys, no_refiner):
     argv = ["--demo", "--steps", "2", "--fps", "12", "--output_dir", str(tmp_path)] + ["--no_refiner"] * no_refiner
     assert G.main(argv) == 0
     frames_expected = 17 if no_refiner else 16
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "RANDOM weights" in out and f"{frames_expected} frames, 192x128" in out
+    assert "under the v2 action scheme" in err and "a<->j and d<->l" in err  # the default camera turns with d
     assert ("no refiner" in out) == no_refiner and ("refiner " in out) != no_refiner
     with av.open(str(tmp_path / "demo_seed0.mp4")) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
         assert container.streams.video[0].average_rate == 12
     assert len(frames) == frames_expected and frames[0].shape == (128, 192, 3)
     c2w = np.load(tmp_path / "demo_seed0_c2w.npy")
-    trajectory = G.camera.action_to_c2w("w-8,l-8")  # the demo's default camera
+    trajectory = G.camera.action_to_c2w("w-8,d-8")  # the demo's default camera: forward, then turn right
     assert np.array_equal(c2w, trajectory[17 - frames_expected:17])
+
+
+def test_action_overlay_controls():
+    """Keys and joystick from the poses: walking lights W, strafing (v2 j/l) A/D, turning (v2 a/d) no key but the
+    joystick; the official overlay's values on the official demo_0 trajectory."""
+    keys, stick = G.action_overlay_controls(G.camera.action_to_c2w("w-12,l-12,d-12,s-12,j-12,i-12"))
+    held = ["".join(k for k, on in zip(G.OVERLAY_KEYS, row) if on) for row in keys]
+    assert keys.shape == (73, 4) and stick.shape == (73, 2)
+    assert held[:12] == ["W"] * 12 and held[13:24] == ["D"] * 11 and held[25:36] == [""] * 11
+    assert held[37:48] == ["S"] * 11 and held[49:60] == ["A"] * 11 and held[61:] == [""] * 12
+    assert (stick[26:36, 0] > 0.5).all() and np.abs(stick[:24]).max() == 0 and np.abs(stick[26:36, 1]).max() < 1e-3
+    assert (stick[64:, 1] > 0.5).all() and np.abs(stick[64:, 0]).max() < 1e-3  # look up: +pitch, the knob goes down
+    demo = np.load(os.path.join(os.path.dirname(__file__), "data", "demo_0_pose.npy"))[1:321]  # "w-100,dw-60,..."
+    keys, stick = G.action_overlay_controls(demo)
+    assert keys.all(axis=0).tolist() == [True, False, False, False] and not keys[:, 1:].any()
+    assert np.allclose(stick[[98, 99, 100, 160, 200, 260], 0], [0, 0.35, 0.5775, 0.9451, 0.0823, -0.5766], atol=1e-4)
+    assert (stick[115:159, 0] > 0.999).all() and (stick[275:320, 0] < -0.999).all() and not stick[:, 1].any()
+
+
+def test_demo_draws_the_action_overlay(tmp_path, monkeypatch, capsys):
+    """--action draws the keys over the video (W white while walking, D while strafing with v2's l), only inside its
+    corner; --no_action_overlay writes the generated frames as they are; the saved camera is the same."""
+    import av
+
+    made, written = [], []
+    generate, write_mp4 = G.generate, G.write_mp4
+    monkeypatch.setattr(G, "generate", lambda *a, **k: made.append(generate(*a, **k)) or made[-1])
+    monkeypatch.setattr(G, "write_mp4", lambda frames, *a: written.append(frames) or write_mp4(frames, *a))
+    argv = ["--demo", "--no_refiner", "--steps", "1", "--action", "w-8,l-8"]
+    assert G.main(argv + ["--output_dir", str(tmp_path / "overlay")]) == 0
+    assert "under the v2 action scheme" in capsys.readouterr().err
+    assert G.main(argv + ["--no_action_overlay", "--output_dir", str(tmp_path / "plain")]) == 0
+    assert torch.equal(made[0].frames, made[1].frames) and torch.equal(written[1], made[1].frames)
+    assert np.array_equal(np.load(tmp_path / "overlay" / "demo_seed0_c2w.npy"),
+                          np.load(tmp_path / "plain" / "demo_seed0_c2w.npy"))
+    overlaid, plain = written[0].numpy(), written[1].numpy()
+    touched = (overlaid != plain).any(axis=(0, 3))
+    rows, cols = np.nonzero(touched)
+    assert rows.min() > 128 // 3 and cols.max() < 170  # the bottom-left corner only, clear of the right edge
+    # At 128 x 192 the keys are 21 px (margin 6, gap 4): W at (31, 76), S at (31, 101), D at (56, 101); the
+    # 15 x 15 inside of a tile: a white pressed tile is >= 200 but for its dark letter.
+    inside = lambda frame, x, y: frame[y + 3:y + 18, x + 3:x + 18].min(axis=-1)  # noqa: E731
+    with av.open(str(tmp_path / "overlay" / "demo_seed0.mp4")) as container:
+        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    for frame in (decoded[3], overlaid[3]):
+        w_tile, s_tile = inside(frame, 31, 76), inside(frame, 31, 101)
+        assert (w_tile > 185).mean() > 0.5 and w_tile.min() < 80  # white, with the black W drawn on it
+        assert (s_tile > 185).mean() < 0.35
+    assert (inside(overlaid[12], 56, 101) > 185).mean() > 0.5 and (inside(overlaid[12], 31, 76) > 185).mean() < 0.35
+
+
+def test_draw_action_overlay_fits_small_and_large_frames():
+    """The official layout on 704 x 1280 (keys of 56 px at (99, 549) for W); on 128 x 192 the panel shrinks into
+    the frame. A frame with no pressed key and a still stick differs from a pressed one only on the tiles."""
+    c2w = G.camera.action_to_c2w("w-4")
+    for height, width in ((704, 1280), (128, 192), (64, 64)):
+        frames = torch.full((5, height, width, 3), 90, dtype=torch.uint8)
+        out = G.draw_action_overlay(frames, c2w).numpy()
+        assert out.shape == frames.shape and out.dtype == np.uint8 and not np.array_equal(out, frames.numpy())
+    big = G.draw_action_overlay(torch.full((5, 704, 1280, 3), 90, dtype=torch.uint8), c2w).numpy()
+    assert (big[0, 549 + 8:549 + 48, 99 + 8:99 + 48].min(-1) > 185).mean() > 0.5  # W pressed: white
+    assert (big[0, 613 + 8:613 + 48, 163 + 8:163 + 48].max(-1) < 90).mean() > 0.5  # D idle: darkened
+    with pytest.raises(ValueError, match="frames"):
+        G.draw_action_overlay(torch.zeros(5, 64, 64, 3), c2w)
+    with pytest.raises(ValueError, match="c2w"):
+        G.draw_action_overlay(torch.zeros(5, 64, 64, 3, dtype=torch.uint8), np.zeros((5, 3, 4)))
 
 
 def _bad_inputs(tmp):

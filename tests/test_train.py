@@ -54,7 +54,7 @@ def render(c2w: np.ndarray, k: np.ndarray, height: int, width: int, half: float 
 
 
 def write_clip(folder: Path, action: str, caption: str, mp4: bool = False) -> np.ndarray:
-    c2w = camera.action_to_c2w(action, translation_speed=0.08, rotation_speed_deg=2.5)
+    c2w = camera.action_to_c2w(action, translation_speed=0.08, rotation_speed_deg=2.5, scheme="legacy")
     frames = render(c2w, INTRINSICS, HEIGHT, WIDTH)
     folder.mkdir(parents=True)
     if mp4:
