@@ -502,6 +502,11 @@ def _check_inputs(cfg, x, timestep, text, text_mask, raymap, plucker, chunk_size
         if t is not None and (t.dim() != len(shape) or any(s not in (None, n) for s, n in zip(shape, t.shape))):
             raise ValueError(f"{name}: expected shape {tuple('L' if s is None else s for s in shape)}, "
                              f"got {tuple(t.shape)}")
+    # A NaN or infinite timestep would be cast to an arbitrary integer noise level and give a finite but wrong
+    # velocity. The check reads one bit back from the device, a sync; forward already waits for the GPU in
+    # crop_text (the text mask), so this adds one tiny reduction, not a second stall of the queue.
+    if not bool(torch.isfinite(timestep).all()):
+        raise ValueError("timestep: expected finite values in [0, 1000], got NaN or infinity")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size: expected None or a positive int (frames), got {chunk_size!r}")
     return B, T, h, w

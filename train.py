@@ -246,15 +246,35 @@ def precompute(clips_dir, out_dir, vae, encode_text, num_frames: int, height: in
 # 3. Shards, the global sample order and per-sample randomness.
 # ----------------------------------------------------------------------------------------------------------------
 
+DATASET_KEYS = ("num_frames", "height", "width", "shards")  # what precompute writes and training reads
+
+
+def _read_dataset_json(path: Path) -> dict:
+    """A data folder's dataset.json, with the keys training reads; every error names the file (and the key)."""
+    if not path.is_file():
+        raise ValueError(f"data: {path} is missing (run `train.py precompute` first)")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # JSONDecodeError (and UnicodeDecodeError) are ValueErrors
+        raise ValueError(f"data: {path} is not JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"data: {path} must hold a JSON object, got {type(meta).__name__}")
+    missing = [key for key in DATASET_KEYS if key not in meta]
+    if missing:
+        raise ValueError(f"data: {path} lacks the key {missing[0]!r} (expected {', '.join(DATASET_KEYS)}; "
+                         f"`train.py precompute` writes them)")
+    if not isinstance(meta["shards"], list):
+        raise ValueError(f"data: {path}: 'shards' must be a list of shard file names, got {meta['shards']!r}")
+    return meta
+
+
 class LatentDataset:
     """The precomputed clips of a data folder; item i = dict of tensors (latents, text, text_mask, raymap, plucker,
     optionally stage1). Reads lazily, one clip at a time."""
 
     def __init__(self, root):
         self.root = Path(root)
-        if not (self.root / "dataset.json").is_file():
-            raise ValueError(f"data: {self.root / 'dataset.json'} is missing (run `train.py precompute` first)")
-        self.meta = json.loads((self.root / "dataset.json").read_text())
+        self.meta = _read_dataset_json(self.root / "dataset.json")
         self.items = []
         for shard in self.meta["shards"]:
             try:
@@ -712,6 +732,30 @@ def train(args) -> tuple[list[float], nn.Module]:
 # 6. Command line.
 # ----------------------------------------------------------------------------------------------------------------
 
+def _finite_float(value: str) -> float:
+    """argparse type of every float flag: NaN and infinities are refused with the flag's name (a NaN learning rate
+    or clip norm would otherwise train to NaN weights without an error)."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {value!r}")
+    return number
+
+
+def _positive(v):
+    return v > 0
+
+
+# The float flags' ranges, checked after parsing (AdamW itself refuses betas outside [0, 1)).
+FLOAT_RANGES = {"fps": ("> 0", _positive), "lr": ("> 0", _positive), "grad_clip": ("> 0", _positive),
+                "shift": ("> 0", _positive), "lora_alpha": ("> 0", _positive),
+                "weight_decay": (">= 0", lambda v: v >= 0), "beta1": ("in [0, 1)", lambda v: 0 <= v < 1),
+                "beta2": ("in [0, 1)", lambda v: 0 <= v < 1), "ema_decay": ("in [0, 1]", lambda v: 0 <= v <= 1),
+                "text_dropout": ("in [0, 1]", lambda v: 0 <= v <= 1)}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -730,7 +774,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     pre.add_argument("--clips", required=True, help="folder of clip folders (section 2)")
     pre.add_argument("--out", required=True, help="output data folder")
     pre.add_argument("--weights", required=True, help="the release folder (vae/, text_encoder/, refiner/)")
-    pre.add_argument("--fps", type=float, default=16.0, help="frame rate of the clips (refiner RoPE)")
+    pre.add_argument("--fps", type=_finite_float, default=16.0, help="frame rate of the clips (refiner RoPE)")
     pre.add_argument("--shard_size", type=int, default=32)
     pre.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="VAE / text encoder dtype")
 
@@ -741,26 +785,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     tr.add_argument("--weights", help="initial weights: the release dit/ or refiner/ folder (default: from scratch)")
     tr.add_argument("--config", help="a model config.json (DiTConfig / RefinerConfig fields); default: the release")
     tr.add_argument("--steps", type=int, default=1000, help="optimizer steps in total (a resumed run included)")
-    tr.add_argument("--lr", type=float, help="peak learning rate (default: the stage's)")
+    tr.add_argument("--lr", type=_finite_float, help="peak learning rate (default: the stage's)")
     tr.add_argument("--global_batch", type=int, help="clips per optimizer step over all processes (default: stage)")
     tr.add_argument("--camera", action=argparse.BooleanOptionalAction, default=None,
                     help="feed raymap + Plücker to the DiT (default: the stage's)")
     tr.add_argument("--grad_accum", type=int, default=1, help="micro-steps per optimizer step")
     tr.add_argument("--warmup", type=int, default=500, help="linear warm-up steps")
-    tr.add_argument("--grad_clip", type=float, default=1.0)
-    tr.add_argument("--weight_decay", type=float, default=0.0)
-    tr.add_argument("--beta1", type=float, default=0.9)
-    tr.add_argument("--beta2", type=float, default=0.999)
-    tr.add_argument("--ema_decay", type=float, default=0.9999)
+    tr.add_argument("--grad_clip", type=_finite_float, default=1.0)
+    tr.add_argument("--weight_decay", type=_finite_float, default=0.0)
+    tr.add_argument("--beta1", type=_finite_float, default=0.9)
+    tr.add_argument("--beta2", type=_finite_float, default=0.999)
+    tr.add_argument("--ema_decay", type=_finite_float, default=0.9999)
     tr.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
                     help="bf16: autocast (one process) or FSDP mixed precision; master weights stay fp32")
     tr.add_argument("--activation_checkpointing", action=argparse.BooleanOptionalAction, default=True)
     tr.add_argument("--chunk_size", type=int, help="latent frames per causal chunk: trains the chunk-causal DiT")
-    tr.add_argument("--shift", type=float, default=TRAIN_SHIFT, help="flow shift of the σ sampling")
+    tr.add_argument("--shift", type=_finite_float, default=TRAIN_SHIFT, help="flow shift of the σ sampling")
     tr.add_argument("--sigma_sampling", choices=("uniform", "logit_normal"), default="uniform")
-    tr.add_argument("--text_dropout", type=float, default=0.1, help="caption -> empty prompt probability (CFG)")
+    tr.add_argument("--text_dropout", type=_finite_float, default=0.1,
+                    help="caption -> empty prompt probability (CFG)")
     tr.add_argument("--lora_rank", type=int, default=384)
-    tr.add_argument("--lora_alpha", type=float, help="LoRA alpha (default: the rank, i.e. scale 1)")
+    tr.add_argument("--lora_alpha", type=_finite_float, help="LoRA alpha (default: the rank, i.e. scale 1)")
     tr.add_argument("--sink_size", type=int, default=1, help="refiner: clean stage-1 sink frames")
     tr.add_argument("--refiner_block_size", type=int, default=3, help="refiner: noisy frames per window")
     tr.add_argument("--refiner_weighting", choices=("x0", "none"), default="x0",
@@ -775,6 +820,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                      else ()):
         if getattr(args, name) is None:
             setattr(args, name, getattr(stage, name))
+    for name, (expected, ok) in FLOAT_RANGES.items():
+        value = getattr(args, name, None)  # None: not a flag of this command, or left to the stage preset
+        if value is not None and not ok(value):
+            parser.error(f"--{name} must be {expected}, got {value}")
     if (args.num_frames - 1) % 8 or args.height % 32 or args.width % 32 or min(args.height, args.width) < 32:
         parser.error(f"--num_frames must be 8k+1 and --height/--width positive multiples of 32, got "
                      f"{args.num_frames}, {args.height}x{args.width}")
@@ -827,6 +876,8 @@ def _gemma2(weights: Path, dtype, device):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    out = Path(args.out)
+    made_out, done = not out.exists(), False
     try:
         if args.command == "precompute":
             print(f"{run_precompute(args)} clips -> {args.out}")
@@ -834,10 +885,14 @@ def main(argv=None) -> int:
             losses, _ = train(args)
             if _rank() == 0 and losses:
                 print(f"step {args.steps}: loss {losses[-1]:.5f}")
+        done = True
     except (ValueError, OSError, ImportError) as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, even for a key list
         return 2
     finally:
+        # A run that failed before writing anything leaves no empty --out folder behind (rank 0 made it).
+        if not done and made_out and _rank() == 0 and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
