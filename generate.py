@@ -268,7 +268,7 @@ def check_inputs(prompt: str, action: str | None, c2w, translation_speed: float,
     if num_frames < 9:
         raise ValueError(f"--num_frames must be >= 9 (8k+1), got {num_frames}")
     if not (math.isfinite(fps) and fps > 0):
-        raise ValueError(f"--fps must be a finite number > 0, got {fps}")
+        raise ValueError(f"--fps must be positive and finite, got {fps}")
     if action is not None:
         c2w = camera.action_to_c2w(action, translation_speed, rotation_speed_deg)
     c2w = camera.check_c2w(c2w)
