@@ -1,7 +1,8 @@
 """Image + prompt + camera path -> video: SANA-WM (arXiv 2605.15178) end to end, stage 1 then the stage-2 refiner.
 
-Specs: dit.md §11 (text recipe, first-frame conditioning, sampler), camera.md §1-§4 (camera inputs), refiner.md
-§7-§8 and §10 (stage 2, the hand-off, the memory plan).
+What it follows: the release's text recipe (Gemma-2 with the "chi" prompt prefix), first-frame conditioning and
+flow-matching sampler as diffusers' SanaWMPipeline runs them; the camera inputs of camera.py; stage 2 as diffusers'
+SanaWMLTX2Refiner runs it on the stage-1 latents, with a memory plan that keeps one large model on the GPU at a time.
 
     python generate.py --demo                                   # tiny random-weight models on CPU: the plumbing
     python generate.py --weights RELEASE --image in.png --prompt "a desert road" --action "w-80,jw-40,w-40"
@@ -37,8 +38,8 @@ from dit import DiT, DiTConfig
 from refiner import ConnectorsConfig, PromptEncoder, Refiner, RefinerConfig, TextConnectors, refine
 from vae import VAE, VAEConfig
 
-HEIGHT, WIDTH = 704, 1280  # the release was trained at this one resolution (dit.md §11.1)
-TEXT_LENGTH = 300  # text tokens the DiT cross-attends to (dit.md §11.2)
+HEIGHT, WIDTH = 704, 1280  # the release was trained at this one resolution
+TEXT_LENGTH = 300  # text tokens the DiT cross-attends to
 DEFAULT_FOV_DEG = 60.0  # horizontal field of view assumed when no intrinsics are given
 LOW_MEMORY_PART_FRAMES = 16  # --low_memory: latent frames per part of the DiT's memory mode (BENCHMARKS.md)
 
@@ -57,7 +58,7 @@ CHI_PROMPT = "\n".join([
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Text: Gemma-2-2b-it hidden states (dit.md §11.2)
+# Text: Gemma-2-2b-it hidden states
 
 def _gemma(tokenizer, text_encoder, text: str, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded (the training convention; Gemma's tokenizer pads left by default) final hidden states."""
@@ -75,7 +76,7 @@ def encode_prompt(tokenizer, text_encoder, prompt: str) -> tuple[torch.Tensor, t
 
     The prefixed prompt is padded to len(prefix tokens) + 298, then BOS and the last 299 positions are kept: BOS,
     the prefix's last token, up to 298 prompt tokens and right padding. The rest of the prefix only acts through
-    Gemma's attention (dit.md §11.2).
+    Gemma's attention (the recipe of diffusers' SanaWMPipeline).
     """
     length = len(tokenizer.encode(CHI_PROMPT)) + TEXT_LENGTH - 2  # encode() counts the BOS it adds
     hidden, mask = _gemma(tokenizer, text_encoder, CHI_PROMPT + prompt, length)
@@ -85,12 +86,12 @@ def encode_prompt(tokenizer, text_encoder, prompt: str) -> tuple[torch.Tensor, t
 
 @torch.no_grad()
 def encode_negative_prompt(tokenizer, text_encoder, negative_prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The negative prompt is encoded as it is, without the chi prefix, to 300 tokens (dit.md §11.2)."""
+    """The negative prompt is encoded as it is, without the chi prefix, to 300 tokens."""
     return _gemma(tokenizer, text_encoder, negative_prompt, TEXT_LENGTH)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Sampler: flow-matching Euler with the first latent frame held clean (dit.md §11.3-§11.4)
+# Sampler: flow-matching Euler with the first latent frame held clean
 
 FLOW_SHIFT = 9.8  # the release's sampling shift (its training used 9.95, train.TRAIN_SHIFT)
 
@@ -100,7 +101,7 @@ def schedule(num_steps: int, shift: float = FLOW_SHIFT) -> torch.Tensor:
 
     Evenly spaced levels s in [1, s_min], warped towards high noise by shift(s) = shift s / (1 + (shift - 1) s).
     s_min = shift(0.001) is the smallest level of the 1000-step training grid, already shifted, so the last level
-    is shifted twice: this reproduces the reference scheduler bit for bit (dit.md §11.4).
+    is shifted twice: this reproduces diffusers' FlowMatchEulerDiscreteScheduler bit for bit.
     """
     def warp(s):
         return shift * s / (1 + (shift - 1) * s)
@@ -150,12 +151,12 @@ def sample(dit, x, sigmas, text, text_mask, raymap, plucker, guidance_scale=5.0,
 # ----------------------------------------------------------------------------------------------------------------
 # The pipeline
 
-REFINER_SEED = 42  # stage 2 draws its noise from a fixed seed on the device, as the reference does (refiner.md §7)
+REFINER_SEED = 42  # stage 2 draws its noise from a fixed seed on the device, as the reference does
 
 
 @dataclass
 class Stage2:
-    """The stage-2 refiner as two loaders that generate() calls one after the other (refiner.md §10): the prompt
+    """The stage-2 refiner as two loaders that generate() calls one after the other (the memory plan): the prompt
     encoder (Gemma-3 + text connectors: prompt -> (text (1, L, C), mask (1, L))) runs once and is freed before the
     refiner transformer is loaded. Each returns its model on the device it runs on."""
     load_prompt_encoder: Callable[[], Callable[[str], tuple[torch.Tensor, torch.Tensor]]]
@@ -295,7 +296,7 @@ def generate(dit, vae, tokenizer, text_encoder, image, prompt: str, *, refiner: 
     (dit.DiT.forward; CFG halves one at a time), None = the fastest. flow_shift: the sampler's shift (schedule),
     None = the release's 9.8.
 
-    refiner: stage 2 (refiner.md §7-§8), None for stage 1 only. It refines the stage-1 latents at `fps` (the
+    refiner: stage 2, None for stage 1 only. It refines the stage-1 latents at `fps` (the
     video's frame rate: it scales the refiner's RoPE time axis); the decoded video then loses its first frame
     (num_frames - 1 frames, camera c2w[1:]). Before stage 2 the stage-1 DiT and Gemma-2 are moved to the CPU, where
     they stay, so the GPU holds only stage 2 and, without offload, the VAE; offload_refiner=True moves the VAE
@@ -310,7 +311,7 @@ def generate(dit, vae, tokenizer, text_encoder, image, prompt: str, *, refiner: 
     pil = _load_image(image)
     memory = _PeakMemory(device)
 
-    # Camera trajectory (camera.md §1-§2): snapped to 8k + 1 frames (>= 9: both counts were checked), at most the
+    # Camera trajectory: snapped to 8k + 1 frames (>= 9: both counts were checked), at most the
     # trajectory's length; the intrinsics per frame.
     if intrinsics is None:
         fx = pil.width / (2 * math.tan(math.radians(DEFAULT_FOV_DEG) / 2))
@@ -320,7 +321,7 @@ def generate(dit, vae, tokenizer, text_encoder, image, prompt: str, *, refiner: 
     c2w, intrinsics = camera.prepare_trajectory(c2w, intrinsics, min(num_frames, len(c2w)))
     num_frames = len(c2w)
 
-    # First frame: resize + centre crop to H x W in [-1, 1], intrinsics moved onto the crop (camera.md §3); this
+    # First frame: resize + centre crop to H x W in [-1, 1], intrinsics moved onto the crop; this
     # also refuses a field of view outside [25, 120] deg on the input image.
     pixels, intrinsics = camera.preprocess_image(pil, intrinsics, height=height, width=width)
     raymap, plucker = camera.prepare_camera(c2w, intrinsics, size=(height, width))
@@ -355,7 +356,7 @@ def generate(dit, vae, tokenizer, text_encoder, image, prompt: str, *, refiner: 
     refine_seconds, stage1_latents = None, x
     if refiner is not None:
         # Stage 2 takes the stage-1 latents as they are (normalised VAE space, in the DiT's dtype); their frame 0,
-        # the clean image latent, is the refiner's attention sink. Memory plan for one 80 GB GPU (refiner.md §10):
+        # the clean image latent, is the refiner's attention sink. Memory plan for one 80 GB GPU:
         # Gemma-2 and the DiT leave the GPU; Gemma-3 + connectors encode the plain prompt (no chi prefix, 1024
         # tokens) and are freed before the 13 B-parameter transformer loads; it is freed before decoding.
         text_encoder.to("cpu")
@@ -377,7 +378,7 @@ def generate(dit, vae, tokenizer, text_encoder, image, prompt: str, *, refiner: 
         _free_memory(device)
         memory.end("stage 2")
         # The sink frame was carried through unrefined: the video drops its pixel frame (one, as the causal VAE
-        # decodes latent frame 0 to a single frame), and the camera path its first pose (refiner.md §8).
+        # decodes latent frame 0 to a single frame), and the camera path its first pose.
         c2w, intrinsics = c2w[1:], intrinsics[1:]
 
     frames = decode_seconds = stage1_frames = None
@@ -468,15 +469,21 @@ def load_release(weights: str, dtype: torch.dtype, device, text_encoder: str | N
     onto `vae_device` when given). text_encoder: Gemma-2-2b-it's folder (transformers layout, tokenizer files
     inside it or in a sibling tokenizer/), default <weights>/text_encoder: the release does not bundle it."""
     _check_release(weights, text_encoder)
-    transformers = _require_transformers()
-    text_dir, flag = _text_encoder_folder(weights, text_encoder)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(_tokenizer_folder(text_dir, flag))
-    # AutoModel gives the Gemma-2 decoder without the LM head (only hidden states are needed).
-    gemma = transformers.AutoModel.from_pretrained(text_dir, dtype=dtype).to(device).eval()
+    tokenizer, gemma = load_gemma2(weights, dtype, device, text_encoder)
     dit = DiT.from_pretrained(os.path.join(weights, "dit"), dtype=dtype, device=device).eval()
     vae = VAE.from_pretrained(os.path.join(weights, "vae"), dtype=dtype,
                               device=device if vae_device is None else vae_device).eval()
     return dit, vae, tokenizer, gemma
+
+
+def load_gemma2(weights: str, dtype: torch.dtype, device, text_encoder: str | None = None):
+    """(tokenizer, Gemma-2 decoder) from text_encoder, default <weights>/text_encoder, checked first."""
+    text_dir, flag = _text_encoder_folder(weights, text_encoder)
+    _check_model_folder(text_dir, "Gemma-2-2b-it", flag)
+    transformers = _require_transformers()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(_tokenizer_folder(text_dir, flag))
+    # AutoModel gives the Gemma-2 decoder without the LM head (only hidden states are needed).
+    return tokenizer, transformers.AutoModel.from_pretrained(text_dir, dtype=dtype).to(device).eval()
 
 
 def release_refiner(weights: str, dtype: torch.dtype, device, refiner_root: str | None = None) -> Stage2 | None:
@@ -533,7 +540,7 @@ def demo_text_encoder(seed: int = 0, hidden_size: int = 32):
 
 DEMO_SIZE = (128, 192)  # 4 x 6 latent pixels
 
-# The smallest configs that keep every code path of the release models (dit.md §13.1, vae.md §11, refiner.md §12).
+# The smallest configs that keep every code path of the release models (softmax and GDN blocks, every VAE stage).
 DEMO_DIT = DiTConfig(in_channels=8, num_layers=4, hidden_size=48, num_attention_heads=2, softmax_every_n=2,
                      linear_head_dim=24, caption_channels=32)
 DEMO_VAE = VAEConfig(latent_channels=8, block_out_channels=(16, 32, 64, 64), layers_per_block=(1, 1, 1, 1, 1),
@@ -555,7 +562,7 @@ def demo_models(seed: int = 0):
 
 
 def demo_refiner(seed: int = 0) -> Stage2:
-    """A tiny random-weight stage 2, fp32 on the CPU: the refiner and connectors of refiner.md §12's sizes and a
+    """A tiny random-weight stage 2, fp32 on the CPU: the refiner and connectors of DEMO_REFINER's sizes and a
     2-layer Gemma-3 (with the tiny vision tower its transformers class requires) reading the demo tokenizer."""
     transformers = _require_transformers()
     tokenizer = demo_tokenizer()

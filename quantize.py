@@ -15,7 +15,7 @@ FP32 scale per tensor) to fit small GPUs. This file holds the whole story top to
    `<layer>.weight_scale_2` fp32) and a JSON header, and the CLI
    `python quantize.py --in <dit safetensors or release folder> --out dit_nvfp4.safetensors [--preset small]`.
 
-This module imports no other project file (DESIGN.md); only the CLI imports dit.py, lazily.
+This module imports no other project file (the format stands on its own); only the CLI imports dit.py, lazily.
 
 Loading an NVFP4 file into a model (the recipe for a model's from_pretrained; read the file's tensors without
 casting them: the packed weights are uint8, the scales float8_e4m3fn and fp32 by definition):
@@ -384,7 +384,7 @@ class NVFP4Conv2d(NVFP4Linear):
 # Layer sets. Weight bytes of the release DiT (2.6B parameters, 5.32 GB in bf16; tests/test_quantize.py counts
 # them): NVFP4 costs 0.5625 bytes per weight (half a byte plus one E4M3 scale per 16) instead of 2.
 #
-# default (2.73 GB): the blocks' attention, cross-attention and FFN 1x1 convs (dit.md section 2). Embedders,
+# default (2.73 GB): the blocks' attention, cross-attention and FFN 1x1 convs (dit.Block). Embedders,
 # t_block, the final layer, the FFN temporal conv and the camera path (the *_cam projections, plucker_proj) stay in
 # bf16: the official release found that quantising the camera path kills action-following.
 DEFAULT_INCLUDE = ("blocks.*.attn.qkv", "blocks.*.attn.proj", "blocks.*.attn.output_gate",

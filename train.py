@@ -5,8 +5,8 @@
     torchrun --nproc_per_node 8 train.py train --data DATA --out RUN --weights RELEASE/dit --stage 3  # FSDP2
     python train.py train --model refiner --data DATA --out RUN --weights RELEASE/refiner --lora_rank 384
 
-Paper: arXiv 2605.15178 (four progressive stages; refiner fine-tuned with a LoRA). Spec: shared/reference/dit.md
-§11 (flow convention, shift, first-frame conditioning), refiner.md §7 (truncated σ), camera.md §1-§4.
+Paper: arXiv 2605.15178 (four progressive stages; refiner fine-tuned with a LoRA). The flow convention, shift and
+first-frame conditioning are those of generate.py's sampler; the refiner trains from a truncated σ (section 4).
 
 Reading order:
   1. stage presets                       STAGES
@@ -47,8 +47,8 @@ from tqdm import tqdm
 
 import camera
 
-TRAIN_SHIFT = 9.95          # the release's training flow shift (native Sana config `flow_shift`, dit.md §11.4)
-REFINER_SIGMA_MAX = 0.909375  # the refiner starts here, not at 1, so the stage-1 content survives (refiner.md §7)
+TRAIN_SHIFT = 9.95          # the release's training flow shift (native Sana config `flow_shift`)
+REFINER_SIGMA_MAX = 0.909375  # the refiner starts here, not at 1, so the stage-1 content survives
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -142,7 +142,7 @@ def _read_npy(clip: Path, file: str) -> np.ndarray:
 
 def read_clip(clip, num_frames: int, height: int, width: int) -> Clip:
     """Read and validate one clip folder; the first num_frames frames, resized and centre-cropped to height x width
-    (the intrinsics follow the crop, camera.md §3). Every error names the clip and the file."""
+    (the intrinsics follow the crop). Every error names the clip and the file."""
     clip = Path(clip)
     if (num_frames - 1) % 8 or num_frames < 1:
         raise ValueError(f"num_frames: expected 8k+1 (the VAE's frame rule), got {num_frames}")
@@ -325,13 +325,13 @@ def collate(items: list[dict]) -> dict:
 
 # ----------------------------------------------------------------------------------------------------------------
 # 4. Objectives.
-#    Flow matching (dit.md §11.4): x_σ = (1 − σ)·x0 + σ·ε, ε ~ N(0, I), and the model predicts the velocity
+#    Flow matching: x_σ = (1 − σ)·x0 + σ·ε, ε ~ N(0, I), and the model predicts the velocity
 #    v = dx_σ/dσ = ε − x0; the sampler integrates it from σ = 1 to 0. Loss = ‖v_θ(x_σ, 1000σ) − (ε − x0)‖².
 # ----------------------------------------------------------------------------------------------------------------
 
 def shift_sigma(u: torch.Tensor, shift: float) -> torch.Tensor:
     """σ = shift·u / (1 + (shift − 1)·u): u is pushed towards high noise, the same warp as the sampler's schedule
-    (dit.md §11.4, there with 9.8): u = 0.5 gives σ = 0.909 with the training shift 9.95."""
+    (generate.schedule, there with 9.8): u = 0.5 gives σ = 0.909 with the training shift 9.95."""
     return shift * u / (1 + (shift - 1) * u)
 
 
@@ -355,7 +355,7 @@ def dit_sample_noise(item: dict, generator: torch.Generator, args) -> dict:
     # Bidirectional: one σ for all noisy frames, as at inference. Chunk-causal: one σ per chunk (our choice, in the
     # manner of diffusion forcing), so each chunk learns to denoise next to earlier chunks at other noise levels.
     sigma = sample_sigma(generator, n_chunks, args.shift, args.sigma_sampling).repeat_interleave(chunk)[:T].clone()
-    sigma[0] = 0.0  # frame 0 is the image condition: kept clean, timestep 0 (dit.md §11.3)
+    sigma[0] = 0.0  # frame 0 is the image condition: kept clean, timestep 0, as at inference
     drop = bool(torch.rand((), generator=generator) < args.text_dropout)
     return dict(noise=eps, sigma=sigma, drop_text=torch.tensor(drop))
 
@@ -366,7 +366,7 @@ def dit_loss(model, batch: dict, use_camera: bool, chunk_size: int | None) -> to
     x_σ[:, :, t] = (1 − σ_t)·x0[:, :, t] + σ_t·ε[:, :, t]   per latent frame t, σ_0 = 0 (the clean image frame)
     target        = ε − x0
     loss          = mean over the noisy frames t ≥ 1 of (v_θ − target)²  (frame 0 is given, not predicted)
-    Text dropout swaps the caption for the empty prompt's embedding (the CFG negative, dit.md §11.2).
+    Text dropout swaps the caption for the empty prompt's embedding (the CFG negative).
     """
     x0, eps = batch["latents"], batch["noise"]
     sigma = batch["sigma"][:, None, :, None, None]                       # (B, 1, T, 1, 1)
@@ -377,7 +377,7 @@ def dit_loss(model, batch: dict, use_camera: bool, chunk_size: int | None) -> to
         text = torch.where(drop, batch["null_text"], text)
         mask = torch.where(drop[..., 0], batch["null_text_mask"], mask)
     raymap, plucker = (batch["raymap"], batch["plucker"]) if use_camera else (None, None)
-    # The model reads timesteps on its 0..1000 scale (and truncates them to integers, dit.md §12.1, as at inference).
+    # The model reads timesteps on its 0..1000 scale (and truncates them to integers, as at inference).
     v = model(x_sigma, batch["sigma"] * 1000, text, mask, raymap=raymap, plucker=plucker, chunk_size=chunk_size)
     return (v.float() - (eps - x0))[:, :, 1:].pow(2).mean()
 
@@ -397,7 +397,7 @@ def refiner_sample_noise(item: dict, generator: torch.Generator, args) -> dict:
 
 def refiner_loss(model, batch: dict, sink_size: int, fps: float, weighting: str = "x0",
                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Truncated-σ flow matching of the refiner (refiner.md §7) on one micro-batch, one sample at a time.
+    """Truncated-σ flow matching of the refiner on one micro-batch, one sample at a time.
 
     The refiner starts from the stage-1 latent, not from pure noise:
         x_σ      = (1 − σ)·z_stage1 + σ·ε,   σ ∈ (0, 0.909375]
@@ -773,7 +773,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     clip_flags(pre)
     pre.add_argument("--clips", required=True, help="folder of clip folders (section 2)")
     pre.add_argument("--out", required=True, help="output data folder")
-    pre.add_argument("--weights", required=True, help="the release folder (vae/, text_encoder/, refiner/)")
+    pre.add_argument("--weights", required=True, help="the release folder (vae/, refiner/)")
+    pre.add_argument("--text_encoder", help="the DiT's text encoder Gemma-2-2b-it, which the release does not "
+                                            "include (default: <weights>/text_encoder), as generate.py's flag")
     pre.add_argument("--fps", type=_finite_float, default=16.0, help="frame rate of the clips (refiner RoPE)")
     pre.add_argument("--shard_size", type=int, default=32)
     pre.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="VAE / text encoder dtype")
@@ -842,36 +844,24 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run_precompute(args) -> int:
     """precompute with the release's VAE and text encoder (Gemma-2 + chi prefix for the DiT, Gemma-3 + connectors
-    for the refiner)."""
+    for the refiner). The text encoder loads first: for the DiT it is a separate download, the likelier to be
+    missing, and its error should not wait for the VAE."""
     from vae import VAE
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     device = "cuda" if torch.cuda.is_available() else "cpu"
     weights = Path(args.weights)
-    vae = VAE.from_pretrained(weights / "vae", dtype=dtype, device=device).eval()
     if args.model == "refiner":
         from refiner import PromptEncoder
         encoder = PromptEncoder.from_pretrained(weights / "refiner", dtype=dtype, device=device)
         encode_text, null_text = encoder, None
     else:
         import generate
-        tokenizer, text_encoder = _gemma2(weights, dtype, device)
+        tokenizer, text_encoder = generate.load_gemma2(str(weights), dtype, device, args.text_encoder)
         encode_text = functools.partial(generate.encode_prompt, tokenizer, text_encoder)
         null_text = generate.encode_negative_prompt(tokenizer, text_encoder, "")
+    vae = VAE.from_pretrained(weights / "vae", dtype=dtype, device=device).eval()
     return precompute(args.clips, args.out, vae, encode_text, args.num_frames, args.height, args.width,
                       null_text=null_text, fps=args.fps, shard_size=args.shard_size)
-
-
-def _gemma2(weights: Path, dtype, device):
-    try:
-        import transformers
-    except ImportError:
-        raise ImportError("precompute needs `transformers` for Gemma-2: pip install 'transformers>=4.56'") from None
-    text_dir = weights / "text_encoder"
-    if not (text_dir / "config.json").is_file():
-        raise ValueError(f"weights: {text_dir}/config.json is missing (Gemma-2-2b-it of the release)")
-    tok_dir = weights / "tokenizer" if (weights / "tokenizer").is_dir() else text_dir
-    tokenizer = transformers.AutoTokenizer.from_pretrained(tok_dir)
-    return tokenizer, transformers.AutoModel.from_pretrained(text_dir, dtype=dtype).to(device).eval()
 
 
 def main(argv=None) -> int:

@@ -267,7 +267,9 @@ def test_generate_matches_pipeline_on_release():
 
     weights = os.environ["SANA_WM_WEIGHTS"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dit, vae, tokenizer, gemma = G.load_release(weights, torch.float32, device)
+    # Gemma-2-2b-it is a separate download: SANA_WM_TEXT_ENCODER, else <release>/text_encoder.
+    dit, vae, tokenizer, gemma = G.load_release(weights, torch.float32, device,
+                                                text_encoder=os.environ.get("SANA_WM_TEXT_ENCODER"))
     ref_dit = load_sana_wm_native(os.path.join(weights, "dit"), torch.float32, device).to(device)
     ref_vae = AutoencoderKLLTX2Video.from_pretrained(os.path.join(weights, "vae"), torch_dtype=torch.float32)
     # Our VAE encodes with SANA-WM's tiles (vae.md §7); diffusers' pipeline leaves that to the caller.
