@@ -894,9 +894,11 @@ def run(args: argparse.Namespace) -> str:
         device, size = args.device, {}
         dtype = DTYPES[args.dtype]
         _check_release(args.weights, args.text_encoder)
+        if args.save_stage1 and args.refiner_root is None and not os.path.isdir(os.path.join(args.weights,
+                                                                                              "refiner")):
+            raise ValueError(f"--save_stage1: {args.weights} has no refiner/ (and no --refiner_root is given), so "
+                             f"the video is stage 1's")
         stage2 = None if args.no_refiner else release_refiner(args.weights, dtype, device, args.refiner_root)
-        if stage2 is None and args.save_stage1:
-            raise ValueError(f"--save_stage1: {args.weights} has no refiner/, so the video is stage 1's")
         models_device = "cpu" if args.offload else device  # generate() moves each onto the device when it runs
         dit, vae, tokenizer, text_encoder = load_release(
             args.weights, dtype, models_device, args.text_encoder,

@@ -414,6 +414,8 @@ def _bad_inputs(tmp):
     # it comes from a check made before loading. (argparse: a repeated flag's last value wins.)
     unloadable = ["--weights", str(no_connectors), "--image", image, "--prompt", "p", "--action", "w-8",
                   "--no_refiner"]
+    stage1_only = tmp / "release_without_refiner"
+    shutil.copytree(no_connectors, stage1_only, ignore=lambda folder, names: ["refiner"])
     return [
         (unloadable + ["--steps", "0"], ["--steps", "[1, 1000]", "got 0"]),
         (unloadable + ["--prompt", "  "], ["--prompt", "empty"]),
@@ -478,6 +480,7 @@ def _bad_inputs(tmp):
         (unloadable[:-1] + ["--refiner_root", str(no_gemma3 / "refiner")],
          ["--refiner_root", "*.safetensors", "Gemma-3"]),
         (["--demo", "--no_refiner", "--save_stage1"], ["--save_stage1", "--no_refiner"]),
+        (["--weights", str(stage1_only)] + unloadable[2:-1] + ["--save_stage1"], ["--save_stage1", "no refiner/"]),
         (["--demo", "--text_encoder", str(tmp)], ["--demo", "drop --text_encoder"]),
     ]
 
