@@ -12,6 +12,7 @@ layers over spans of frames. The CUDA kernels and compiled blocks are in fast.py
 """
 import json
 import math
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -364,6 +365,11 @@ def _check_inputs(cfg, x, timestep, text, text_mask, raymap, plucker, chunk_size
         if t is not None and (t.dim() != len(shape) or any(s not in (None, n) for s, n in zip(shape, t.shape))):
             raise ValueError(f"{name}: expected shape {tuple('L' if s is None else s for s in shape)}, "
                              f"got {tuple(t.shape)}")
+    # A NaN or infinite timestep would be cast to an arbitrary integer noise level and give a finite but wrong
+    # velocity. The check reads one bit back from the device, a sync; forward already waits for the GPU in
+    # crop_text (the text mask), so this adds one tiny reduction, not a second stall of the queue.
+    if not bool(torch.isfinite(timestep).all()):
+        raise ValueError("timestep: expected finite values in [0, 1000], got NaN or infinity")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size: expected None or a positive int (frames), got {chunk_size!r}")
     if part_frames is not None and (not isinstance(part_frames, int) or part_frames < 1):
@@ -547,3 +553,60 @@ def encode_prompt(tokenizer, text_encoder, prompt: str) -> tuple[torch.Tensor, t
 def encode_negative_prompt(tokenizer, text_encoder, negative_prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The negative prompt is encoded as it is, without the chi prefix, to 300 tokens (dit.md §11.2)."""
     return _gemma(tokenizer, text_encoder, negative_prompt, TEXT_LENGTH)
+
+
+# Loading Gemma-2-2b-it (a separate download: the release does not bundle it), for generate.py and train.py.
+
+def require_transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise ImportError("the Gemma text encoders need `transformers`: pip install 'transformers>=4.56'") from None
+    return transformers
+
+
+RELEASE_LAYOUT = "dit/, vae/, refiner/ and Gemma-2-2b-it in text_encoder/ (or --text_encoder)"
+GEMMA2_DOWNLOAD = ("the SANA-WM release does not include Gemma-2-2b-it: download Efficient-Large-Model/gemma-2-2b-it "
+                   "from the Hugging Face hub and pass its folder with --text_encoder")
+
+
+def check_model_folder(folder: str, what: str, flag: str = "--weights"):
+    """A transformers/diffusers model folder: config.json + *.safetensors, else an error naming what is missing."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{flag}: {folder}/ is missing ({what}; the release layout is {RELEASE_LAYOUT})")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise FileNotFoundError(f"{flag}: {os.path.join(folder, 'config.json')} is missing")
+    if not any(f.endswith(".safetensors") for f in os.listdir(folder)):
+        raise FileNotFoundError(f"{flag}: no *.safetensors in {folder}/ ({what} weights)")
+
+
+def tokenizer_folder(text_dir: str, flag: str) -> str:
+    """Where a text encoder's tokenizer files are: inside its folder (a hub download) or in a sibling tokenizer/
+    (the diffusers release layout); inside wins, so a stray tokenizer/ beside a downloaded model is not read."""
+    places = (text_dir, os.path.join(os.path.dirname(os.path.normpath(text_dir)), "tokenizer"))
+    for place in places:
+        if any(os.path.isfile(os.path.join(place, f)) for f in ("tokenizer.json", "tokenizer.model")):
+            return place
+    raise FileNotFoundError(f"{flag}: no tokenizer.json or tokenizer.model in {places[0]}/ or {places[1]}/")
+
+
+def text_encoder_folder(weights: str, text_encoder: str | None) -> tuple[str, str]:
+    """(Gemma-2's folder, the flag to name in its errors): --text_encoder, else <weights>/text_encoder/."""
+    if text_encoder is not None:
+        if not os.path.isdir(text_encoder):
+            raise FileNotFoundError(f"--text_encoder: no such folder {text_encoder!r} ({GEMMA2_DOWNLOAD})")
+        return text_encoder, "--text_encoder"
+    default = os.path.join(weights, "text_encoder")
+    if not os.path.isdir(default):
+        raise FileNotFoundError(f"--text_encoder: not given and {default}/ is missing; {GEMMA2_DOWNLOAD}")
+    return default, "--weights"
+
+
+def load_gemma2(weights: str, dtype: torch.dtype, device, text_encoder: str | None = None):
+    """(tokenizer, Gemma-2 decoder) from text_encoder, default <weights>/text_encoder, checked first."""
+    text_dir, flag = text_encoder_folder(weights, text_encoder)
+    check_model_folder(text_dir, "Gemma-2-2b-it", flag)
+    transformers = require_transformers()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_folder(text_dir, flag))
+    # AutoModel gives the Gemma-2 decoder without the LM head (only hidden states are needed).
+    return tokenizer, transformers.AutoModel.from_pretrained(text_dir, dtype=dtype).to(device).eval()

@@ -1,7 +1,8 @@
 """Image + prompt + camera path -> video: SANA-WM (arXiv 2605.15178) end to end, stage 1 then the stage-2 refiner.
 
-Specs: dit.md §11 (text recipe, first-frame conditioning, sampler), camera.md §1-§4 (camera inputs), refiner.md
-§7-§8 and §10 (stage 2, the hand-off, the memory plan).
+What it follows: the release's text recipe (Gemma-2 with the "chi" prompt prefix), first-frame conditioning and
+flow-matching sampler as diffusers' SanaWMPipeline runs them; the camera inputs of camera.py; stage 2 as diffusers'
+SanaWMLTX2Refiner runs it on the stage-1 latents, with a memory plan that keeps one large model on the GPU at a time.
 
     python generate.py --demo                                   # tiny random-weight models on CPU: the plumbing
     python generate.py --weights RELEASE --image in.png --prompt "a desert road" --action "w-80,dw-40,w-40"
@@ -17,6 +18,7 @@ tokenizer/). With `refiner/` present the refiner runs unless `--no_refiner` is g
 """
 import argparse
 import gc
+import hashlib
 import math
 import os
 import re
@@ -33,24 +35,28 @@ from tqdm import tqdm
 
 import camera
 import fast
-from dit import CHI_PROMPT, DiT, DiTConfig, encode_negative_prompt, encode_prompt
+from dit import (CHI_PROMPT, RELEASE_LAYOUT, DiT, DiTConfig, check_model_folder, encode_negative_prompt,
+                 encode_prompt, load_gemma2, require_transformers, text_encoder_folder, tokenizer_folder)
 from refiner import ConnectorsConfig, PromptEncoder, Refiner, RefinerConfig, TextConnectors, refine
 from vae import VAE, VAEConfig
 
-HEIGHT, WIDTH = 704, 1280  # the release was trained at this one resolution (dit.md §11.1)
+HEIGHT, WIDTH = 704, 1280  # the release was trained at this one resolution
 DEFAULT_FOV_DEG = 60.0  # horizontal field of view assumed when no intrinsics are given
 LOW_MEMORY_PART_FRAMES = 16  # --low_memory: latent frames per part of the DiT's memory mode (BENCHMARKS.md)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Sampler: flow-matching Euler with the first latent frame held clean (dit.md §11.3-§11.4)
+# Sampler: flow-matching Euler with the first latent frame held clean
 
-def schedule(num_steps: int, shift: float = 9.8) -> torch.Tensor:
+FLOW_SHIFT = 9.8  # the release's sampling shift (its training used 9.95, train.TRAIN_SHIFT)
+
+
+def schedule(num_steps: int, shift: float = FLOW_SHIFT) -> torch.Tensor:
     """The num_steps + 1 noise levels sigma_0 = 1 > sigma_1 > ... > sigma_n = 0 (fp32).
 
     Evenly spaced levels s in [1, s_min], warped towards high noise by shift(s) = shift s / (1 + (shift - 1) s).
     s_min = shift(0.001) is the smallest level of the 1000-step training grid, already shifted, so the last level
-    is shifted twice: this reproduces the reference scheduler bit for bit (dit.md §11.4).
+    is shifted twice: this reproduces diffusers' FlowMatchEulerDiscreteScheduler bit for bit.
     """
     def warp(s):
         return shift * s / (1 + (shift - 1) * s)
@@ -100,12 +106,12 @@ def sample(dit, x, sigmas, text, text_mask, raymap, plucker, guidance_scale=5.0,
 # ----------------------------------------------------------------------------------------------------------------
 # The pipeline
 
-REFINER_SEED = 42  # stage 2 draws its noise from a fixed seed on the device, as the reference does (refiner.md §7)
+REFINER_SEED = 42  # stage 2 draws its noise from a fixed seed on the device, as the reference does
 
 
 @dataclass
 class Stage2:
-    """The stage-2 refiner as two loaders that generate() calls one after the other (refiner.md §10): the prompt
+    """The stage-2 refiner as two loaders that generate() calls one after the other (the memory plan): the prompt
     encoder (Gemma-3 + text connectors: prompt -> (text (1, L, C), mask (1, L))) runs once and is freed before the
     refiner transformer is loaded. Each returns its model on the device it runs on."""
     load_prompt_encoder: Callable[[], Callable[[str], tuple[torch.Tensor, torch.Tensor]]]
@@ -124,6 +130,7 @@ class Result:
     refine_seconds: float | None = None  # stage 2's refinement loop (loading not counted); None without stage 2
     decode_seconds: float | None = None
     peak_memory_gib: dict = field(default_factory=dict)  # {"stage 1"|"stage 2"|"decode": GiB}, on CUDA only
+    stage1_frames: torch.Tensor | None = None  # (F, H, W, 3) uint8: stage 1 decoded, with decode_stage1=True
 
 
 @contextmanager
@@ -196,20 +203,30 @@ def _load_image(image) -> Image.Image:
 
 def check_inputs(prompt: str, action: str | None, c2w, translation_speed: float | None,
                  rotation_speed_deg: float | None, steps: int, num_frames: int, fps: float,
-                 action_scheme: str = "v2") -> np.ndarray:
+                 action_scheme: str = "v2", *, guidance_scale: float = 5.0, flow_shift: float | None = None,
+                 seed: int = 0) -> np.ndarray:
     """generate()'s checks that need no model, on their own so that run() makes them before loading any; returns
     the camera trajectory (F, 4, 4), rolled out of `action` under `action_scheme` (camera.action_to_c2w; None
-    speeds = the scheme's defaults) or checked from `c2w` (camera.md §1-§2)."""
+    speeds = the scheme's defaults) or checked from `c2w`."""
     if (action is None) == (c2w is None):
         raise ValueError("camera: give exactly one of action (--action, a WASD/IJKL string) or c2w (--camera)")
     if not prompt.strip():
         raise ValueError("--prompt is empty")
     if not 1 <= steps <= 1000:
         raise ValueError(f"--steps must be in [1, 1000], got {steps}")
+    # sample() guides only above 1, so a scale below 1 would silently mean 1; NaN would fail every comparison
+    # and switch guidance off without a word.
+    if not (math.isfinite(guidance_scale) and guidance_scale >= 1):
+        raise ValueError(f"--guidance_scale must be a finite number >= 1 (1 = no classifier-free guidance), "
+                         f"got {guidance_scale}")
+    if flow_shift is not None and not (math.isfinite(flow_shift) and flow_shift > 0):
+        raise ValueError(f"--flow_shift must be a finite number > 0, got {flow_shift}")
+    if not 0 <= seed < 2**63:  # the range torch.Generator.manual_seed takes without wrapping around
+        raise ValueError(f"--seed must be in [0, 2^63), got {seed}")
     if num_frames < 9:
         raise ValueError(f"--num_frames must be >= 9 (8k+1), got {num_frames}")
-    if not fps > 0:
-        raise ValueError(f"--fps must be positive, got {fps}")
+    if not (math.isfinite(fps) and fps > 0):
+        raise ValueError(f"--fps must be positive and finite, got {fps}")
     if action is not None:
         c2w = camera.action_to_c2w(action, translation_speed, rotation_speed_deg, action_scheme)
     c2w = camera.check_c2w(c2w)
@@ -222,10 +239,11 @@ def check_inputs(prompt: str, action: str | None, c2w, translation_speed: float 
 def generate(dit, vae, tokenizer, text_encoder, image, prompt: str, *, refiner: Stage2 | None = None,
              action: str | None = None, c2w: np.ndarray | None = None, intrinsics=None,
              translation_speed: float | None = None, rotation_speed_deg: float | None = None,
-             action_scheme: str = "v2", num_frames: int = 161,
-             steps: int = 60, guidance_scale: float = 5.0, negative_prompt: str = "", seed: int = 0,
-             fps: float = 16, height: int = HEIGHT, width: int = WIDTH, device="cpu", offload: bool = False,
-             part_frames: int | None = None, decode: bool = True) -> Result:
+             action_scheme: str = "v2", num_frames: int = 161, steps: int = 60, guidance_scale: float = 5.0,
+             flow_shift: float | None = None, negative_prompt: str = "", seed: int = 0, fps: float = 16,
+             height: int = HEIGHT, width: int = WIDTH, device="cpu", offload: bool = False,
+             offload_vae: bool = False, offload_refiner: bool = False, part_frames: int | None = None,
+             decode: bool = True, decode_stage1: bool = False) -> Result:
     """First frame `image` (PIL image or path) + `prompt` + camera (`action` string or `c2w` (F, 4, 4)) -> video.
     The action string is rolled out under action_scheme ("v2" the official DSL, "legacy" diffusers 0.42.1's; see
     camera.action_to_c2w), with that scheme's speeds where translation_speed / rotation_speed_deg are None.
@@ -233,22 +251,29 @@ def generate(dit, vae, tokenizer, text_encoder, image, prompt: str, *, refiner: 
     dit: dit.DiT; vae: vae.VAE; tokenizer and text_encoder: Gemma-2's, the encoder being the decoder stack
     (transformers' Gemma2Model, whose last_hidden_state is read). intrinsics: [fx, fy, cx, cy], a 3x3 K, (F, 4)
     or (F, 3, 3), in pixels of the input image; None assumes a 60 deg horizontal field of view. The models run in
-    their own dtype; with offload=True they live on the CPU and only the one running sits on `device`.
-    part_frames: the DiT's memory mode (dit.DiT.forward; CFG halves one at a time), None = the fastest.
+    their own dtype; with offload=True they live on the CPU and only the one running sits on `device`;
+    offload_vae=True does that for the VAE alone (pass it on the CPU). part_frames: the DiT's memory mode
+    (dit.DiT.forward; CFG halves one at a time), None = the fastest. flow_shift: the sampler's shift (schedule),
+    None = the release's 9.8.
 
-    refiner: stage 2 (refiner.md §7-§8), None for stage 1 only. It refines the stage-1 latents at `fps` (the
+    refiner: stage 2, None for stage 1 only. It refines the stage-1 latents at `fps` (the
     video's frame rate: it scales the refiner's RoPE time axis); the decoded video then loses its first frame
     (num_frames - 1 frames, camera c2w[1:]). Before stage 2 the stage-1 DiT and Gemma-2 are moved to the CPU, where
-    they stay, so the GPU holds only stage 2 and, without offload, the VAE (refiner.md §10).
+    they stay, so the GPU holds only stage 2 and, without offload, the VAE; offload_refiner=True moves the VAE
+    off too, so that stage 2 has the GPU to itself. decode_stage1: also decode the stage-1 latents, before the
+    refiner touched them (Result.stage1_frames, all num_frames frames; needs `refiner`).
     """
     c2w = check_inputs(prompt, action, c2w, translation_speed, rotation_speed_deg, steps, num_frames, fps,
-                       action_scheme)
+                       action_scheme, guidance_scale=guidance_scale, flow_shift=flow_shift, seed=seed)
+    if decode_stage1 and (refiner is None or not decode):
+        raise ValueError("decode_stage1 (--save_stage1): needs the refiner and decode=True; without the refiner the "
+                         "video is stage 1's")
     pil = _load_image(image)
     if torch.device(device).type == "cuda":
         fast.accelerate(dit)  # the CUDA kernels and compiled blocks (fast.py); the same model, the same weights
     memory = _PeakMemory(device)
 
-    # Camera trajectory (camera.md §1-§2): snapped to 8k + 1 frames (>= 9: both counts were checked), at most the
+    # Camera trajectory: snapped to 8k + 1 frames (>= 9: both counts were checked), at most the
     # trajectory's length; the intrinsics per frame.
     if intrinsics is None:
         fx = pil.width / (2 * math.tan(math.radians(DEFAULT_FOV_DEG) / 2))
@@ -258,7 +283,7 @@ def generate(dit, vae, tokenizer, text_encoder, image, prompt: str, *, refiner: 
     c2w, intrinsics = camera.prepare_trajectory(c2w, intrinsics, min(num_frames, len(c2w)))
     num_frames = len(c2w)
 
-    # First frame: resize + centre crop to H x W in [-1, 1], intrinsics moved onto the crop (camera.md §3); this
+    # First frame: resize + centre crop to H x W in [-1, 1], intrinsics moved onto the crop; this
     # also refuses a field of view outside [25, 120] deg on the input image.
     pixels, intrinsics = camera.preprocess_image(pil, intrinsics, height=height, width=width)
     raymap, plucker = camera.prepare_camera(c2w, intrinsics, size=(height, width))
@@ -271,7 +296,8 @@ def generate(dit, vae, tokenizer, text_encoder, image, prompt: str, *, refiner: 
     text, negative_text = text.to(device, dtype), negative_text.to(device, dtype)
     text_mask, negative_mask = text_mask.to(device), negative_mask.to(device)
 
-    with _on(vae, device, offload):
+    offload_vae = offload or offload_vae
+    with _on(vae, device, offload_vae):
         vae_dtype = next(vae.parameters()).dtype
         image_latent = vae.normalize(vae.encode(pixels[:, :, None].to(device, vae_dtype))).to(dtype)
 
@@ -283,19 +309,22 @@ def generate(dit, vae, tokenizer, text_encoder, image, prompt: str, *, refiner: 
 
     with _on(dit, device, offload):
         start = time.perf_counter()
-        x = sample(dit, x, schedule(steps).to(device), text, text_mask, raymap, plucker, guidance_scale,
-                   negative_text, negative_mask, part_frames)
+        sigmas = schedule(steps, FLOW_SHIFT if flow_shift is None else flow_shift)
+        x = sample(dit, x, sigmas.to(device), text, text_mask, raymap, plucker, guidance_scale, negative_text,
+                   negative_mask, part_frames)
         seconds_per_step = _seconds_since(start, device) / steps
     memory.end("stage 1")
 
-    refine_seconds = None
+    refine_seconds, stage1_latents = None, x
     if refiner is not None:
         # Stage 2 takes the stage-1 latents as they are (normalised VAE space, in the DiT's dtype); their frame 0,
-        # the clean image latent, is the refiner's attention sink. Memory plan for one 80 GB GPU (refiner.md §10):
+        # the clean image latent, is the refiner's attention sink. Memory plan for one 80 GB GPU:
         # Gemma-2 and the DiT leave the GPU; Gemma-3 + connectors encode the plain prompt (no chi prefix, 1024
         # tokens) and are freed before the 13 B-parameter transformer loads; it is freed before decoding.
         text_encoder.to("cpu")
         dit.to("cpu")
+        if offload_refiner:
+            vae.to("cpu")  # decoding brings it back
         _free_memory(device)
         encoder = refiner.load_prompt_encoder()
         refiner_text, refiner_mask = encoder(prompt)
@@ -311,92 +340,77 @@ def generate(dit, vae, tokenizer, text_encoder, image, prompt: str, *, refiner: 
         _free_memory(device)
         memory.end("stage 2")
         # The sink frame was carried through unrefined: the video drops its pixel frame (one, as the causal VAE
-        # decodes latent frame 0 to a single frame), and the camera path its first pose (refiner.md §8).
+        # decodes latent frame 0 to a single frame), and the camera path its first pose.
         c2w, intrinsics = c2w[1:], intrinsics[1:]
 
-    frames = decode_seconds = None
+    frames = decode_seconds = stage1_frames = None
     if decode:
         start = time.perf_counter()
-        with _on(vae, device, offload), _counting_calls(vae.decoder, "decoding", " tile"):  # tiles: vae.md §7
-            video = vae.decode(vae.denormalize(x.to(vae_dtype)))  # (1, 3, F, H, W) in [-1, 1]
-        if refiner is not None:
-            video = video[:, :, 1:]
-        frames = ((video[0].float() + 1) * 127.5).clamp(0, 255).round().to(torch.uint8)
-        frames = frames.permute(1, 2, 3, 0).contiguous().cpu()
+        with _on(vae, device, offload_vae), _counting_calls(vae.decoder, "decoding", " tile"):  # tiled decoding
+            frames = _decode(vae, x, vae_dtype)
+            if refiner is not None:
+                frames = frames[1:]
+            if decode_stage1:  # deterministic, and after the refiner: the main video is the same with or without
+                stage1_frames = _decode(vae, stage1_latents, vae_dtype)
         decode_seconds = _seconds_since(start, device)
         memory.end("decode")
-    return Result(x, frames, c2w, intrinsics, seconds_per_step, refine_seconds, decode_seconds, memory.gib)
+    return Result(x, frames, c2w, intrinsics, seconds_per_step, refine_seconds, decode_seconds, memory.gib,
+                  stage1_frames)
+
+
+def _decode(vae, latents, vae_dtype) -> torch.Tensor:
+    """Normalised latents (1, C, T, h, w) -> (F, H, W, 3) uint8 frames on the CPU."""
+    video = vae.decode(vae.denormalize(latents.to(vae_dtype)))  # (1, 3, F, H, W) in [-1, 1]
+    frames = ((video[0].float() + 1) * 127.5).clamp(0, 255).round().to(torch.uint8)
+    return frames.permute(1, 2, 3, 0).contiguous().cpu()
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Models: the release folder, or tiny random ones for the demo
 
-def _require_transformers():
-    try:
-        import transformers
-    except ImportError:
-        raise ImportError("the Gemma text encoders need `transformers`: pip install 'transformers>=4.56'") from None
-    return transformers
-
-
-def _check_model_folder(folder: str, what: str):
-    """A transformers/diffusers model folder: config.json + *.safetensors, else an error naming what is missing."""
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"--weights: {folder}/ is missing ({what}; the release layout is dit/, vae/, "
-                                f"text_encoder/ (+ tokenizer/), refiner/)")
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise FileNotFoundError(f"--weights: {os.path.join(folder, 'config.json')} is missing")
-    if not any(f.endswith(".safetensors") for f in os.listdir(folder)):
-        raise FileNotFoundError(f"--weights: no *.safetensors in {folder}/ ({what} weights)")
-
-
-def _check_tokenizer(folder: str):
-    """Tokenizer files in folder/tokenizer/ or folder/text_encoder/, the two places the releases put them."""
-    places = (os.path.join(folder, "text_encoder"), os.path.join(folder, "tokenizer"))
-    if not any(os.path.isfile(os.path.join(d, f)) for d in places for f in ("tokenizer.json", "tokenizer.model")):
-        raise FileNotFoundError(f"--weights: no tokenizer.json or tokenizer.model in {places[0]}/ or {places[1]}/")
-
-
-def _check_release(weights: str):
-    """Fail before loading anything if a part of stage 1 is missing from the release folder, naming it."""
+def _check_release(weights: str, text_encoder: str | None = None):
+    """Fail before loading anything if a part of stage 1 is missing, naming it and the flag that gives it."""
     if not os.path.isdir(weights):
         raise FileNotFoundError(f"--weights: no such folder {weights!r}")
     for part in ("dit", "vae"):  # either may hold a single native .safetensors without config.json
         if not os.path.isdir(os.path.join(weights, part)):
             raise FileNotFoundError(f"--weights: {os.path.join(weights, part)}/ is missing (the release layout is "
-                                    f"dit/, vae/, text_encoder/ (+ tokenizer/), refiner/)")
-    _check_model_folder(os.path.join(weights, "text_encoder"), "Gemma-2-2b-it")
-    _check_tokenizer(weights)
+                                    f"{RELEASE_LAYOUT})")
+    text_dir, flag = text_encoder_folder(weights, text_encoder)
+    check_model_folder(text_dir, "Gemma-2-2b-it", flag)
+    tokenizer_folder(text_dir, flag)
 
 
-def load_release(weights: str, dtype: torch.dtype, device):
-    """Stage 1's (dit, vae, tokenizer, text_encoder) from the release folder, each loaded onto `device`."""
-    _check_release(weights)
-    transformers = _require_transformers()
-    text_dir = os.path.join(weights, "text_encoder")
-    tokenizer_dir = os.path.join(weights, "tokenizer")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir if os.path.isdir(tokenizer_dir) else text_dir)
-    # AutoModel gives the Gemma-2 decoder without the LM head (only hidden states are needed).
-    text_encoder = transformers.AutoModel.from_pretrained(text_dir, dtype=dtype).to(device).eval()
+def load_release(weights: str, dtype: torch.dtype, device, text_encoder: str | None = None, vae_device=None):
+    """Stage 1's (dit, vae, tokenizer, text_encoder) from the release folder, each loaded onto `device` (the VAE
+    onto `vae_device` when given). text_encoder: Gemma-2-2b-it's folder (transformers layout, tokenizer files
+    inside it or in a sibling tokenizer/), default <weights>/text_encoder: the release does not bundle it."""
+    _check_release(weights, text_encoder)
+    tokenizer, gemma = load_gemma2(weights, dtype, device, text_encoder)
     dit = DiT.from_pretrained(os.path.join(weights, "dit"), dtype=dtype, device=device).eval()
-    vae = VAE.from_pretrained(os.path.join(weights, "vae"), dtype=dtype, device=device).eval()
-    return dit, vae, tokenizer, text_encoder
+    vae = VAE.from_pretrained(os.path.join(weights, "vae"), dtype=dtype,
+                              device=device if vae_device is None else vae_device).eval()
+    return dit, vae, tokenizer, gemma
 
 
-def release_refiner(weights: str, dtype: torch.dtype, device) -> Stage2 | None:
-    """Stage 2 from the release's refiner/ folder: its files are checked now, the models are loaded only when
+def release_refiner(weights: str, dtype: torch.dtype, device, refiner_root: str | None = None) -> Stage2 | None:
+    """Stage 2 from refiner_root (default: the release's refiner/ folder), which holds transformer/, connectors/,
+    text_encoder/ (Gemma-3) and tokenizer/: its files are checked now, the models are loaded only when
     generate() reaches stage 2, straight onto `device`, one after the other: Gemma-3 + connectors
-    (PromptEncoder), then the transformer without its unused audio branch (refiner.md §9-§10). None, with a
-    warning, if the folder has no refiner/."""
-    folder = os.path.join(weights, "refiner")
+    (PromptEncoder), then the transformer without its unused audio branch. None, with a warning, if refiner_root
+    is not given and the release has no refiner/."""
+    flag = "--weights" if refiner_root is None else "--refiner_root"
+    folder = os.path.join(weights, "refiner") if refiner_root is None else refiner_root
     if not os.path.isdir(folder):
+        if refiner_root is not None:
+            raise FileNotFoundError(f"--refiner_root: no such folder {refiner_root!r}")
         print(f"warning: {weights} has no refiner/: stage 1 only (--no_refiner says so without this warning)",
               file=sys.stderr)
         return None
     for part, what in (("transformer", "LTX-2 refiner"), ("connectors", "refiner text connectors"),
                        ("text_encoder", "Gemma-3")):
-        _check_model_folder(os.path.join(folder, part), what)
-    _check_tokenizer(folder)
+        check_model_folder(os.path.join(folder, part), what, flag)
+    tokenizer_folder(os.path.join(folder, "text_encoder"), flag)
     return Stage2(lambda: PromptEncoder.from_pretrained(folder, dtype=dtype, device=device),
                   lambda: Refiner.from_pretrained(folder, dtype=dtype, device=device))
 
@@ -408,7 +422,7 @@ def demo_tokenizer():
     """A word-level tokenizer built in code (vocabulary: the chi prefix + the demo prompt) with Gemma's special ids
     (<pad> 0, <eos> 1, <bos> 2, <unk> 3). Unknown words map to <unk>; it adds BOS like Gemma's, so the chi-prefix
     arithmetic is exercised. Both demo text encoders (Gemma-2 and Gemma-3) read it."""
-    transformers = _require_transformers()
+    transformers = require_transformers()
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
     words = sorted(set(re.findall(r"\w+|[^\w\s]+", CHI_PROMPT + " " + DEMO_PROMPT)))
@@ -422,7 +436,7 @@ def demo_tokenizer():
 
 def demo_text_encoder(seed: int = 0, hidden_size: int = 32):
     """The demo tokenizer and a tiny random Gemma-2 (2 layers)."""
-    transformers = _require_transformers()
+    transformers = require_transformers()
     tokenizer = demo_tokenizer()
     config = transformers.Gemma2Config(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=64,
                                        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
@@ -433,7 +447,7 @@ def demo_text_encoder(seed: int = 0, hidden_size: int = 32):
 
 DEMO_SIZE = (128, 192)  # 4 x 6 latent pixels
 
-# The smallest configs that keep every code path of the release models (dit.md §13.1, vae.md §11, refiner.md §12).
+# The smallest configs that keep every code path of the release models (softmax and GDN blocks, every VAE stage).
 DEMO_DIT = DiTConfig(in_channels=8, num_layers=4, hidden_size=48, num_attention_heads=2, softmax_every_n=2,
                      linear_head_dim=24, caption_channels=32)
 DEMO_VAE = VAEConfig(latent_channels=8, block_out_channels=(16, 32, 64, 64), layers_per_block=(1, 1, 1, 1, 1),
@@ -455,9 +469,9 @@ def demo_models(seed: int = 0):
 
 
 def demo_refiner(seed: int = 0) -> Stage2:
-    """A tiny random-weight stage 2, fp32 on the CPU: the refiner and connectors of refiner.md §12's sizes and a
+    """A tiny random-weight stage 2, fp32 on the CPU: the refiner and connectors of DEMO_REFINER's sizes and a
     2-layer Gemma-3 (with the tiny vision tower its transformers class requires) reading the demo tokenizer."""
-    transformers = _require_transformers()
+    transformers = require_transformers()
     tokenizer = demo_tokenizer()
     torch.manual_seed(seed)
     gemma3 = transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(
@@ -601,21 +615,95 @@ def draw_action_overlay(frames: torch.Tensor, c2w: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(video)
 
 
+def output_stem(image_stem: str, seed: int, key: dict) -> str:
+    """`<image stem>_<hash>_seed<seed>`: the hash (8 hex digits of a SHA-256) covers everything else that makes the
+    video (`key`: prompt, camera trajectory, image pixels, steps, guidance, ...), so runs that differ in any of them
+    never share a name, and a rerun of the same inputs finds its earlier result."""
+    digest = hashlib.sha256()
+    for name in sorted(key):
+        value = key[name]
+        digest.update(name.encode() + b"=" + (value if isinstance(value, bytes) else repr(value).encode()) + b";")
+    return f"{image_stem}_{digest.hexdigest()[:8]}_seed{seed}"
+
+
+def _check_output_dir(folder: str):
+    """--output_dir can be made and written: the nearest part of it that exists is a writable folder. Nothing is
+    created here, so a run refused later leaves nothing behind."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"--output_dir {folder!r}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--output_dir {folder!r}: no permission to write in {existing}")
+
+
+def _write_outputs(writers: dict[str, Callable[[str], None]]):
+    """Write each output path through writers[path](temporary path) in the same folder, then rename them all: an
+    error on the way leaves none of them (and none of the folders this call made), never a half-written file."""
+    folder = os.path.dirname(next(iter(writers)))
+    made, parent = [], os.path.abspath(folder)
+    while not os.path.exists(parent):
+        made.append(parent)
+        parent = os.path.dirname(parent)
+    os.makedirs(folder, exist_ok=True)
+    temporary, renamed = {}, []
+    try:
+        for path, write in writers.items():
+            # Hidden, and ending in the real suffix (PyAV picks the container by it); made by the writer, so it
+            # gets the usual permissions (tempfile.mkstemp's would be owner-only).
+            stem, suffix = os.path.splitext(os.path.basename(path))
+            temporary[path] = os.path.join(folder, f".{stem}.partial{os.getpid()}{suffix}")
+            write(temporary[path])
+        for path, tmp in temporary.items():
+            os.replace(tmp, path)
+            renamed.append(path)
+    except BaseException:
+        for path in list(temporary.values()) + renamed:
+            if os.path.exists(path):
+                os.remove(path)
+        for made_folder in made:  # the deepest first
+            if os.path.isdir(made_folder) and not os.listdir(made_folder):
+                os.rmdir(made_folder)
+        raise
+
+
+def _save_npy(array: np.ndarray) -> Callable[[str], None]:
+    def write(path: str):
+        with open(path, "wb") as f:  # a file object: np.save would append .npy to the temporary name
+            np.save(f, array)
+    return write
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def _looks_like_path(value: str) -> bool:
+    """A --prompt value meant as a file: it ends with .txt, or it holds a path separator and no whitespace (a
+    prompt is words). Such a value that names no file is refused rather than generated from as prompt text."""
+    separators = {os.sep, os.altsep} - {None}
+    return value.lower().endswith(".txt") or (any(s in value for s in separators) and not any(
+        c.isspace() for c in value))
+
+
 def _read_prompt(prompt: str) -> str:
-    """--prompt is a text file when such a file exists, else the prompt itself."""
-    if os.path.isfile(prompt):
+    """--prompt is a text file (UTF-8) when such a file exists or the value looks like a path, else the prompt."""
+    if not os.path.isfile(prompt):
+        if os.path.exists(prompt) or _looks_like_path(prompt):
+            raise FileNotFoundError(f"--prompt: no such file {prompt!r} (a value ending in .txt, or with a / and no "
+                                    f"spaces, is read as a prompt file)")
+        return prompt
+    try:
         with open(prompt, encoding="utf-8") as f:
             text = f.read().strip()
-        if not text:
-            raise ValueError(f"--prompt: the file {prompt!r} is empty")
-        return text
-    return prompt
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--prompt: the file {prompt!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not text:
+        raise ValueError(f"--prompt: the file {prompt!r} is empty")
+    return text
 
 
 def _read_npy(path: str, flag: str) -> np.ndarray:
@@ -660,39 +748,99 @@ def demo_image(height: int = 256, width: int = 384) -> Image.Image:
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
+def _finite_float(value: str) -> float:
+    """argparse type of every float flag: NaN and infinities are refused with the flag's name."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {value!r}")
+    return number
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every default except None: the help of those flags says what leaving them out does."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's own errors as the CLI's other refusals: one line on stderr, exit code 2 (main catches it)."""
+
+    def error(self, message):
+        raise ValueError(message)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="SANA-WM: image + prompt + camera path -> video (stage 1 + refiner).")
-    p.add_argument("--image", help="first frame (any size; resized and centre-cropped to 704x1280)")
-    p.add_argument("--prompt", help="the text prompt, or a text file holding it")
+    p = _Parser(description="SANA-WM: image + prompt + camera path -> video (stage 1 + refiner). The official "
+                            "script's flag names (--step, --cfg_scale, --flow_shift, --refiner_root, --offload_vae, "
+                            "--offload_refiner, --save_stage1) are accepted.",
+                formatter_class=_HelpFormatter)
+    p.add_argument("--image",
+                   help="first frame (any size; resized and centre-cropped to 704x1280); required but with --demo")
+    p.add_argument("--prompt", help="the text prompt, or a UTF-8 text file holding it; a value ending in .txt or "
+                                    "with a / and no spaces is a file and must exist; required but with --demo")
     p.add_argument("--action", help="camera as WASD/IJKL actions, e.g. 'w-80,dw-40,w-40' (frames per key set; "
-                                    "w/s forward/back, i/k look up/down, v2's a/d turn and j/l strafe)")
-    p.add_argument("--camera", help="camera as a .npy of (F, 4, 4) camera-to-world poses (OpenCV axes)")
+                                    "w/s forward/back, i/k look up/down, v2's a/d turn and j/l strafe); this or "
+                                    "--camera (--demo: 'w-8,d-8')")
+    p.add_argument("--camera",
+                   help="camera as a .npy of (F, 4, 4) camera-to-world poses (OpenCV axes); this or --action")
     p.add_argument("--intrinsics", nargs="+", metavar="K",
                    help="fx fy cx cy in input-image pixels, or a .npy (3,3)/(F,3,3)/(4,)/(F,4); default: 60 deg FOV")
     p.add_argument("--action_scheme", choices=sorted(camera.ACTION_SCHEMES), default="v2",
                    help="v2: the official action DSL (a/d turn, j/l strafe, eased motion); legacy: diffusers "
                         "0.42.1's (a/d strafe, j/l turn, constant steps)")
-    p.add_argument("--translation_speed", type=float, default=None,
+    p.add_argument("--translation_speed", type=_finite_float, default=None,
                    help="world units per frame for w/s and the strafe keys (default: v2 0.025, legacy 0.05)")
-    p.add_argument("--rotation_speed_deg", type=float, default=None,
+    p.add_argument("--rotation_speed_deg", type=_finite_float, default=None,
                    help="degrees per frame for i/k and the turn keys (default: v2 0.6, legacy 1.2)")
     p.add_argument("--no_action_overlay", action="store_true",
                    help="with --action, leave out the W/A/S/D keys and joystick drawn over the video")
     p.add_argument("--num_frames", type=int, default=161,
                    help="snapped to 8k+1, at most the trajectory's length; the refiner drops the first frame (160)")
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--guidance_scale", type=float, default=5.0)
-    p.add_argument("--negative_prompt", default="")
+    p.add_argument("--steps", "--step", type=int, default=60, help="denoising steps of stage 1, in [1, 1000]")
+    p.add_argument("--guidance_scale", "--cfg_scale", type=_finite_float, default=5.0,
+                   help="classifier-free guidance scale, >= 1 (1 = no guidance)")
+    p.add_argument("--flow_shift", type=_finite_float, default=None,
+                   help=f"the sampler's noise-level shift, > 0; when not given, the release's {FLOW_SHIFT}")
+    p.add_argument("--negative_prompt", default="",
+                   help="text for the unconditional half of guidance (default: %(default)r)")
     p.add_argument("--seed", type=int, default=0,
-                   help="stage 1's noise (the refiner draws from its own fixed seed 42, as the reference does)")
+                   help="stage 1's noise, in [0, 2^63) (the refiner draws from its own fixed seed 42, as the "
+                        "reference does)")
     p.add_argument("--fps", type=int, default=16, help="frame rate of the mp4 and of the refiner's time axis")
-    p.add_argument("--output_dir", default="outputs")
-    p.add_argument("--weights", help="the release folder: dit/, vae/, text_encoder/ (+ tokenizer/), refiner/")
+    p.add_argument("--output_dir", default="outputs",
+                   help="where <image stem>_<hash>_seed<seed>.mp4 and its camera path <...>_c2w.npy are written "
+                        "(stem 'demo' for --demo; the hash covers the prompts, image, camera, intrinsics, steps, "
+                        "guidance, shift, frames, fps, weights and dtype, so different runs never share a name)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace outputs of the same name; without it such a run is refused before it starts")
+    p.add_argument("--weights", help="the release folder: dit/, vae/, refiner/ (and text_encoder/ if you put "
+                                     "Gemma-2 there); required but with --demo")
+    p.add_argument("--text_encoder",
+                   help="Gemma-2-2b-it's folder (config.json + *.safetensors, tokenizer files inside or in a "
+                        "sibling tokenizer/); the release does not include it: download "
+                        "Efficient-Large-Model/gemma-2-2b-it from the Hugging Face hub; when not given, "
+                        "<weights>/text_encoder")
+    p.add_argument("--refiner_root",
+                   help="the refiner folder: transformer/, connectors/, text_encoder/ (Gemma-3), tokenizer/; "
+                        "when not given, <weights>/refiner, and stage 1 only (with a warning) if that is absent")
     p.add_argument("--no_refiner", action="store_true",
-                   help="stage 1 only: skip the LTX-2 refiner (which runs by default when --weights has refiner/)")
-    p.add_argument("--dtype", choices=DTYPES, default="bf16")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--offload", action="store_true", help="keep only the running model on the GPU")
+                   help="stage 1 only: skip the LTX-2 refiner (which runs by default when there is a refiner folder)")
+    p.add_argument("--save_stage1", action="store_true",
+                   help="also write stage 1's video, decoded before the refiner, as <name>_stage1.mp4 (needs the "
+                        "refiner; the main video is unchanged)")
+    p.add_argument("--dtype", choices=DTYPES, default="bf16", help="the models' dtype")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the models run")
+    p.add_argument("--offload", action="store_true",
+                   help="keep only the running model on the GPU (implies --offload_vae and --offload_refiner)")
+    p.add_argument("--offload_vae", action="store_true",
+                   help="keep the VAE on the CPU except while it encodes the first frame and decodes the video")
+    p.add_argument("--offload_refiner", action="store_true",
+                   help="stage 2 alone on the GPU: the VAE leaves it before the refiner loads (Gemma-2 and the DiT "
+                        "always leave it, and the refiner's models are always freed before decoding)")
     p.add_argument("--low_memory", action="store_true",
                    help=f"the DiT's memory mode: {LOW_MEMORY_PART_FRAMES} latent frames at a time, CFG halves one "
                         f"after the other (slower; a 961-frame step fits a 12 GiB GPU, BENCHMARKS.md)")
@@ -714,12 +862,17 @@ def _threads(n: int):
 
 
 def run(args: argparse.Namespace) -> str:
-    """The CLI's work; returns the path of the mp4. Every input is read and checked before any model loads."""
+    """The CLI's work; returns the path of the mp4. Every input is read and checked, and the output names are
+    known to be free, before any model loads; the outputs appear only once complete."""
+    _check_output_dir(args.output_dir)
     if args.action is not None and args.camera is not None:
         raise ValueError("give exactly one of --action or --camera, not both")
+    if args.save_stage1 and args.no_refiner:
+        raise ValueError("--save_stage1: the stage-1 video is the main one with --no_refiner; drop one of them")
     if args.demo:
-        if args.weights is not None:
-            raise ValueError("--demo builds its own random models: drop --weights")
+        for flag in ("weights", "text_encoder", "refiner_root"):
+            if getattr(args, flag) is not None:
+                raise ValueError(f"--demo builds its own random models: drop --{flag}")
         print("DEMO: tiny models with RANDOM weights on the CPU (stage 1" + ("" if args.no_refiner else " + refiner")
               + "). The video is noise; this only proves the plumbing.")
         if args.action is None and args.camera is None:
@@ -729,28 +882,54 @@ def run(args: argparse.Namespace) -> str:
             if getattr(args, flag) is None:
                 raise ValueError(f"--{flag} is required (or run --demo)")
         if args.action is None and args.camera is None:
-            raise ValueError("give exactly one of --action (e.g. 'w-80,jw-40,w-40') or --camera (a c2w .npy)")
+            raise ValueError("give exactly one of --action (e.g. 'w-80,dw-40,w-40') or --camera (a c2w .npy)")
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {args.device}: no CUDA device here; use --device cpu")
     image = _load_image(args.image) if args.image is not None else demo_image()
     prompt = _read_prompt(args.prompt) if args.prompt is not None else DEMO_PROMPT
     c2w = check_inputs(prompt, args.action, _read_camera(args.camera) if args.camera is not None else None,
                        args.translation_speed, args.rotation_speed_deg, args.steps, args.num_frames, args.fps,
-                       args.action_scheme)
+                       args.action_scheme, guidance_scale=args.guidance_scale, flow_shift=args.flow_shift,
+                       seed=args.seed)
     intrinsics = _read_intrinsics(args.intrinsics)
     if intrinsics is not None:
         camera.check_field_of_view(intrinsics, *image.size)
 
+    key = dict(prompt=prompt, negative_prompt=args.negative_prompt, image=np.asarray(image).tobytes(),
+               image_size=image.size, c2w=np.ascontiguousarray(c2w, np.float64).tobytes(),
+               intrinsics=np.asarray(intrinsics if intrinsics is not None else [], np.float64).tobytes(),
+               num_frames=args.num_frames, steps=args.steps, guidance_scale=args.guidance_scale,
+               flow_shift=args.flow_shift, fps=args.fps,
+               refiner=not args.no_refiner and (args.refiner_root or "default"),
+               weights=None if args.demo else os.path.realpath(args.weights),
+               text_encoder=args.text_encoder and os.path.realpath(args.text_encoder),
+               dtype=None if args.demo else args.dtype,
+               overlay=args.action is not None and not args.no_action_overlay)
+    stem = "demo" if args.image is None else os.path.splitext(os.path.basename(args.image))[0]
+    path = os.path.join(args.output_dir, output_stem(stem, args.seed, key) + ".mp4")
+    paths = [path, path[:-4] + "_c2w.npy"] + [path[:-4] + "_stage1.mp4"] * args.save_stage1
+    taken = [p for p in paths if os.path.exists(p)]
+    if taken and not args.overwrite:
+        raise ValueError(f"--output_dir: {taken[0]} exists (the same inputs were run before); give --overwrite to "
+                         f"replace it")
+
     if args.demo:
         dit, vae, tokenizer, text_encoder = demo_models()
         stage2 = None if args.no_refiner else demo_refiner()
-        device, offload, size = "cpu", False, {"height": DEMO_SIZE[0], "width": DEMO_SIZE[1]}
+        device, size = "cpu", {"height": DEMO_SIZE[0], "width": DEMO_SIZE[1]}
     else:
-        device, offload, size = args.device, args.offload, {}
+        device, size = args.device, {}
         dtype = DTYPES[args.dtype]
-        _check_release(args.weights)
-        stage2 = None if args.no_refiner else release_refiner(args.weights, dtype, device)  # checked, not loaded
-        dit, vae, tokenizer, text_encoder = load_release(args.weights, dtype, "cpu" if offload else device)
+        _check_release(args.weights, args.text_encoder)
+        if args.save_stage1 and args.refiner_root is None and not os.path.isdir(os.path.join(args.weights,
+                                                                                              "refiner")):
+            raise ValueError(f"--save_stage1: {args.weights} has no refiner/ (and no --refiner_root is given), so "
+                             f"the video is stage 1's")
+        stage2 = None if args.no_refiner else release_refiner(args.weights, dtype, device, args.refiner_root)
+        models_device = "cpu" if args.offload else device  # generate() moves each onto the device when it runs
+        dit, vae, tokenizer, text_encoder = load_release(
+            args.weights, dtype, models_device, args.text_encoder,
+            vae_device="cpu" if args.offload_vae else models_device)
 
     if args.action is not None and camera.action_scheme_matters(args.action):
         turn, strafe = ("a/d", "j/l") if args.action_scheme == "v2" else ("j/l", "a/d")
@@ -760,16 +939,20 @@ def run(args: argparse.Namespace) -> str:
     with _threads(1 if args.demo else torch.get_num_threads()):
         result = generate(dit, vae, tokenizer, text_encoder, image, prompt, refiner=stage2, c2w=c2w,
                           intrinsics=intrinsics, num_frames=args.num_frames, steps=args.steps,
-                          guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt, seed=args.seed,
-                          fps=args.fps, device=device, offload=offload,
-                          part_frames=LOW_MEMORY_PART_FRAMES if args.low_memory else None, **size)
+                          guidance_scale=args.guidance_scale, flow_shift=args.flow_shift,
+                          negative_prompt=args.negative_prompt, seed=args.seed, fps=args.fps, device=device,
+                          offload=args.offload and not args.demo, offload_vae=args.offload_vae and not args.demo,
+                          offload_refiner=args.offload_refiner and not args.demo,
+                          part_frames=LOW_MEMORY_PART_FRAMES if args.low_memory else None,
+                          decode_stage1=args.save_stage1, **size)
 
-    os.makedirs(args.output_dir, exist_ok=True)
-    stem = "demo" if args.image is None else os.path.splitext(os.path.basename(args.image))[0]
-    path = os.path.join(args.output_dir, f"{stem}_seed{args.seed}.mp4")
     overlay = args.action is not None and not args.no_action_overlay
-    write_mp4(draw_action_overlay(result.frames, result.c2w) if overlay else result.frames, path, args.fps)
-    np.save(path[:-4] + "_c2w.npy", result.c2w)
+    video = draw_action_overlay(result.frames, result.c2w) if overlay else result.frames
+    writers = {path: lambda tmp: write_mp4(video, tmp, args.fps), paths[1]: _save_npy(result.c2w)}
+    if args.save_stage1:
+        stage1 = draw_action_overlay(result.stage1_frames, result.c2w) if overlay else result.stage1_frames
+        writers[paths[2]] = lambda tmp: write_mp4(stage1, tmp, args.fps)
+    _write_outputs(writers)
     F, H, W, _ = result.frames.shape
     peaks = result.peak_memory_gib
     memory = (f"{max(peaks.values()):.1f} GiB (" + ", ".join(f"{k} {v:.1f}" for k, v in peaks.items()) + ")"
@@ -777,13 +960,14 @@ def run(args: argparse.Namespace) -> str:
     refined = f"refiner {result.refine_seconds:.1f} s, " if result.refine_seconds is not None else "no refiner, "
     print(f"{path}: {F} frames, {W}x{H} at {args.fps} fps, {result.seconds_per_step:.2f} s/step, {refined}"
           f"decode {result.decode_seconds:.1f} s, peak GPU memory {memory}"
-          + (" [DEMO: random weights]" if args.demo else ""))
+          + (" [DEMO: random weights]" if args.demo else "")
+          + (f"; stage 1: {paths[2]}" if args.save_stage1 else ""))
     return path
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
     try:
+        args = parse_args(argv)
         run(args)
     except torch.OutOfMemoryError:
         print(f"error: out of GPU memory at --num_frames {args.num_frames}: try --offload (only the running model "

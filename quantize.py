@@ -204,6 +204,7 @@ def quantize_model(model: nn.Module, include=DEFAULT_INCLUDE, exclude=DEFAULT_EX
 import argparse  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -437,40 +438,81 @@ def read_nvfp4_header(path: str) -> dict | None:
     return None if text is None else json.loads(text)
 
 
-def quantize_checkpoint(src: str, dst: str, include=DEFAULT_INCLUDE, exclude=DEFAULT_EXCLUDE,
-                        device: str = "cpu") -> list[str]:
-    """Load the DiT from `src` (a safetensors file, a DiT folder, or the release folder holding dit/) in bf16,
-    quantise it, write `dst`."""
-    from dit import DiT  # the only project import, and only here: the format itself needs no model
-
+def _dit_path(src: str) -> Path:
     path = Path(src)
     if path.is_dir() and (path / "dit").is_dir():  # the release folder: dit/, vae/, refiner/
         path = path / "dit"
-    model = DiT.from_pretrained(path, dtype=torch.bfloat16, device=device)
+    return path
+
+
+def check_output(src: str, dst: str):
+    """Refuse a `dst` that would overwrite what `src` reads (the same file under any path) or land in the DiT
+    folder it loads (whose every *.safetensors the next load reads as weights), or that cannot be written (a
+    missing folder, a folder in the way)."""
+    path, out = _dit_path(src), Path(dst)
+    if out.exists() and path.exists() and out.samefile(path):
+        raise ValueError(f"--out {dst}: is the input file {src}; write elsewhere")
+    if path.is_dir() and out.resolve().parent == path.resolve():
+        raise ValueError(f"--out {dst}: is inside the DiT folder {path} that --in reads (it would overwrite or join "
+                         f"its weights); write elsewhere")
+    if not out.parent.is_dir():
+        raise ValueError(f"--out {dst}: the folder {out.parent} does not exist")
+    if out.is_dir():
+        raise ValueError(f"--out {dst}: is a folder; give a .safetensors file name")
+
+
+def quantize_checkpoint(src: str, dst: str, include=DEFAULT_INCLUDE, exclude=DEFAULT_EXCLUDE,
+                        device: str = "cpu") -> list[str]:
+    """Load the DiT from `src` (a safetensors file, a DiT folder, or the release folder holding dit/) in bf16,
+    quantise it, write `dst` (through a temporary file renamed when complete: a failure leaves no partial file)."""
+    from dit import DiT  # the only project import, and only here: the format itself needs no model
+
+    check_output(src, dst)
+    model = DiT.from_pretrained(_dit_path(src), dtype=torch.bfloat16, device=device)
     quantize_model(model, include, exclude)
-    return save_nvfp4(model, dst)
+    out = Path(dst)
+    tmp = out.with_name(f".{out.name}.partial{os.getpid()}")
+    try:
+        layers = save_nvfp4(model, str(tmp))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return layers
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Quantise the SANA-WM DiT weights to NVFP4.")
+    parser = _Parser(description="Quantise the SANA-WM DiT weights to NVFP4.")
     parser.add_argument("--in", dest="src", required=True, help="DiT safetensors file or release folder")
-    parser.add_argument("--out", required=True, help="output safetensors file")
+    parser.add_argument("--out", required=True, help="output safetensors file (its folder must exist; never the input)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
                         help="layer set: default (camera path kept bf16, as the release advises) or small "
                              "(camera path and temporal conv too, against the release's advice: for small GPUs)")
     parser.add_argument("--include", nargs="+", help="module-name globs (replace the preset's)")
     parser.add_argument("--exclude", nargs="*", help="module-name globs (replace the preset's)")
     parser.add_argument("--device", default="cpu", help="where to quantise (cpu or cuda)")
-    args = parser.parse_args(argv)
-    include, exclude = PRESETS[args.preset]
-    include = include if args.include is None else args.include
-    exclude = exclude if args.exclude is None else args.exclude
     try:
+        args = parser.parse_args(argv)
+        include, exclude = PRESETS[args.preset]
+        include = include if args.include is None else args.include
+        exclude = exclude if args.exclude is None else args.exclude
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as e:  # an unknown device name
+            raise ValueError(f"--device {args.device}: {e}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: no CUDA device here; use --device cpu")
         layers = quantize_checkpoint(args.src, args.out, include, exclude, args.device)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, even for a key list
         sys.exit(2)
     print(f"wrote {args.out}: {len(layers)} NVFP4 layers")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's own errors as the CLI's other refusals: one line on stderr, exit code 2."""
+
+    def error(self, message):
+        raise ValueError(message)
 
 
 if __name__ == "__main__":

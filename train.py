@@ -5,8 +5,8 @@
     torchrun --nproc_per_node 8 train.py train --data DATA --out RUN --weights RELEASE/dit --stage 3  # FSDP2
     python train.py train --model refiner --data DATA --out RUN --weights RELEASE/refiner --lora_rank 384
 
-Paper: arXiv 2605.15178 (four progressive stages; refiner fine-tuned with a LoRA). Spec: shared/reference/dit.md
-§11 (flow convention, shift, first-frame conditioning), refiner.md §7 (truncated σ), camera.md §1-§4.
+Paper: arXiv 2605.15178 (four progressive stages; refiner fine-tuned with a LoRA). The flow convention, shift and
+first-frame conditioning are those of generate.py's sampler; the refiner trains from a truncated σ (section 4).
 
 Reading order:
   1. stage presets                       STAGES
@@ -47,8 +47,8 @@ from tqdm import tqdm
 
 import camera
 
-TRAIN_SHIFT = 9.95          # the release's training flow shift (native Sana config `flow_shift`, dit.md §11.4)
-REFINER_SIGMA_MAX = 0.909375  # the refiner starts here, not at 1, so the stage-1 content survives (refiner.md §7)
+TRAIN_SHIFT = 9.95          # the release's training flow shift (native Sana config `flow_shift`)
+REFINER_SIGMA_MAX = 0.909375  # the refiner starts here, not at 1, so the stage-1 content survives
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -142,7 +142,7 @@ def _read_npy(clip: Path, file: str) -> np.ndarray:
 
 def read_clip(clip, num_frames: int, height: int, width: int) -> Clip:
     """Read and validate one clip folder; the first num_frames frames, resized and centre-cropped to height x width
-    (the intrinsics follow the crop, camera.md §3). Every error names the clip and the file."""
+    (the intrinsics follow the crop). Every error names the clip and the file."""
     clip = Path(clip)
     if (num_frames - 1) % 8 or num_frames < 1:
         raise ValueError(f"num_frames: expected 8k+1 (the VAE's frame rule), got {num_frames}")
@@ -246,15 +246,35 @@ def precompute(clips_dir, out_dir, vae, encode_text, num_frames: int, height: in
 # 3. Shards, the global sample order and per-sample randomness.
 # ----------------------------------------------------------------------------------------------------------------
 
+DATASET_KEYS = ("num_frames", "height", "width", "shards")  # what precompute writes and training reads
+
+
+def _read_dataset_json(path: Path) -> dict:
+    """A data folder's dataset.json, with the keys training reads; every error names the file (and the key)."""
+    if not path.is_file():
+        raise ValueError(f"data: {path} is missing (run `train.py precompute` first)")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # JSONDecodeError (and UnicodeDecodeError) are ValueErrors
+        raise ValueError(f"data: {path} is not JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"data: {path} must hold a JSON object, got {type(meta).__name__}")
+    missing = [key for key in DATASET_KEYS if key not in meta]
+    if missing:
+        raise ValueError(f"data: {path} lacks the key {missing[0]!r} (expected {', '.join(DATASET_KEYS)}; "
+                         f"`train.py precompute` writes them)")
+    if not isinstance(meta["shards"], list):
+        raise ValueError(f"data: {path}: 'shards' must be a list of shard file names, got {meta['shards']!r}")
+    return meta
+
+
 class LatentDataset:
     """The precomputed clips of a data folder; item i = dict of tensors (latents, text, text_mask, raymap, plucker,
     optionally stage1). Reads lazily, one clip at a time."""
 
     def __init__(self, root):
         self.root = Path(root)
-        if not (self.root / "dataset.json").is_file():
-            raise ValueError(f"data: {self.root / 'dataset.json'} is missing (run `train.py precompute` first)")
-        self.meta = json.loads((self.root / "dataset.json").read_text())
+        self.meta = _read_dataset_json(self.root / "dataset.json")
         self.items = []
         for shard in self.meta["shards"]:
             try:
@@ -305,13 +325,13 @@ def collate(items: list[dict]) -> dict:
 
 # ----------------------------------------------------------------------------------------------------------------
 # 4. Objectives.
-#    Flow matching (dit.md §11.4): x_σ = (1 − σ)·x0 + σ·ε, ε ~ N(0, I), and the model predicts the velocity
+#    Flow matching: x_σ = (1 − σ)·x0 + σ·ε, ε ~ N(0, I), and the model predicts the velocity
 #    v = dx_σ/dσ = ε − x0; the sampler integrates it from σ = 1 to 0. Loss = ‖v_θ(x_σ, 1000σ) − (ε − x0)‖².
 # ----------------------------------------------------------------------------------------------------------------
 
 def shift_sigma(u: torch.Tensor, shift: float) -> torch.Tensor:
     """σ = shift·u / (1 + (shift − 1)·u): u is pushed towards high noise, the same warp as the sampler's schedule
-    (dit.md §11.4, there with 9.8): u = 0.5 gives σ = 0.909 with the training shift 9.95."""
+    (generate.schedule, there with 9.8): u = 0.5 gives σ = 0.909 with the training shift 9.95."""
     return shift * u / (1 + (shift - 1) * u)
 
 
@@ -335,7 +355,7 @@ def dit_sample_noise(item: dict, generator: torch.Generator, args) -> dict:
     # Bidirectional: one σ for all noisy frames, as at inference. Chunk-causal: one σ per chunk (our choice, in the
     # manner of diffusion forcing), so each chunk learns to denoise next to earlier chunks at other noise levels.
     sigma = sample_sigma(generator, n_chunks, args.shift, args.sigma_sampling).repeat_interleave(chunk)[:T].clone()
-    sigma[0] = 0.0  # frame 0 is the image condition: kept clean, timestep 0 (dit.md §11.3)
+    sigma[0] = 0.0  # frame 0 is the image condition: kept clean, timestep 0, as at inference
     drop = bool(torch.rand((), generator=generator) < args.text_dropout)
     return dict(noise=eps, sigma=sigma, drop_text=torch.tensor(drop))
 
@@ -346,7 +366,7 @@ def dit_loss(model, batch: dict, use_camera: bool, chunk_size: int | None) -> to
     x_σ[:, :, t] = (1 − σ_t)·x0[:, :, t] + σ_t·ε[:, :, t]   per latent frame t, σ_0 = 0 (the clean image frame)
     target        = ε − x0
     loss          = mean over the noisy frames t ≥ 1 of (v_θ − target)²  (frame 0 is given, not predicted)
-    Text dropout swaps the caption for the empty prompt's embedding (the CFG negative, dit.md §11.2).
+    Text dropout swaps the caption for the empty prompt's embedding (the CFG negative).
     """
     x0, eps = batch["latents"], batch["noise"]
     sigma = batch["sigma"][:, None, :, None, None]                       # (B, 1, T, 1, 1)
@@ -357,7 +377,7 @@ def dit_loss(model, batch: dict, use_camera: bool, chunk_size: int | None) -> to
         text = torch.where(drop, batch["null_text"], text)
         mask = torch.where(drop[..., 0], batch["null_text_mask"], mask)
     raymap, plucker = (batch["raymap"], batch["plucker"]) if use_camera else (None, None)
-    # The model reads timesteps on its 0..1000 scale (and truncates them to integers, dit.md §12.1, as at inference).
+    # The model reads timesteps on its 0..1000 scale (and truncates them to integers, as at inference).
     v = model(x_sigma, batch["sigma"] * 1000, text, mask, raymap=raymap, plucker=plucker, chunk_size=chunk_size)
     return (v.float() - (eps - x0))[:, :, 1:].pow(2).mean()
 
@@ -377,7 +397,7 @@ def refiner_sample_noise(item: dict, generator: torch.Generator, args) -> dict:
 
 def refiner_loss(model, batch: dict, sink_size: int, fps: float, weighting: str = "x0",
                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Truncated-σ flow matching of the refiner (refiner.md §7) on one micro-batch, one sample at a time.
+    """Truncated-σ flow matching of the refiner on one micro-batch, one sample at a time.
 
     The refiner starts from the stage-1 latent, not from pure noise:
         x_σ      = (1 − σ)·z_stage1 + σ·ε,   σ ∈ (0, 0.909375]
@@ -707,6 +727,30 @@ def train(args) -> tuple[list[float], nn.Module]:
 # 6. Command line.
 # ----------------------------------------------------------------------------------------------------------------
 
+def _finite_float(value: str) -> float:
+    """argparse type of every float flag: NaN and infinities are refused with the flag's name (a NaN learning rate
+    or clip norm would otherwise train to NaN weights without an error)."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {value!r}")
+    return number
+
+
+def _positive(v):
+    return v > 0
+
+
+# The float flags' ranges, checked after parsing (AdamW itself refuses betas outside [0, 1)).
+FLOAT_RANGES = {"fps": ("> 0", _positive), "lr": ("> 0", _positive), "grad_clip": ("> 0", _positive),
+                "shift": ("> 0", _positive), "lora_alpha": ("> 0", _positive),
+                "weight_decay": (">= 0", lambda v: v >= 0), "beta1": ("in [0, 1)", lambda v: 0 <= v < 1),
+                "beta2": ("in [0, 1)", lambda v: 0 <= v < 1), "ema_decay": ("in [0, 1]", lambda v: 0 <= v <= 1),
+                "text_dropout": ("in [0, 1]", lambda v: 0 <= v <= 1)}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -724,8 +768,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     clip_flags(pre)
     pre.add_argument("--clips", required=True, help="folder of clip folders (section 2)")
     pre.add_argument("--out", required=True, help="output data folder")
-    pre.add_argument("--weights", required=True, help="the release folder (vae/, text_encoder/, refiner/)")
-    pre.add_argument("--fps", type=float, default=16.0, help="frame rate of the clips (refiner RoPE)")
+    pre.add_argument("--weights", required=True, help="the release folder (vae/, refiner/)")
+    pre.add_argument("--text_encoder", help="the DiT's text encoder Gemma-2-2b-it, which the release does not "
+                                            "include (default: <weights>/text_encoder), as generate.py's flag")
+    pre.add_argument("--fps", type=_finite_float, default=16.0, help="frame rate of the clips (refiner RoPE)")
     pre.add_argument("--shard_size", type=int, default=32)
     pre.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="VAE / text encoder dtype")
 
@@ -736,26 +782,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     tr.add_argument("--weights", help="initial weights: the release dit/ or refiner/ folder (default: from scratch)")
     tr.add_argument("--config", help="a model config.json (DiTConfig / RefinerConfig fields); default: the release")
     tr.add_argument("--steps", type=int, default=1000, help="optimizer steps in total (a resumed run included)")
-    tr.add_argument("--lr", type=float, help="peak learning rate (default: the stage's)")
+    tr.add_argument("--lr", type=_finite_float, help="peak learning rate (default: the stage's)")
     tr.add_argument("--global_batch", type=int, help="clips per optimizer step over all processes (default: stage)")
     tr.add_argument("--camera", action=argparse.BooleanOptionalAction, default=None,
                     help="feed raymap + Plücker to the DiT (default: the stage's)")
     tr.add_argument("--grad_accum", type=int, default=1, help="micro-steps per optimizer step")
     tr.add_argument("--warmup", type=int, default=500, help="linear warm-up steps")
-    tr.add_argument("--grad_clip", type=float, default=1.0)
-    tr.add_argument("--weight_decay", type=float, default=0.0)
-    tr.add_argument("--beta1", type=float, default=0.9)
-    tr.add_argument("--beta2", type=float, default=0.999)
-    tr.add_argument("--ema_decay", type=float, default=0.9999)
+    tr.add_argument("--grad_clip", type=_finite_float, default=1.0)
+    tr.add_argument("--weight_decay", type=_finite_float, default=0.0)
+    tr.add_argument("--beta1", type=_finite_float, default=0.9)
+    tr.add_argument("--beta2", type=_finite_float, default=0.999)
+    tr.add_argument("--ema_decay", type=_finite_float, default=0.9999)
     tr.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
                     help="bf16: autocast (one process) or FSDP mixed precision; master weights stay fp32")
     tr.add_argument("--activation_checkpointing", action=argparse.BooleanOptionalAction, default=True)
     tr.add_argument("--chunk_size", type=int, help="latent frames per causal chunk: trains the chunk-causal DiT")
-    tr.add_argument("--shift", type=float, default=TRAIN_SHIFT, help="flow shift of the σ sampling")
+    tr.add_argument("--shift", type=_finite_float, default=TRAIN_SHIFT, help="flow shift of the σ sampling")
     tr.add_argument("--sigma_sampling", choices=("uniform", "logit_normal"), default="uniform")
-    tr.add_argument("--text_dropout", type=float, default=0.1, help="caption -> empty prompt probability (CFG)")
+    tr.add_argument("--text_dropout", type=_finite_float, default=0.1,
+                    help="caption -> empty prompt probability (CFG)")
     tr.add_argument("--lora_rank", type=int, default=384)
-    tr.add_argument("--lora_alpha", type=float, help="LoRA alpha (default: the rank, i.e. scale 1)")
+    tr.add_argument("--lora_alpha", type=_finite_float, help="LoRA alpha (default: the rank, i.e. scale 1)")
     tr.add_argument("--sink_size", type=int, default=1, help="refiner: clean stage-1 sink frames")
     tr.add_argument("--refiner_block_size", type=int, default=3, help="refiner: noisy frames per window")
     tr.add_argument("--refiner_weighting", choices=("x0", "none"), default="x0",
@@ -770,6 +817,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                      else ()):
         if getattr(args, name) is None:
             setattr(args, name, getattr(stage, name))
+    for name, (expected, ok) in FLOAT_RANGES.items():
+        value = getattr(args, name, None)  # None: not a flag of this command, or left to the stage preset
+        if value is not None and not ok(value):
+            parser.error(f"--{name} must be {expected}, got {value}")
     if (args.num_frames - 1) % 8 or args.height % 32 or args.width % 32 or min(args.height, args.width) < 32:
         parser.error(f"--num_frames must be 8k+1 and --height/--width positive multiples of 32, got "
                      f"{args.num_frames}, {args.height}x{args.width}")
@@ -788,40 +839,30 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run_precompute(args) -> int:
     """precompute with the release's VAE and text encoder (Gemma-2 + chi prefix for the DiT, Gemma-3 + connectors
-    for the refiner)."""
+    for the refiner). The text encoder loads first: for the DiT it is a separate download, the likelier to be
+    missing, and its error should not wait for the VAE."""
     from vae import VAE
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     device = "cuda" if torch.cuda.is_available() else "cpu"
     weights = Path(args.weights)
-    vae = VAE.from_pretrained(weights / "vae", dtype=dtype, device=device).eval()
     if args.model == "refiner":
         from refiner import PromptEncoder
         encoder = PromptEncoder.from_pretrained(weights / "refiner", dtype=dtype, device=device)
         encode_text, null_text = encoder, None
     else:
-        from dit import encode_negative_prompt, encode_prompt
-        tokenizer, text_encoder = _gemma2(weights, dtype, device)
+        from dit import encode_negative_prompt, encode_prompt, load_gemma2
+        tokenizer, text_encoder = load_gemma2(str(weights), dtype, device, args.text_encoder)
         encode_text = functools.partial(encode_prompt, tokenizer, text_encoder)
         null_text = encode_negative_prompt(tokenizer, text_encoder, "")
+    vae = VAE.from_pretrained(weights / "vae", dtype=dtype, device=device).eval()
     return precompute(args.clips, args.out, vae, encode_text, args.num_frames, args.height, args.width,
                       null_text=null_text, fps=args.fps, shard_size=args.shard_size)
 
 
-def _gemma2(weights: Path, dtype, device):
-    try:
-        import transformers
-    except ImportError:
-        raise ImportError("precompute needs `transformers` for Gemma-2: pip install 'transformers>=4.56'") from None
-    text_dir = weights / "text_encoder"
-    if not (text_dir / "config.json").is_file():
-        raise ValueError(f"weights: {text_dir}/config.json is missing (Gemma-2-2b-it of the release)")
-    tok_dir = weights / "tokenizer" if (weights / "tokenizer").is_dir() else text_dir
-    tokenizer = transformers.AutoTokenizer.from_pretrained(tok_dir)
-    return tokenizer, transformers.AutoModel.from_pretrained(text_dir, dtype=dtype).to(device).eval()
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
+    out = Path(args.out)
+    made_out, done = not out.exists(), False
     try:
         if args.command == "precompute":
             print(f"{run_precompute(args)} clips -> {args.out}")
@@ -829,10 +870,14 @@ def main(argv=None) -> int:
             losses, _ = train(args)
             if _rank() == 0 and losses:
                 print(f"step {args.steps}: loss {losses[-1]:.5f}")
+        done = True
     except (ValueError, OSError, ImportError) as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, even for a key list
         return 2
     finally:
+        # A run that failed before writing anything leaves no empty --out folder behind (rank 0 made it).
+        if not done and made_out and _rank() == 0 and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0

@@ -230,6 +230,17 @@ def test_bad_inputs():
         ours(x, t, text, mask, part_frames=1)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_timestep_is_refused(bad):
+    """A NaN timestep would be cast to an arbitrary integer noise level: refused by name instead."""
+    ours = ours_from(tiny_sana_wm_transformer())
+    x, t, text, mask, raymap, pl = ours_args(tiny_dit_inputs())
+    t = t.float().clone()
+    t[0, -1] = bad
+    with pytest.raises(ValueError, match="timestep: expected finite"):
+        ours(x, t, text, mask, raymap, pl)
+
+
 # ---------------------------------------------------------------------------------------------------- loading
 
 def test_from_pretrained_both_layouts(tmp_path):

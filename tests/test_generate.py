@@ -1,7 +1,9 @@
 """generate.py: stage 1 end to end against diffusers' SanaWMPipeline, the stage-1 -> refiner hand-off against
 SanaWMPipeline + SanaWMLTX2Refiner, their parts, and the command line."""
 import os
+import re
 import shutil
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -265,7 +267,9 @@ def test_generate_matches_pipeline_on_release():
 
     weights = os.environ["SANA_WM_WEIGHTS"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dit, vae, tokenizer, gemma = G.load_release(weights, torch.float32, device)
+    # Gemma-2-2b-it is a separate download: SANA_WM_TEXT_ENCODER, else <release>/text_encoder.
+    dit, vae, tokenizer, gemma = G.load_release(weights, torch.float32, device,
+                                                text_encoder=os.environ.get("SANA_WM_TEXT_ENCODER"))
     ref_dit = load_sana_wm_native(os.path.join(weights, "dit"), torch.float32, device).to(device)
     ref_vae = AutoencoderKLLTX2Video.from_pretrained(os.path.join(weights, "vae"), torch_dtype=torch.float32)
     # Our VAE encodes with SANA-WM's tiles (vae.md §7); diffusers' pipeline leaves that to the caller.
@@ -284,23 +288,60 @@ def test_generate_matches_pipeline_on_release():
 # ----------------------------------------------------------------------------------------------------------------
 # The command line
 
-@pytest.mark.parametrize("no_refiner", [False, True], ids=["refiner", "no-refiner"])
-def test_demo_writes_a_playable_mp4(tmp_path, capsys, no_refiner):
-    """17 frames are generated; the refiner's video drops the first one, and the camera path its first pose."""
+def _read_mp4(path):
     import av
 
-    argv = ["--demo", "--steps", "2", "--fps", "12", "--output_dir", str(tmp_path)] + ["--no_refiner"] * no_refiner
-    assert G.main(argv) == 0
-    frames_expected = 17 if no_refiner else 16
-    out, err = capsys.readouterr()
-    assert "RANDOM weights" in out and f"{frames_expected} frames, 192x128" in out
-    assert "under the v2 action scheme" in err and "a<->j and d<->l" in err  # the default camera turns with d
-    assert ("no refiner" in out) == no_refiner and ("refiner " in out) != no_refiner
-    with av.open(str(tmp_path / "demo_seed0.mp4")) as container:
+    with av.open(str(path)) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-        assert container.streams.video[0].average_rate == 12
+        return frames, container.streams.video[0].average_rate
+
+
+@pytest.fixture(scope="module")
+def demo_runs(tmp_path_factory):
+    """The two demo runs (into one folder): with the refiner (and --save_stage1), and stage 1 only; for each, the
+    mp4's path and what the CLI printed."""
+    folder = tmp_path_factory.mktemp("demo")
+    runs = {}
+    for no_refiner in (False, True):
+        argv = ["--demo", "--steps", "2", "--fps", "12", "--output_dir", str(folder)]
+        argv += ["--no_refiner"] if no_refiner else ["--save_stage1"]
+        before = set(os.listdir(folder))
+        with _captured() as out:
+            assert G.main(argv) == 0
+        written = sorted(set(os.listdir(folder)) - before)
+        mp4 = [f for f in written if f.endswith("0.mp4")]
+        assert len(mp4) == 1, written
+        runs[no_refiner] = (folder / mp4[0], out.getvalue(), written)
+    return runs
+
+
+@contextmanager
+def _captured():
+    """stdout and stderr of a call, together, in a module-scoped fixture (capsys is per test)."""
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    out = io.StringIO()
+    with redirect_stdout(out), redirect_stderr(out):
+        yield out
+
+
+@pytest.mark.parametrize("no_refiner", [False, True], ids=["refiner", "no-refiner"])
+def test_demo_writes_a_playable_mp4(demo_runs, no_refiner):
+    """17 frames are generated; the refiner's video drops the first one, and the camera path its first pose.
+    Named <stem>_<8 hex digits>_seed<seed>."""
+    path, out, written = demo_runs[no_refiner]
+    frames_expected = 17 if no_refiner else 16
+    assert "RANDOM weights" in out and f"{frames_expected} frames, 192x128" in out
+    assert "under the v2 action scheme" in out and "a<->j and d<->l" in out  # the default camera turns with d
+    assert ("no refiner" in out) == no_refiner and ("refiner " in out) != no_refiner
+    assert re.fullmatch(r"demo_[0-9a-f]{8}_seed0\.mp4", path.name), path.name
+    assert written == sorted([path.name, path.name[:-4] + "_c2w.npy"] + [path.name[:-4] + "_stage1.mp4"] * (
+        not no_refiner)), written  # and no temporary file left over
+    frames, rate = _read_mp4(path)
+    assert rate == 12
     assert len(frames) == frames_expected and frames[0].shape == (128, 192, 3)
-    c2w = np.load(tmp_path / "demo_seed0_c2w.npy")
+    c2w = np.load(path.with_name(path.name[:-4] + "_c2w.npy"))
     trajectory = G.camera.action_to_c2w("w-8,d-8")  # the demo's default camera: forward, then turn right
     assert np.array_equal(c2w, trajectory[17 - frames_expected:17])
 
@@ -336,8 +377,9 @@ def test_demo_draws_the_action_overlay(tmp_path, monkeypatch, capsys):
     assert "under the v2 action scheme" in capsys.readouterr().err
     assert G.main(argv + ["--no_action_overlay", "--output_dir", str(tmp_path / "plain")]) == 0
     assert torch.equal(made[0].frames, made[1].frames) and torch.equal(written[1], made[1].frames)
-    assert np.array_equal(np.load(tmp_path / "overlay" / "demo_seed0_c2w.npy"),
-                          np.load(tmp_path / "plain" / "demo_seed0_c2w.npy"))
+    (overlay_npy,), (plain_npy,) = ((tmp_path / d).glob("*_c2w.npy") for d in ("overlay", "plain"))
+    assert overlay_npy.name != plain_npy.name  # the overlay is part of the name's hash
+    assert np.array_equal(np.load(overlay_npy), np.load(plain_npy))
     overlaid, plain = written[0].numpy(), written[1].numpy()
     touched = (overlaid != plain).any(axis=(0, 3))
     rows, cols = np.nonzero(touched)
@@ -345,7 +387,7 @@ def test_demo_draws_the_action_overlay(tmp_path, monkeypatch, capsys):
     # At 128 x 192 the keys are 21 px (margin 6, gap 4): W at (31, 76), S at (31, 101), D at (56, 101); the
     # 15 x 15 inside of a tile: a white pressed tile is >= 200 but for its dark letter.
     inside = lambda frame, x, y: frame[y + 3:y + 18, x + 3:x + 18].min(axis=-1)  # noqa: E731
-    with av.open(str(tmp_path / "overlay" / "demo_seed0.mp4")) as container:
+    with av.open(str(overlay_npy).replace("_c2w.npy", ".mp4")) as container:
         decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     for frame in (decoded[3], overlaid[3]):
         w_tile, s_tile = inside(frame, 31, 76), inside(frame, 31, 101)
@@ -371,12 +413,44 @@ def test_draw_action_overlay_fits_small_and_large_frames():
         G.draw_action_overlay(torch.zeros(5, 64, 64, 3, dtype=torch.uint8), np.zeros((5, 3, 4)))
 
 
+def test_save_stage1_writes_the_stage1_video(demo_runs):
+    """--save_stage1 beside the refiner: <name>_stage1.mp4 holds stage 1 decoded before the refiner, all 17 frames,
+    the same video as the stage-1-only run (same seed and inputs)."""
+    refined, _, _ = demo_runs[False]
+    stage1_only, _, _ = demo_runs[True]
+    stage1, _ = _read_mp4(refined.with_name(refined.name[:-4] + "_stage1.mp4"))
+    expected, _ = _read_mp4(stage1_only)
+    assert len(stage1) == 17 and all(np.array_equal(a, b) for a, b in zip(stage1, expected))
+    assert refined.name != stage1_only.name  # the refiner is part of the name's hash
+
+
+def test_decode_stage1_leaves_the_result_unchanged():
+    """generate(decode_stage1=True): the refined result is bit for bit the same, and stage1_frames are stage 1's
+    video (generate without the refiner)."""
+    dit, vae, tokenizer, gemma = G.demo_models()
+    common = dict(action="w-8", num_frames=9, steps=1, height=G.DEMO_SIZE[0], width=G.DEMO_SIZE[1])
+    plain = G.generate(dit, vae, tokenizer, gemma, G.demo_image(), G.DEMO_PROMPT, refiner=G.demo_refiner(),
+                       **common)
+    both = G.generate(dit, vae, tokenizer, gemma, G.demo_image(), G.DEMO_PROMPT, refiner=G.demo_refiner(),
+                      decode_stage1=True, **common)
+    stage1 = G.generate(dit, vae, tokenizer, gemma, G.demo_image(), G.DEMO_PROMPT, **common)
+    assert plain.stage1_frames is None and torch.equal(plain.frames, both.frames)
+    assert torch.equal(plain.latents, both.latents)
+    assert torch.equal(both.stage1_frames, stage1.frames) and len(stage1.frames) == 9
+    with pytest.raises(ValueError, match="decode_stage1"):
+        G.generate(dit, vae, tokenizer, gemma, G.demo_image(), G.DEMO_PROMPT, decode_stage1=True, **common)
+
+
 def _bad_inputs(tmp):
     """(argv, words the one-line error must contain) for every bad input the issue lists."""
     text = tmp / "not_an_image.png"
     text.write_text("hello")
     empty = tmp / "empty.txt"
     empty.write_text("  \n")
+    latin1 = tmp / "latin1.txt"
+    latin1.write_bytes("une route déserte".encode("latin-1"))
+    in_the_way = tmp / "a_file"
+    in_the_way.write_text("")
     np.save(tmp / "bad_c2w.npy", np.zeros((9, 3, 4), np.float32))
     np.save(tmp / "bad_k.npy", np.zeros((2, 2), np.float32))
     image = str(tmp / "image.png")
@@ -408,6 +482,8 @@ def _bad_inputs(tmp):
     # it comes from a check made before loading. (argparse: a repeated flag's last value wins.)
     unloadable = ["--weights", str(no_connectors), "--image", image, "--prompt", "p", "--action", "w-8",
                   "--no_refiner"]
+    stage1_only = tmp / "release_without_refiner"
+    shutil.copytree(no_connectors, stage1_only, ignore=lambda folder, names: ["refiner"])
     return [
         (unloadable + ["--steps", "0"], ["--steps", "[1, 1000]", "got 0"]),
         (unloadable + ["--prompt", "  "], ["--prompt", "empty"]),
@@ -440,16 +516,186 @@ def _bad_inputs(tmp):
          ["*.safetensors", os.path.join(str(no_gemma3), "refiner", "text_encoder"), "Gemma-3"]),
         (["--weights", str(tmp / "nowhere"), "--image", image, "--prompt", "p", "--action", "w-8",
           "--no_refiner"], ["--weights", "no such folder"]),
+        # A mistyped prompt file is not generated from as prompt text; a file must be UTF-8.
+        (["--demo", "--prompt", "prompts/demo_0.txt"], ["--prompt", "no such file", "prompts/demo_0.txt"]),
+        (["--demo", "--prompt", "notes.TXT"], ["--prompt", "no such file"]),
+        (["--demo", "--prompt", str(tmp / "prompts" / "demo")], ["--prompt", "no such file"]),
+        (["--demo", "--prompt", str(tmp)], ["--prompt", "no such file"]),  # a folder
+        (["--demo", "--prompt", str(latin1)], ["--prompt", "not UTF-8"]),
+        # Numbers: non-finite floats by argparse's type, ranges by check_inputs (both before any model).
+        (["--demo", "--guidance_scale", "nan"], ["--guidance_scale", "finite", "'nan'"]),
+        (["--demo", "--cfg_scale", "inf"], ["--cfg_scale", "finite", "'inf'"]),
+        (["--demo", "--flow_shift=-inf"], ["--flow_shift", "finite"]),
+        (["--demo", "--flow_shift", "nan"], ["--flow_shift", "finite"]),
+        (["--demo", "--guidance_scale", "abc"], ["--guidance_scale", "expected a number"]),
+        (["--demo", "--guidance_scale", "0.5"], ["--guidance_scale", ">= 1", "0.5"]),
+        (["--demo", "--flow_shift", "0"], ["--flow_shift", "> 0"]),
+        (["--demo", "--seed", "-1"], ["--seed", "[0, 2^63)"]),
+        (["--demo", "--seed", str(2**63)], ["--seed", "[0, 2^63)"]),
+        (["--demo", "--fps", "-3"], ["--fps", "positive", "-3"]),
+        (["--demo", "--step", "0"], ["--steps", "[1, 1000]"]),
+        (["--demo", "--steps", "2.5"], ["--steps", "invalid int"]),
+        (["--demo", "--bogus"], ["unrecognized arguments", "--bogus"]),
+        # The output folder: checked first, naming --output_dir.
+        (["--demo", "--output_dir", str(in_the_way)], ["--output_dir", "is a file, not a folder"]),
+        (["--demo", "--output_dir", str(in_the_way / "sub")], ["--output_dir", str(in_the_way), "is a file"]),
+        # Gemma-2 is a separate download; the refiner folder can be elsewhere.
+        (unloadable + ["--text_encoder", str(tmp / "gemma-2-2b-it")],
+         ["--text_encoder", "no such folder", "Efficient-Large-Model/gemma-2-2b-it"]),
+        (["--weights", str(partial), "--image", image, "--prompt", "p", "--action", "w-8", "--no_refiner"],
+         ["--text_encoder", "does not include Gemma-2-2b-it", "Efficient-Large-Model/gemma-2-2b-it"]),
+        (unloadable[:-1] + ["--refiner_root", str(tmp / "nowhere")], ["--refiner_root", "no such folder"]),
+        (unloadable[:-1] + ["--refiner_root", str(no_gemma3 / "refiner")],
+         ["--refiner_root", "*.safetensors", "Gemma-3"]),
+        (["--demo", "--no_refiner", "--save_stage1"], ["--save_stage1", "--no_refiner"]),
+        (["--weights", str(stage1_only)] + unloadable[2:-1] + ["--save_stage1"], ["--save_stage1", "no refiner/"]),
+        (["--demo", "--text_encoder", str(tmp)], ["--demo", "drop --text_encoder"]),
     ]
 
 
-def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
+def _no_models(monkeypatch):
+    """Make loading (or running) any model fail the test: a refused input must be refused before."""
+    def loaded(*args, **kwargs):
+        raise AssertionError("a model was loaded for an input that should have been refused first")
+    for loader in ("demo_models", "demo_refiner", "load_release", "generate"):
+        monkeypatch.setattr(G, loader, loaded)
+
+
+def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys, monkeypatch):
+    _no_models(monkeypatch)
     for argv, words in _bad_inputs(tmp_path):
-        assert G.main(argv + ["--output_dir", str(tmp_path / "out")]) == 2, argv
+        listing = sorted(os.listdir(tmp_path))
+        output_dir = [] if "--output_dir" in argv else ["--output_dir", str(tmp_path / "out")]
+        assert G.main(argv + output_dir) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: "), (argv, err)
         assert all(word in err[0] for word in words), (argv, err[0], words)
+        assert sorted(os.listdir(tmp_path)) == listing, argv  # nothing made, nothing left behind
     assert not (tmp_path / "out").exists()
+
+
+def test_output_dir_without_permission_is_refused(tmp_path, capsys, monkeypatch):
+    """A folder this user cannot write in (simulated through os.access: the tests may run as root)."""
+    _no_models(monkeypatch)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: str(path) != str(locked) and access(path, mode))
+    assert G.main(["--demo", "--output_dir", str(locked / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--output_dir" in err[0] and "no permission" in err[0], err
+    assert os.listdir(locked) == []
+
+
+def _fake_generate(calls):
+    """generate() replaced by a quick fake result (9 black 16 x 16 frames), counting its calls."""
+    def fake(*args, **kwargs):
+        calls.append(kwargs)
+        c2w = np.repeat(np.eye(4)[None], 9, 0)
+        return G.Result(None, torch.zeros(9, 16, 16, 3, dtype=torch.uint8), c2w, np.zeros((9, 4)), 0.0,
+                        decode_seconds=0.0)
+    return fake
+
+
+def _outputs(folder):
+    return sorted(os.listdir(folder)) if folder.exists() else []
+
+
+def test_output_names_and_overwrite(tmp_path, capsys, monkeypatch):
+    """Different prompts, cameras, seeds, steps, guidance or shift get different names; the same inputs again are
+    refused before any compute unless --overwrite, which replaces the files."""
+    calls = []
+    monkeypatch.setattr(G, "generate", _fake_generate(calls))
+    out = tmp_path / "out"
+    base = ["--demo", "--no_refiner", "--output_dir", str(out)]
+    names = []
+    for extra in ([], ["--prompt", "a snowy forest"], ["--action", "w-16"], ["--seed", "1"], ["--steps", "3"],
+                  ["--guidance_scale", "2"], ["--flow_shift", "3"]):
+        assert G.main(base + extra) == 0, extra
+        names += re.findall(r"^(\S+\.mp4): ", capsys.readouterr().out, re.M)
+    assert len(set(names)) == len(names) == 7 and len(_outputs(out)) == 14 and len(calls) == 7
+    first = names[0]
+    os.utime(first, (1000, 1000))
+    calls.clear()
+    assert G.main(base) == 2 and not calls  # refused before generate()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and first in err[0] and "--overwrite" in err[0], err
+    assert os.path.getmtime(first) == 1000 and len(_outputs(out)) == 14
+    assert G.main(base + ["--overwrite"]) == 0 and len(calls) == 1
+    assert os.path.getmtime(first) > 1000 and len(_outputs(out)) == 14
+
+
+@pytest.mark.parametrize("existed", [False, True], ids=["new-folder", "existing-folder"])
+def test_failed_save_leaves_nothing(tmp_path, capsys, monkeypatch, existed):
+    """The mp4 is written, then saving the camera .npy fails: neither output remains, nor a temporary file, nor
+    the output folder the run made; the error is one line."""
+    monkeypatch.setattr(G, "generate", _fake_generate([]))
+    out = tmp_path / "new" / "out"
+    if existed:
+        out.mkdir(parents=True)
+        (out / "other.mp4").write_bytes(b"earlier run")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(np, "save", full_disk)
+    assert G.main(["--demo", "--no_refiner", "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0], err
+    if existed:
+        assert _outputs(out) == ["other.mp4"]
+    else:
+        assert not (tmp_path / "new").exists()
+
+
+def test_official_flag_names_are_aliases():
+    official = G.parse_args(["--step", "7", "--cfg_scale", "3.5", "--flow_shift", "5", "--refiner_root", "r",
+                             "--offload_vae", "--offload_refiner", "--save_stage1"])
+    ours = G.parse_args(["--steps", "7", "--guidance_scale", "3.5", "--flow_shift", "5", "--refiner_root", "r",
+                         "--offload_vae", "--offload_refiner", "--save_stage1"])
+    assert vars(official) == vars(ours)
+    assert (ours.steps, ours.guidance_scale, ours.flow_shift, ours.refiner_root) == (7, 3.5, 5.0, "r")
+    assert G.parse_args([]).flow_shift is None
+
+
+def test_help_shows_every_flag_with_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        G.parse_args(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    parser_flags = re.findall(r"^  (--\w+)", text, re.M)
+    assert {"--text_encoder", "--refiner_root", "--flow_shift", "--save_stage1", "--overwrite"} <= set(parser_flags)
+    assert "--step STEPS" in text and "--cfg_scale" in text and "(default: 60)" in text and "(default: 5.0)" in text
+    blocks = re.split(r"\n  (?=-)", text.split("options:")[1])[1:]
+    assert all(len(block.split()) > 3 for block in blocks), [b for b in blocks if len(b.split()) <= 3]
+
+
+@pytest.mark.parametrize("kwargs,name", [(dict(guidance_scale=float("nan")), "guidance_scale"),
+                                         (dict(guidance_scale=0.0), "guidance_scale"),
+                                         (dict(flow_shift=float("inf")), "flow_shift"),
+                                         (dict(flow_shift=-1.0), "flow_shift"), (dict(seed=-1), "seed"),
+                                         (dict(fps=float("nan")), "fps")])
+def test_generate_refuses_bad_numbers_before_any_model(kwargs, name):
+    """The Python API: checked before the models are touched (None here)."""
+    with pytest.raises(ValueError, match=name):
+        G.generate(None, None, None, None, G.demo_image(), G.DEMO_PROMPT, action="w-8", **kwargs)
+
+
+def test_text_encoder_outside_the_release(models, tmp_path):
+    """Gemma-2-2b-it downloaded on its own (tokenizer files inside its folder), given with --text_encoder; the
+    release folder without text_encoder/ names --text_encoder and where to get it."""
+    pipe, (dit, vae, tokenizer, gemma) = models
+    release, download = tmp_path / "release", tmp_path / "gemma-2-2b-it"
+    pipe.transformer.save_pretrained(release / "dit")
+    pipe.vae.save_pretrained(release / "vae")
+    gemma.save_pretrained(download)
+    tokenizer.save_pretrained(download)
+    with pytest.raises(FileNotFoundError, match="--text_encoder.*Efficient-Large-Model/gemma-2-2b-it"):
+        G.load_release(str(release), torch.float32, "cpu")
+    loaded = G.load_release(str(release), torch.float32, "cpu", text_encoder=str(download))
+    assert all(torch.equal(v, loaded[3].state_dict()[k]) for k, v in gemma.state_dict().items())
+    text, mask = G.encode_prompt(tokenizer, gemma, G.DEMO_PROMPT)
+    text_back, mask_back = G.encode_prompt(loaded[2], loaded[3], G.DEMO_PROMPT)
+    assert torch.equal(text, text_back) and torch.equal(mask, mask_back)
 
 
 def test_out_of_memory_suggests_offload(monkeypatch, capsys):

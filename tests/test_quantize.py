@@ -505,3 +505,79 @@ def test_cli_round_trip_through_dit_checkpoint(tmp_path, capsys, preset, n_layer
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: path") and err.count("\n") == 1
+
+
+def _release(root: Path) -> Path:
+    """A release folder whose dit/ holds the tiny DiT (bf16, diffusers layout); returns its weights file."""
+    import json
+
+    from reference import TINY_DIT
+    from safetensors.torch import save_file
+
+    dit_dir = root / "release" / "dit"
+    dit_dir.mkdir(parents=True)
+    save_file(tiny_dit().to(torch.bfloat16).state_dict(), str(dit_dir / "diffusion_pytorch_model.safetensors"))
+    (dit_dir / "config.json").write_text(json.dumps({**TINY_DIT, "_class_name": "SanaWMTransformer3DModel"}))
+    return dit_dir / "diffusion_pytorch_model.safetensors"
+
+
+def _cli_error(argv, capsys) -> str:
+    from quantize import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_cli_refuses_bad_outputs_before_loading(tmp_path, capsys, monkeypatch):
+    """--out over the input (any spelling of its path, or inside the DiT folder --in reads), in a missing folder or
+    a folder itself, --device cuda without a GPU, argparse's own errors: one line, exit 2, no model loaded."""
+    import dit
+
+    weights = _release(tmp_path)
+    before = weights.read_bytes()
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded for an --out that should have been refused first")
+    monkeypatch.setattr(dit.DiT, "from_pretrained", loaded)
+    release, dit_dir = tmp_path / "release", tmp_path / "release" / "dit"
+    cases = [
+        (["--in", str(weights), "--out", str(weights)], ["--out", "is the input file"]),
+        (["--in", str(weights), "--out", str(dit_dir / ".." / "dit" / weights.name)], ["--out", "is the input"]),
+        (["--in", str(release), "--out", str(weights)], ["--out", "inside the DiT folder"]),
+        (["--in", str(release), "--out", str(dit_dir / "nvfp4.safetensors")], ["--out", "inside the DiT folder"]),
+        (["--in", str(dit_dir), "--out", str(dit_dir / "nvfp4.safetensors")], ["--out", "inside the DiT folder"]),
+        (["--in", str(release), "--out", str(tmp_path / "missing" / "o.safetensors")], ["--out", "does not exist"]),
+        (["--in", str(release), "--out", str(tmp_path)], ["--out", "is a folder"]),
+        (["--in", str(release), "--out", str(tmp_path / "o.safetensors"), "--device", "nodevice"], ["--device"]),
+        (["--in", str(release)], ["--out", "required"]),
+        (["--in", str(release), "--out", str(tmp_path / "o.safetensors"), "--preset", "tiny"], ["--preset"]),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--in", str(release), "--out", str(tmp_path / "o.safetensors"), "--device", "cuda"],
+                      ["--device cuda", "no CUDA device"]))
+    listing = sorted(p.name for p in tmp_path.rglob("*"))
+    for argv, words in cases:
+        err = _cli_error(argv, capsys)
+        assert all(w in err for w in words), (argv, err)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == listing and weights.read_bytes() == before
+
+
+def test_cli_failed_write_leaves_no_file(tmp_path, capsys, monkeypatch):
+    """The file is written under a temporary name and renamed when complete: a failure while writing leaves
+    neither the output nor the temporary file."""
+    import quantize
+
+    _release(tmp_path)
+
+    def full_disk(model, path):
+        Path(path).write_bytes(b"half a file")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(quantize, "save_nvfp4", full_disk)
+    out = tmp_path / "out"
+    out.mkdir()
+    err = _cli_error(["--in", str(tmp_path / "release"), "--out", str(out / "o.safetensors")], capsys)
+    assert "No space left on device" in err and list(out.iterdir()) == []

@@ -380,3 +380,58 @@ def test_refiner_lora_trains_saves_loads_and_merges(refiner_data, tmp_path):
     assert (want - got).abs().max().item() <= 1e-6
     # the base weights were not trained
     assert torch.equal(fresh.proj_in.weight, model.proj_in.weight)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command-line checks that need no data
+
+@pytest.mark.parametrize("content,words", [
+    ("{}", ["dataset.json", "lacks the key 'num_frames'"]),
+    (json.dumps(dict(num_frames=FRAMES, height=HEIGHT, width=WIDTH)), ["dataset.json", "lacks the key 'shards'"]),
+    ("[]", ["dataset.json", "JSON object"]),
+    ("{'num_frames': 17", ["dataset.json", "not JSON"]),
+], ids=["empty-object", "no-shards", "list", "not-json"])
+def test_bad_dataset_json_is_one_line_and_leaves_no_run_folder(tmp_path, capsys, content, words):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "dataset.json").write_text(content)
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(tmp_path / "data"), "--out", str(out), "--num_frames", str(FRAMES),
+            "--height", str(HEIGHT), "--width", str(WIDTH), "--precision", "fp32"]
+    assert T.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and all(w in err[0] for w in words), err
+    assert not out.exists()  # the run folder this call made is removed again
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert T.main(argv) == 2 and sorted(os.listdir(out)) == ["notes.txt"]  # a folder that existed is left alone
+
+
+@pytest.mark.parametrize("command,flag,value", [
+    ("train", "--lr", "nan"), ("train", "--grad_clip", "inf"), ("train", "--shift", "nan"),
+    ("train", "--ema_decay", "-inf"), ("train", "--lora_alpha", "nan"), ("train", "--weight_decay", "nan"),
+    ("train", "--beta1", "1"), ("train", "--text_dropout", "1.5"), ("train", "--lr", "0"),
+    ("precompute", "--fps", "nan"),
+])
+def test_non_finite_or_out_of_range_float_flags_are_refused_by_name(tmp_path, capsys, command, flag, value):
+    required = ["--clips", "c", "--weights", "w"] if command == "precompute" else ["--data", "d"]
+    with pytest.raises(SystemExit) as e:  # argparse's refusal
+        T.main([command, *required, "--out", str(tmp_path / "run"), f"{flag}={value}"])
+    assert e.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert flag in last and value in last, last
+    assert not (tmp_path / "run").exists()
+
+
+def test_precompute_without_gemma2_names_text_encoder(tmp_path, capsys):
+    """The release does not include the DiT's text encoder: the error says where to get it and which flag takes
+    it, before any model loads, and leaves no --out folder."""
+    (tmp_path / "release" / "vae").mkdir(parents=True)
+    argv = ["precompute", "--clips", str(tmp_path), "--out", str(tmp_path / "data"), "--weights",
+            str(tmp_path / "release")]
+    assert T.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--text_encoder" in err[0] and "Efficient-Large-Model/gemma-2-2b-it" in err[0], err
+    assert T.main(argv + ["--text_encoder", str(tmp_path / "gemma")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--text_encoder: no such folder" in err[0], err
+    assert not (tmp_path / "data").exists()
