@@ -950,7 +950,8 @@ def run(args: argparse.Namespace) -> str:
     video = draw_action_overlay(result.frames, result.c2w) if overlay else result.frames
     writers = {path: lambda tmp: write_mp4(video, tmp, args.fps), paths[1]: _save_npy(result.c2w)}
     if args.save_stage1:
-        stage1 = draw_action_overlay(result.stage1_frames, result.c2w) if overlay else result.stage1_frames
+        # Stage 1's video keeps the first frame that the refined one drops: its camera is the whole trajectory.
+        stage1 = draw_action_overlay(result.stage1_frames, c2w) if overlay else result.stage1_frames
         writers[paths[2]] = lambda tmp: write_mp4(stage1, tmp, args.fps)
     _write_outputs(writers)
     F, H, W, _ = result.frames.shape
