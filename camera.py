@@ -1,23 +1,16 @@
-"""SANA-WM camera conditioning: from the camera path a user gives to the DiT's camera inputs, and the UCPE geometry.
-
-Implements reference/camera.md (SANA-WM's camera control: per-ray UCPE attention plus Plücker-ray injection),
-checked against diffusers 0.42.1 (`pipelines/sana_wm/cam_utils.py`, camera helpers of `transformer_sana_wm.py`).
+"""SANA-WM camera conditioning (paper §3.3): from the camera path a user gives to the DiT's camera inputs, and the
+UCPE geometry; checked against diffusers 0.42.1 (the legacy action roll-out, the raymap, Plücker and UCPE inputs).
 Read top to bottom, it follows the data:
 
-  §1  action string "w-80,dw-40" -> (N+1, 4, 4) camera-to-world poses   parse_action, action_to_c2w,
-                                                                         action_scheme_matters
-  §2  frame counts; checks of poses and intrinsics                       snap_num_frames, check_c2w,
-                                                                         normalize_intrinsics, prepare_trajectory,
-                                                                         field_of_view, check_field_of_view
-  §3  the first frame: resize + centre crop, the intrinsics follow       resize_and_center_crop, crop_intrinsics,
-                                                                         preprocess_image
+  §1  action string "w-80,dw-40" -> (N+1, 4, 4) camera-to-world poses   parse_action, action_to_c2w
   §4  the DiT inputs: raymap (T, 20), chunked Plücker map (48, T, h, w)  se3_inverse, plucker_rays, prepare_camera
-  §6  UCPE: one SE(3) "ray <- world" matrix per token                    ray_matrices
+  §6  UCPE (Eq. 6): one SE(3) "ray <- world" matrix per token             ray_matrices
+  after the marked line: frame counts, checks of poses and intrinsics, the first frame's resize and crop
 
 Axes are OpenCV everywhere: +x right, +y down, +z forward. A camera-to-world matrix [[R, t], [0, 0, 0, 1]] holds
 the camera's axes (in world coordinates) as the columns of R and the camera centre as t; the world frame is the
 first camera. Intrinsics are [fx, fy, cx, cy] in pixels; pixel (u, v) = (column, row) as integer indices, with no
-+0.5 centre offset anywhere (camera.md §0). Trajectories and intrinsics are numpy; the DiT inputs are torch.
++0.5 centre offset anywhere (as the official code). Trajectories and intrinsics are numpy; the DiT inputs torch.
 """
 import math
 
@@ -44,7 +37,7 @@ MAX_ACTION_FRAMES = 100_000
 # ----------------------------------------------------------------------------------------------------------------
 
 def parse_action(action: str) -> list[frozenset[str]]:
-    """One set of held keys per frame from the WASD/IJKL action language (camera.md §1.1; both schemes).
+    """One set of held keys per frame from the WASD/IJKL action language (the official action grammar; both schemes).
 
     `"w-80,dw-40"` is 80 frames holding w, then 40 frames holding d and w. A segment is `<keys>-<frames>`; keys are
     any of w a s d i j k l (case-insensitive, any order), `none` or nothing before the dash is an idle frame.
@@ -128,7 +121,7 @@ def action_to_c2w(action: str, translation_speed: float | None = None, rotation_
         v += alpha (target - v), alpha = 1 - exp(-dt/tau), tau = 0.45 s where the target is non-zero and 1 s where
         it is zero (so after a release, and through `none` frames, the camera coasts to a stop). Pitch saturates at
         +-pitch_limit_deg; the flattened axes are divided by their length + 1e-6.
-    scheme="legacy": camera.md §1.3, diffusers 0.42.1's roll-out bit for bit, defaults 0.05 units, 1.2 deg,
+    scheme="legacy": the first release's roll-out, diffusers 0.42.1's roll-out bit for bit, defaults 0.05 units, 1.2 deg,
         85 deg. a/d strafe and j/l turn; velocity = target every frame; a pitch step that would leave
         +-pitch_limit_deg is dropped whole. A legacy string converts to v2 by swapping a<->j and d<->l.
     """
@@ -171,11 +164,145 @@ def action_to_c2w(action: str, translation_speed: float | None = None, rotation_
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# §4 The DiT's camera inputs: raymap and chunked Plücker map
+# ----------------------------------------------------------------------------------------------------------------
+
+def se3_inverse(transforms: torch.Tensor) -> torch.Tensor:
+    """Closed-form inverse of rigid transforms (..., 4, 4): [[R, t], [0, 1]]^-1 = [[R^T, -R^T t], [0, 1]]
+    (as the official code). Exact up to rounding where a general inverse is not, and cheap per token."""
+    if transforms.shape[-2:] != (4, 4):
+        raise ValueError(f"transforms must have shape (..., 4, 4), got {tuple(transforms.shape)}")
+    rotation = transforms[..., :3, :3].transpose(-1, -2)
+    translation = -torch.einsum("...ij,...j->...i", rotation, transforms[..., :3, 3])
+    bottom = transforms.new_tensor([0.0, 0.0, 0.0, 1.0]).expand(*transforms.shape[:-2], 1, 4)
+    return torch.cat([torch.cat([rotation, translation[..., None]], dim=-1), bottom], dim=-2)
+
+
+def plucker_rays(intrinsics: torch.Tensor, c2w: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Plücker coordinates (d, o x d) of the ray through every pixel (paper §3.3, Fine Branch): (F, height, width, 6).
+
+    intrinsics (F, 4), c2w (F, 4, 4). d = R ((u - cx)/fx, (v - cy)/fy, 1) made unit length, in world axes (OpenCV
+    camera axes, integer pixel indices); o = t is the camera centre, and the moment o x d places the line, so the
+    six numbers name the ray itself, not just its direction.
+    """
+    fx, fy, cx, cy = (intrinsics[:, i, None, None] for i in range(4))
+    grid = dict(dtype=intrinsics.dtype, device=intrinsics.device)
+    v, u = torch.meshgrid(torch.arange(height, **grid), torch.arange(width, **grid), indexing="ij")
+    x, y = (u - cx) / fx, (v - cy) / fy
+    d_cam = torch.stack([x, y, torch.ones_like(x)], dim=-1)
+    d_world = torch.einsum("fij,fhwj->fhwi", c2w[:, :3, :3], d_cam)
+    d_world = d_world / d_world.norm(dim=-1, keepdim=True)  # plain division, no eps, as the reference
+    origin = c2w[:, None, None, :3, 3].expand_as(d_world)
+    return torch.cat([d_world, torch.cross(origin, d_world, dim=-1)], dim=-1)
+
+
+def prepare_camera(c2w, intrinsics, size: tuple[int, int] = (704, 1280),
+                   vae_stride: tuple[int, int, int] = (8, 32, 32)) -> tuple[torch.Tensor, torch.Tensor]:
+    """The DiT's two camera inputs from F poses (paper §3.3), float32 torch tensors:
+
+    raymap (T, 20): per latent frame k, the pose of raw frame 8k relative to frame 0 (16 numbers, row-major), then
+        [fx, fy, cx, cy] on the latent grid; the transformer's `camera_conditions` (batched), see ray_matrices.
+    plucker (48, T, h, w): per latent frame, the Plücker map (plucker_rays) of the 8 raw frames it covers
+        (8k-7 .. 8k; frame 0 uses 0 .. 7), channel 6*f + m for frame f of the 8 and component m of (d, o x d).
+
+    c2w (F, 4, 4) and intrinsics in any form normalize_intrinsics takes, in pixels of the size = (H, W) image
+    (after preprocess_image), multiples of the spatial strides. T = (F-1)//8 + 1, h = H/32, w = W/32. OpenCV axes.
+    """
+    poses = torch.from_numpy(check_c2w(c2w))
+    num_frames = len(poses)
+    k = torch.from_numpy(normalize_intrinsics(intrinsics, num_frames))
+    if len(size) != 2 or len(vae_stride) != 3 or not all(isinstance(n, int) and n > 0 for n in (*size, *vae_stride)):
+        raise ValueError(f"size must be (H, W) and vae_stride (t, h, w), positive integers; got {size}, {vae_stride}")
+    (height, width), (stride_t, stride_h, stride_w) = size, vae_stride
+    if height % stride_h or width % stride_w:  # the VAE makes no latent grid for such an image: a caller's mistake
+        raise ValueError(f"size {size} must be multiples of vae_stride's spatial strides ({stride_h}, {stride_w})")
+    h, w = height // stride_h, width // stride_w
+
+    # §4.1 poses relative to the first (closed-form inverse); pose 0 is written as exactly the identity.
+    rel = torch.cat([torch.eye(4)[None], se3_inverse(poses[0]) @ poses[1:]])
+    # §4.2 intrinsics on the latent grid: x values scale with w/W, y values with h/H.
+    k_lat = k.clone()
+    k_lat[:, 0::2] *= w / width
+    k_lat[:, 1::2] *= h / height
+    # §4.3-4.4 latent frame k is represented by raw frame 8k: frame 0 alone, then the last of each group of 8.
+    idx = torch.arange(0, num_frames, stride_t)
+    raymap = torch.cat([rel[idx].reshape(len(idx), 16), k_lat[idx]], dim=1)
+    # §4.5 the 8 raw frames under each latent frame; a video shorter than 8 frames repeats its last frame.
+    frames = ((idx[:, None] - (stride_t - 1)).clamp_min(0) + torch.arange(stride_t)).clamp_max(num_frames - 1)
+    rays = plucker_rays(k_lat, rel, h, w)[frames]  # (T, 8, h, w, 6)
+    plucker = rays.permute(0, 1, 4, 2, 3).reshape(len(idx), 6 * stride_t, h, w).transpose(0, 1)
+    return raymap, plucker.contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# §6 UCPE: one ray frame per token
+# ----------------------------------------------------------------------------------------------------------------
+
+def _focal_through_fov(focal: torch.Tensor, image_size: int, grid_size: int) -> torch.Tensor:
+    """focal -> field of view (degrees) -> focal on the token grid, the way the reference does it (paper §3.3,
+    the unified camera model with xi = 0, i.e. pinhole). Mathematically focal * grid_size / image_size; the float
+    round trip through atan, degrees and cos/sin moves it by ~1 ulp, kept so that P matches bit for bit."""
+    fov = torch.rad2deg(2.0 * torch.atan(1.0 / (2.0 * focal / image_size)))
+    half = torch.deg2rad(0.5 * fov)
+    return (grid_size * 0.5) * torch.cos(half) / torch.sin(half).clamp_min(torch.finfo(focal.dtype).eps)
+
+
+def ray_matrices(raymap: torch.Tensor, thw: tuple[int, int, int], patch_size: int = 1) -> torch.Tensor:
+    """UCPE ray matrices P (B, T*h*w, 4, 4): per token, the rigid transform from world to the frame of its ray
+    (paper §3.3, Coarse Branch), in token order n = (t*h + i)*w + j and in raymap's dtype.
+
+    raymap (B, T, 20) is prepare_camera's raymap, batched: relative c2w (16) + [fx, fy, cx, cy] in latent pixels;
+    thw = (T, h, w) the token grid (patch_size spatial pixels per token; 1 in the release). The ray of token (i, j)
+    has direction d = R (x, y, 1)/|(x, y, 1)|, x = (j - cx)/fx, y = (i - cy)/fy (OpenCV axes, integer pixel indices).
+    Its frame: z = d, x = normalize(y_cam x z), y = z x x, where y_cam is the camera's down axis; P = [[R_l2w^T,
+    -R_l2w^T t], [0, 1]], the identity where d is NaN. Attention applies P^T to queries, se3_inverse(P) to keys and
+    values and P to its output (paper Eq. 6), so q.k sees the relative transform between two rays.
+
+    The reference also builds an "absolute map" (up vector and latitude per pixel); it only feeds
+    `raymap_embedder`, which the released config (Plücker injection on) never uses, so it is not built here.
+    """
+    t_dim, h, w = thw
+    if raymap.ndim != 3 or raymap.shape[1:] != (t_dim, 20) or not raymap.is_floating_point():
+        raise ValueError(f"raymap must be a float tensor (B, {t_dim}, 20) for thw={tuple(thw)}, "
+                         f"got {raymap.dtype} {tuple(raymap.shape)}")
+    batch, dtype, device = raymap.shape[0], raymap.dtype, raymap.device
+    # The geometry runs in raymap's dtype (the reference's precision), so autocast must not recast the einsums.
+    with torch.autocast(device_type=device.type, enabled=False):
+        c2w = raymap[..., :16].reshape(batch, t_dim, 4, 4)
+        fx, fy, cx, cy = (raymap[..., 16 + i, None, None] for i in range(4))
+        fx, fy = _focal_through_fov(fx, w * patch_size, w), _focal_through_fov(fy, h * patch_size, h)
+        x = (torch.arange(w, dtype=dtype, device=device) - cx / patch_size) / fx  # (B, T, 1, w)
+        y = (torch.arange(h, dtype=dtype, device=device)[:, None] - cy / patch_size) / fy  # (B, T, h, 1)
+        r2 = x * x + y * y
+        scale = torch.sqrt(1 + r2) / (1 + r2)  # = 1/|(x, y, 1)|, in the reference's order of operations
+        d_cam = torch.stack(torch.broadcast_tensors(scale * x, scale * y, scale), dim=-1)  # (B, T, h, w, 3)
+
+        rotation, centre = c2w[..., :3, :3], c2w[..., :3, 3]
+        d_world = torch.einsum("btij,bthwj->bthwi", rotation, d_cam)
+        z_axis = F.normalize(d_world, dim=-1, eps=1e-6)
+        cam_down = rotation[..., None, None, :, 1].expand_as(z_axis)
+        x_axis = F.normalize(torch.cross(cam_down, z_axis, dim=-1), dim=-1, eps=1e-6)
+        y_axis = F.normalize(torch.cross(z_axis, x_axis, dim=-1), dim=-1, eps=1e-6)
+        world_to_ray = torch.stack([x_axis, y_axis, z_axis], dim=-2)  # rows: the ray frame's axes
+        translation = -torch.einsum("bthwij,bthwj->bthwi", world_to_ray, centre[:, :, None, None].expand_as(z_axis))
+        bottom = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=dtype, device=device).expand(*z_axis.shape[:-1], 1, 4)
+        P = torch.cat([torch.cat([world_to_ray, translation[..., None]], dim=-1), bottom], dim=-2)
+        # A NaN ray gets the identity (as the reference); torch.where keeps this free of a host sync on the GPU.
+        P = torch.where(torch.isnan(d_world).any(-1)[..., None, None], torch.eye(4, dtype=dtype, device=device), P)
+    return P.reshape(batch, t_dim * h * w, 4, 4)
+
+
+# ================================================================================================================
+# Machinery below this line: the inputs' checks and preparation (frame counts, pose and intrinsics checks, the
+# first frame's resize and crop). The camera control above is complete without it.
+# ================================================================================================================
+
+# ----------------------------------------------------------------------------------------------------------------
 # §2 Frame counts, poses, intrinsics
 # ----------------------------------------------------------------------------------------------------------------
 
 def snap_num_frames(n: int, stride: int = 8, upper_bound: int | None = None) -> int:
-    """The frame count stride*k + 1 nearest to n (camera.md §2): the causal VAE encodes frame 0 alone, then each
+    """The frame count stride*k + 1 nearest to n (as the official pipeline): the causal VAE encodes frame 0 alone, then each
     further `stride` frames into one latent frame. Ties round up; a result above upper_bound falls back to the count
     below; n < 1 gives 1. Examples: 2 -> 1, 10 -> 9, 80 -> 81, 100 -> 97."""
     if not isinstance(stride, (int, np.integer)) or stride < 1:
@@ -211,7 +338,7 @@ def check_c2w(c2w) -> np.ndarray:
 
 
 def normalize_intrinsics(intrinsics, num_frames: int) -> np.ndarray:
-    """Per-frame [fx, fy, cx, cy] as a (num_frames, 4) float32 array (camera.md §2).
+    """Per-frame [fx, fy, cx, cy] as a (num_frames, 4) float32 array (as the official pipeline).
 
     Accepts [fx, fy, cx, cy] (4,) or a 3x3 K = [[fx, 0, cx], [0, fy, cy], [0, 0, 1]] for every frame, or (F', 4) /
     (F', 3, 3) per frame with F' >= num_frames (frames past num_frames are dropped). Pixels of whatever image the
@@ -238,7 +365,7 @@ def normalize_intrinsics(intrinsics, num_frames: int) -> np.ndarray:
 
 
 def prepare_trajectory(c2w, intrinsics, num_frames: int, stride: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """Poses and intrinsics cut to the frame count the model will generate (camera.md §2): num_frames snapped to
+    """Poses and intrinsics cut to the frame count the model will generate (as the official pipeline): num_frames snapped to
     stride*k + 1 (never above the number of poses), then c2w (F, 4, 4) and intrinsics (F, 4) trimmed to it.
 
     diffusers silently makes the video shorter when fewer poses than num_frames are given; here that is an error
@@ -293,7 +420,7 @@ def check_field_of_view(intrinsics, width: int, height: int) -> None:
 
 def resize_and_center_crop(image: Image.Image, height: int = 704, width: int = 1280):
     """Scale the image (Lanczos), keeping its aspect ratio, until it covers height x width, then cut out the centre
-    (camera.md §3). Returns (cropped, (src_w, src_h), (resized_w, resized_h), (left, top)) for crop_intrinsics."""
+    (as the official pipeline). Returns (cropped, (src_w, src_h), (resized_w, resized_h), (left, top)) for crop_intrinsics."""
     if not isinstance(image, Image.Image):
         raise ValueError(f"image must be a PIL image, got {type(image).__name__}")
     if not (isinstance(height, int) and isinstance(width, int) and height > 0 and width > 0):
@@ -310,7 +437,7 @@ def resize_and_center_crop(image: Image.Image, height: int = 704, width: int = 1
 
 def crop_intrinsics(intrinsics, src_size: tuple[int, int], resized_size: tuple[int, int],
                     offset: tuple[int, int]) -> np.ndarray:
-    """[fx, fy, cx, cy] (..., 4) of the original image -> of the resized and cropped one (camera.md §3): scale by
+    """[fx, fy, cx, cy] (..., 4) of the original image -> of the resized and cropped one (as the official pipeline): scale by
     the resize factors, then shift the principal point by the crop offset. float32, like the pipeline."""
     k = np.array(intrinsics, dtype=np.float32)
     if k.ndim not in (1, 2) or k.shape[-1] != 4:
@@ -325,7 +452,7 @@ def crop_intrinsics(intrinsics, src_size: tuple[int, int], resized_size: tuple[i
 
 
 def preprocess_image(image: Image.Image, intrinsics, height: int = 704, width: int = 1280):
-    """The first frame as the VAE takes it, and the intrinsics that go with it (camera.md §3; what diffusers calls
+    """The first frame as the VAE takes it, and the intrinsics that go with it (as the official pipeline; what diffusers calls
     SanaWMImageProcessor.preprocess_with_intrinsics).
 
     image: any-size PIL image; intrinsics: [fx, fy, cx, cy] (4,) or (F, 4) in its pixels, refused when the field of
@@ -341,132 +468,3 @@ def preprocess_image(image: Image.Image, intrinsics, height: int = 704, width: i
     pixels = torch.from_numpy(np.asarray(cropped.convert("RGB")).astype(np.float32) / 255.0)
     pixels = 2.0 * pixels.permute(2, 0, 1)[None] - 1.0
     return pixels.contiguous(), crop_intrinsics(intrinsics, src_size, resized_size, offset)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# §4 The DiT's camera inputs: raymap and chunked Plücker map
-# ----------------------------------------------------------------------------------------------------------------
-
-def se3_inverse(transforms: torch.Tensor) -> torch.Tensor:
-    """Closed-form inverse of rigid transforms (..., 4, 4): [[R, t], [0, 1]]^-1 = [[R^T, -R^T t], [0, 1]]
-    (camera.md §4.1, §6.3). Exact up to rounding where a general inverse is not, and cheap per token."""
-    if transforms.shape[-2:] != (4, 4):
-        raise ValueError(f"transforms must have shape (..., 4, 4), got {tuple(transforms.shape)}")
-    rotation = transforms[..., :3, :3].transpose(-1, -2)
-    translation = -torch.einsum("...ij,...j->...i", rotation, transforms[..., :3, 3])
-    bottom = transforms.new_tensor([0.0, 0.0, 0.0, 1.0]).expand(*transforms.shape[:-2], 1, 4)
-    return torch.cat([torch.cat([rotation, translation[..., None]], dim=-1), bottom], dim=-2)
-
-
-def plucker_rays(intrinsics: torch.Tensor, c2w: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Plücker coordinates (d, o x d) of the ray through every pixel (camera.md §4.5): (F, height, width, 6).
-
-    intrinsics (F, 4), c2w (F, 4, 4). d = R ((u - cx)/fx, (v - cy)/fy, 1) made unit length, in world axes (OpenCV
-    camera axes, integer pixel indices); o = t is the camera centre, and the moment o x d places the line, so the
-    six numbers name the ray itself, not just its direction.
-    """
-    fx, fy, cx, cy = (intrinsics[:, i, None, None] for i in range(4))
-    grid = dict(dtype=intrinsics.dtype, device=intrinsics.device)
-    v, u = torch.meshgrid(torch.arange(height, **grid), torch.arange(width, **grid), indexing="ij")
-    x, y = (u - cx) / fx, (v - cy) / fy
-    d_cam = torch.stack([x, y, torch.ones_like(x)], dim=-1)
-    d_world = torch.einsum("fij,fhwj->fhwi", c2w[:, :3, :3], d_cam)
-    d_world = d_world / d_world.norm(dim=-1, keepdim=True)  # plain division, no eps, as the reference
-    origin = c2w[:, None, None, :3, 3].expand_as(d_world)
-    return torch.cat([d_world, torch.cross(origin, d_world, dim=-1)], dim=-1)
-
-
-def prepare_camera(c2w, intrinsics, size: tuple[int, int] = (704, 1280),
-                   vae_stride: tuple[int, int, int] = (8, 32, 32)) -> tuple[torch.Tensor, torch.Tensor]:
-    """The DiT's two camera inputs from F poses (camera.md §4), float32 torch tensors:
-
-    raymap (T, 20): per latent frame k, the pose of raw frame 8k relative to frame 0 (16 numbers, row-major), then
-        [fx, fy, cx, cy] on the latent grid; the transformer's `camera_conditions` (batched), see ray_matrices.
-    plucker (48, T, h, w): per latent frame, the Plücker map (plucker_rays) of the 8 raw frames it covers
-        (8k-7 .. 8k; frame 0 uses 0 .. 7), channel 6*f + m for frame f of the 8 and component m of (d, o x d).
-
-    c2w (F, 4, 4) and intrinsics in any form normalize_intrinsics takes, in pixels of the size = (H, W) image
-    (after preprocess_image), multiples of the spatial strides. T = (F-1)//8 + 1, h = H/32, w = W/32. OpenCV axes.
-    """
-    poses = torch.from_numpy(check_c2w(c2w))
-    num_frames = len(poses)
-    k = torch.from_numpy(normalize_intrinsics(intrinsics, num_frames))
-    if len(size) != 2 or len(vae_stride) != 3 or not all(isinstance(n, int) and n > 0 for n in (*size, *vae_stride)):
-        raise ValueError(f"size must be (H, W) and vae_stride (t, h, w), positive integers; got {size}, {vae_stride}")
-    (height, width), (stride_t, stride_h, stride_w) = size, vae_stride
-    if height % stride_h or width % stride_w:  # the VAE makes no latent grid for such an image: a caller's mistake
-        raise ValueError(f"size {size} must be multiples of vae_stride's spatial strides ({stride_h}, {stride_w})")
-    h, w = height // stride_h, width // stride_w
-
-    # §4.1 poses relative to the first (closed-form inverse); pose 0 is written as exactly the identity.
-    rel = torch.cat([torch.eye(4)[None], se3_inverse(poses[0]) @ poses[1:]])
-    # §4.2 intrinsics on the latent grid: x values scale with w/W, y values with h/H.
-    k_lat = k.clone()
-    k_lat[:, 0::2] *= w / width
-    k_lat[:, 1::2] *= h / height
-    # §4.3-4.4 latent frame k is represented by raw frame 8k: frame 0 alone, then the last of each group of 8.
-    idx = torch.arange(0, num_frames, stride_t)
-    raymap = torch.cat([rel[idx].reshape(len(idx), 16), k_lat[idx]], dim=1)
-    # §4.5 the 8 raw frames under each latent frame; a video shorter than 8 frames repeats its last frame.
-    frames = ((idx[:, None] - (stride_t - 1)).clamp_min(0) + torch.arange(stride_t)).clamp_max(num_frames - 1)
-    rays = plucker_rays(k_lat, rel, h, w)[frames]  # (T, 8, h, w, 6)
-    plucker = rays.permute(0, 1, 4, 2, 3).reshape(len(idx), 6 * stride_t, h, w).transpose(0, 1)
-    return raymap, plucker.contiguous()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# §6 UCPE: one ray frame per token
-# ----------------------------------------------------------------------------------------------------------------
-
-def _focal_through_fov(focal: torch.Tensor, image_size: int, grid_size: int) -> torch.Tensor:
-    """focal -> field of view (degrees) -> focal on the token grid, the way the reference does it (camera.md §6.1,
-    the unified camera model with xi = 0, i.e. pinhole). Mathematically focal * grid_size / image_size; the float
-    round trip through atan, degrees and cos/sin moves it by ~1 ulp, kept so that P matches bit for bit."""
-    fov = torch.rad2deg(2.0 * torch.atan(1.0 / (2.0 * focal / image_size)))
-    half = torch.deg2rad(0.5 * fov)
-    return (grid_size * 0.5) * torch.cos(half) / torch.sin(half).clamp_min(torch.finfo(focal.dtype).eps)
-
-
-def ray_matrices(raymap: torch.Tensor, thw: tuple[int, int, int], patch_size: int = 1) -> torch.Tensor:
-    """UCPE ray matrices P (B, T*h*w, 4, 4): per token, the rigid transform from world to the frame of its ray
-    (camera.md §6.1-6.3), in token order n = (t*h + i)*w + j and in raymap's dtype.
-
-    raymap (B, T, 20) is prepare_camera's raymap, batched: relative c2w (16) + [fx, fy, cx, cy] in latent pixels;
-    thw = (T, h, w) the token grid (patch_size spatial pixels per token; 1 in the release). The ray of token (i, j)
-    has direction d = R (x, y, 1)/|(x, y, 1)|, x = (j - cx)/fx, y = (i - cy)/fy (OpenCV axes, integer pixel indices).
-    Its frame: z = d, x = normalize(y_cam x z), y = z x x, where y_cam is the camera's down axis; P = [[R_l2w^T,
-    -R_l2w^T t], [0, 1]], the identity where d is NaN. Attention applies P^T to queries, se3_inverse(P) to keys and
-    values and P to its output (dit.md §6.6), so q.k sees the relative transform between two rays.
-
-    The reference also builds an "absolute map" (up vector and latitude per pixel, camera.md §6.4); it only feeds
-    `raymap_embedder`, which the released config (Plücker injection on) never uses, so it is not built here.
-    """
-    t_dim, h, w = thw
-    if raymap.ndim != 3 or raymap.shape[1:] != (t_dim, 20) or not raymap.is_floating_point():
-        raise ValueError(f"raymap must be a float tensor (B, {t_dim}, 20) for thw={tuple(thw)}, "
-                         f"got {raymap.dtype} {tuple(raymap.shape)}")
-    batch, dtype, device = raymap.shape[0], raymap.dtype, raymap.device
-    # The geometry runs in raymap's dtype (dit.md §10), so autocast must not recast the einsums.
-    with torch.autocast(device_type=device.type, enabled=False):
-        c2w = raymap[..., :16].reshape(batch, t_dim, 4, 4)
-        fx, fy, cx, cy = (raymap[..., 16 + i, None, None] for i in range(4))
-        fx, fy = _focal_through_fov(fx, w * patch_size, w), _focal_through_fov(fy, h * patch_size, h)
-        x = (torch.arange(w, dtype=dtype, device=device) - cx / patch_size) / fx  # (B, T, 1, w)
-        y = (torch.arange(h, dtype=dtype, device=device)[:, None] - cy / patch_size) / fy  # (B, T, h, 1)
-        r2 = x * x + y * y
-        scale = torch.sqrt(1 + r2) / (1 + r2)  # = 1/|(x, y, 1)|, in the reference's order of operations
-        d_cam = torch.stack(torch.broadcast_tensors(scale * x, scale * y, scale), dim=-1)  # (B, T, h, w, 3)
-
-        rotation, centre = c2w[..., :3, :3], c2w[..., :3, 3]
-        d_world = torch.einsum("btij,bthwj->bthwi", rotation, d_cam)
-        z_axis = F.normalize(d_world, dim=-1, eps=1e-6)
-        cam_down = rotation[..., None, None, :, 1].expand_as(z_axis)
-        x_axis = F.normalize(torch.cross(cam_down, z_axis, dim=-1), dim=-1, eps=1e-6)
-        y_axis = F.normalize(torch.cross(z_axis, x_axis, dim=-1), dim=-1, eps=1e-6)
-        world_to_ray = torch.stack([x_axis, y_axis, z_axis], dim=-2)  # rows: the ray frame's axes
-        translation = -torch.einsum("bthwij,bthwj->bthwi", world_to_ray, centre[:, :, None, None].expand_as(z_axis))
-        bottom = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=dtype, device=device).expand(*z_axis.shape[:-1], 1, 4)
-        P = torch.cat([torch.cat([world_to_ray, translation[..., None]], dim=-1), bottom], dim=-2)
-        # A NaN ray gets the identity (as the reference); torch.where keeps this free of a host sync on the GPU.
-        P = torch.where(torch.isnan(d_world).any(-1)[..., None, None], torch.eye(4, dtype=dtype, device=device), P)
-    return P.reshape(batch, t_dim * h * w, 4, 4)

@@ -2,13 +2,12 @@
 
 20 blocks (every 4th softmax self-attention, the others frame-wise bidirectional GDN), each with a UCPE camera
 branch, a Plücker injection after self-attention, text cross-attention and a GLUMBConv FFN with a temporal conv;
-per-frame timestep AdaLN. Paper: arXiv 2605.15178. Spec: shared/reference/dit.md §1-§4, §9, §12; camera.md §5-§8.
-State-dict keys and shapes equal the official checkpoint's (dit_state_dict_full.txt), so it loads strictly.
+per-frame timestep AdaLN (paper §3.2, §3.3, §5.1, Fig. 2). State-dict keys and shapes equal the official
+checkpoint's, so it loads strictly.
 
 `chunk_size` (frames) turns the bidirectional model into a chunk-causal one: frames of chunk c only see frames
 of chunks <= c, in every temporal operator (GDN backward scan, softmax attention, the temporal convolutions).
-Below the marked line: input checks, loading, and the memory mode (`part_frames`), a driver that runs the same
-layers over spans of frames. The CUDA kernels and compiled blocks are in fast.py.
+Below the marked line: checks, loading, the memory mode (`part_frames`: the same layers over spans of frames).
 """
 import json
 import math
