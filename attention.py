@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 
 class RMSNorm(nn.Module):
-    """v / sqrt(mean(v^2) + eps) * weight over the last dim; the statistic is taken in fp32 (dit.md §10)."""
+    """v / sqrt(mean(v^2) + eps) * weight over the last dim; the statistic is taken in fp32 (as the official code)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -25,7 +25,7 @@ class RMSNorm(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# RoPE (dit.md §3.4): complex pairs split over (time, row, column); interleaved-pair convention. A table holds
+# RoPE (paper §3.3): complex pairs split over (time, row, column); interleaved-pair convention. A table holds
 # each pair's rotation as (cos, sin): the reference's complex table seen as real numbers (torch.view_as_real).
 
 def rope_table(head_dim: int, thw: tuple[int, int, int], device=None, theta: float = 10000.0) -> torch.Tensor:
@@ -48,7 +48,7 @@ def rope_table(head_dim: int, thw: tuple[int, int, int], device=None, theta: flo
 
 def camera_rope_table(table: torch.Tensor, head_dim: int) -> torch.Tensor:
     """The RoPE for the second half of a camera head (D/4 pairs): the first frequencies of each axis section
-    of the full table, in the same (time, row, column) split for rope dim D/2 (dit.md §3.4)."""
+    of the full table, in the same (time, row, column) split for rope dim D/2 (as the official code)."""
     n_hw, r = head_dim // 6, head_dim // 2
     n_t = head_dim // 2 - 2 * n_hw
     m_hw = r // 6
@@ -57,7 +57,7 @@ def camera_rope_table(table: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, table: torch.Tensor, conjugate: bool = False) -> torch.Tensor:
-    """Rotate channel pairs (2p, 2p+1) of x (B, N, H, 2P) by table (N, P, 2); in fp32, cast back (dit.md §10).
+    """Rotate channel pairs (2p, 2p+1) of x (B, N, H, 2P) by table (N, P, 2); in fp32, cast back (as the official code).
     The complex product (x0 + i x1)(cos + i sin) as the reference computes it (torch's complex multiply, whose
     rounding differs from the written-out real form by an ulp on some CPUs, e.g. with AVX-512: enough to flip the
     bf16 casts before the softmax blocks' SDPA). On CUDA in inference the kernel below rotates in real numbers."""
@@ -68,7 +68,7 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor, conjugate: bool = False) ->
 
 
 # --------------------------------------------------------------------------------------------------------------
-# UCPE (dit.md §6.6, camera.md §7): per head, the first half of the channels is a stack of 4-vectors multiplied by
+# UCPE (paper §3.3, Eq. 6): per head, the first half of the channels is a stack of 4-vectors multiplied by
 # the token's 4x4 ray matrix, the second half is rotated by the camera RoPE.
 
 def ucpe(x: torch.Tensor, M: torch.Tensor, rope_cam: torch.Tensor, conjugate: bool = False) -> torch.Tensor:
@@ -123,7 +123,7 @@ def block_causal_sdpa(q, k, v, num_frames: int, chunk_size: int | None, scale: f
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Self-attention with a camera branch (dit.md §5). One parameter layout for the softmax and the GDN variants.
+# Self-attention with a camera branch (paper §3.3, Fig. 2). One parameter layout for the softmax and the GDN variants.
 
 class CameraSelfAttention(nn.Module):
     """Parameters shared by both self-attention variants, in the checkpoint's order, and the shared output:
@@ -153,7 +153,7 @@ class CameraSelfAttention(nn.Module):
 
     @staticmethod
     def to_rays(qc, kc, vc, camera):
-        """The camera branch's UCPE encoding (dit.md §6.5, §7.2): queries with P^T, keys and values with P^-1, each
+        """The camera branch's UCPE encoding (paper Eq. 6): queries with P^T, keys and values with P^-1, each
         capped to its pre-transform RMS. camera = (P, P^T, P^-1, rope_cam); q/k/v (B, N, H, D)."""
         _, P_T, P_inv, rope_cam = camera
         return (rms_cap(qc, ucpe(qc, P_T, rope_cam)), rms_cap(kc, ucpe(kc, P_inv, rope_cam)),
@@ -162,7 +162,7 @@ class CameraSelfAttention(nn.Module):
     def output(self, u: torch.Tensor, main: torch.Tensor, oc: torch.Tensor | None, camera) -> torch.Tensor:
         """The layer's output (B, n, C) from the main branch's (B, n, H, D) and the camera branch's oc (B, n, H, D)
         in ray space (or None), decoded back to world space with P and the conjugate RoPE. Both branches share one
-        output gate computed from the block input u, in fp32 (dit.md §10)."""
+        output gate computed from the block input u, in fp32 (as the official code)."""
         main = main.flatten(2).to(u.dtype)
         if oc is not None:
             P, _, _, rope_cam = camera
@@ -172,14 +172,14 @@ class CameraSelfAttention(nn.Module):
 
 def padded_width_scale(head_dim: int) -> float:
     """The camera branch's softmax scale. The reference zero-pads the heads to a flash-attention width (112 -> 128),
-    so its scale is 1/sqrt(padded width), which the released weights were trained with (dit.md §7.2). The padding
+    so its scale is 1/sqrt(padded width), which the released weights were trained with. The padding
     adds nothing to q.k nor to the output: the same attention is D wide with that scale, 13% fewer FLOPs."""
     width = head_dim if head_dim in (32, 64, 128) or head_dim >= 256 else (128 if head_dim < 128 else 256)
     return width ** -0.5
 
 
 class SoftmaxSelfAttention(CameraSelfAttention):
-    """Softmax self-attention over all N tokens with RoPE, plus a softmax UCPE camera branch (dit.md §7).
+    """Softmax self-attention over all N tokens with RoPE, plus a softmax UCPE camera branch (paper §3.2, §5.1).
     forward(u (B, N, C), thw, rope (N, D/2, 2), camera=(P, P^T, P^-1, rope_cam) or None, chunk_size) -> (B, N, C).
     A span of frames reads the keys and values of every frame it sees: `operands` makes them, `attend` reads them."""
 
@@ -189,7 +189,7 @@ class SoftmaxSelfAttention(CameraSelfAttention):
         B, N, C = u.shape
         H, D = self.heads, self.head_dim
         q, k, v = self.qkv(u).view(B, N, 3, H, D).unbind(2)
-        # The reference runs this SDPA in bf16 even in an fp32 model (dit.md §7.1, §10).
+        # The reference runs this SDPA in bf16 even in an fp32 model (as the official code).
         sdpa_dtype = torch.bfloat16 if u.dtype == torch.float32 else u.dtype
         q = apply_rope(self.q_norm(q.reshape(B, N, C)).view(B, N, H, D), rope)
         k = apply_rope(self.k_norm(k.reshape(B, N, C)).view(B, N, H, D), rope)
@@ -200,7 +200,7 @@ class SoftmaxSelfAttention(CameraSelfAttention):
         qc = self.q_norm_cam(qc.reshape(B, N, C)).view(B, N, H, D)
         kc = self.k_norm_cam(kc.reshape(B, N, C)).view(B, N, H, D)
         rays = self.to_rays(qc, kc, vc, camera)
-        # The camera branch's SDPA always runs in bf16 (dit.md §7.2), with padded_width_scale.
+        # The camera branch's SDPA always runs in bf16 (as the official code), with padded_width_scale.
         return main, tuple(t.transpose(1, 2).to(torch.bfloat16) for t in rays)
 
     def attend(self, u, main, cam, num_frames, chunk_size, camera, first_frame=0):
@@ -217,7 +217,7 @@ class SoftmaxSelfAttention(CameraSelfAttention):
 
 
 class CrossAttention(nn.Module):
-    """Image tokens attend to the text tokens; RMSNorm (eps 1e-6, over C) on q and k, no RoPE (dit.md §8.1).
+    """Image tokens attend to the text tokens; RMSNorm (eps 1e-6, over C) on q and k, no RoPE (as the release).
 
     forward(x (B, N, C), y (B, L, C), mask (B, L) bool, True = keep) -> (B, N, C), in the model dtype.
     """

@@ -121,7 +121,7 @@ def action_to_c2w(action: str, translation_speed: float | None = None, rotation_
         v += alpha (target - v), alpha = 1 - exp(-dt/tau), tau = 0.45 s where the target is non-zero and 1 s where
         it is zero (so after a release, and through `none` frames, the camera coasts to a stop). Pitch saturates at
         +-pitch_limit_deg; the flattened axes are divided by their length + 1e-6.
-    scheme="legacy": the first release's roll-out, diffusers 0.42.1's roll-out bit for bit, defaults 0.05 units, 1.2 deg,
+    scheme="legacy": the first release's roll-out (diffusers 0.42.1's bit for bit), defaults 0.05 units, 1.2 deg,
         85 deg. a/d strafe and j/l turn; velocity = target every frame; a pitch step that would leave
         +-pitch_limit_deg is dropped whole. A legacy string converts to v2 by swapping a<->j and d<->l.
     """
@@ -302,7 +302,7 @@ def ray_matrices(raymap: torch.Tensor, thw: tuple[int, int, int], patch_size: in
 # ----------------------------------------------------------------------------------------------------------------
 
 def snap_num_frames(n: int, stride: int = 8, upper_bound: int | None = None) -> int:
-    """The frame count stride*k + 1 nearest to n (as the official pipeline): the causal VAE encodes frame 0 alone, then each
+    """The frame count stride*k + 1 nearest to n (official): the causal VAE encodes frame 0 alone, then each
     further `stride` frames into one latent frame. Ties round up; a result above upper_bound falls back to the count
     below; n < 1 gives 1. Examples: 2 -> 1, 10 -> 9, 80 -> 81, 100 -> 97."""
     if not isinstance(stride, (int, np.integer)) or stride < 1:
@@ -365,7 +365,7 @@ def normalize_intrinsics(intrinsics, num_frames: int) -> np.ndarray:
 
 
 def prepare_trajectory(c2w, intrinsics, num_frames: int, stride: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """Poses and intrinsics cut to the frame count the model will generate (as the official pipeline): num_frames snapped to
+    """Poses and intrinsics cut to the frame count the model will generate (official): num_frames snapped to
     stride*k + 1 (never above the number of poses), then c2w (F, 4, 4) and intrinsics (F, 4) trimmed to it.
 
     diffusers silently makes the video shorter when fewer poses than num_frames are given; here that is an error

@@ -29,7 +29,7 @@ from quantize import nvfp4_layer_names, quantize_model
 
 @dataclass
 class DiTConfig:
-    """Defaults = the released SANA-WM_bidirectional transformer (dit.md §1.1)."""
+    """Defaults = the released SANA-WM_bidirectional transformer (paper §5.1, App. C.1; the release config)."""
     in_channels: int = 128
     num_layers: int = 20
     hidden_size: int = 2240
@@ -56,10 +56,10 @@ class DiTConfig:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Embedders (dit.md §3.2-§3.3)
+# Embedders (the release's: patch, timestep MLP, caption MLP)
 
 def timestep_sinusoid(t: torch.Tensor, dim: int = 256) -> torch.Tensor:
-    """[cos(t f_k) | sin(t f_k)], f_k = 10000^(-k/(dim/2)), in fp32 (dit.md §3.3)."""
+    """[cos(t f_k) | sin(t f_k)], f_k = 10000^(-k/(dim/2)), in fp32 (as the official code)."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     angles = t[:, None].float() * freqs[None]
@@ -105,7 +105,7 @@ class CaptionEmbedder(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# FFN (dit.md §9)
+# FFN (paper Fig. 2 Mix-FFN, App. C.1; layout as in the release)
 
 def temporal_residual(x: torch.Tensor, conv: nn.Module, chunk_size: int | None,
                       part_frames: int | None = None) -> torch.Tensor:
@@ -156,7 +156,7 @@ class GLUMBConvTemp(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Block and final layer (dit.md §4, §3.5)
+# Block and final layer (paper Fig. 2, §3.3; per-frame AdaLN as in the release)
 
 def modulate(x, shift, scale, T):
     """Per-frame AdaLN: LN(x) (no affine, eps 1e-6) * (1 + scale) + shift, with shift/scale (B, T, 1, C)."""
@@ -193,8 +193,8 @@ class Block(nn.Module):
 
     def after_attention(self, x, a, y, text_mask, plucker):
         """The frame-local middle of the block: the gated attention output a, the Plücker injection (ungated,
-        dit.md §4, camera.md §8: plucker = (Plücker tokens (B, n, 48), the DiT's embedder weight and bias)) and the
-        text cross-attention (no norm or modulation before it, dit.md §12.4)."""
+        paper §3.3 Fine Branch: plucker = (Plücker tokens (B, n, 48), the DiT's embedder weight and bias)) and the
+        text cross-attention (no norm or modulation before it, as in the release)."""
         x = x + a
         if plucker is not None and hasattr(self, "plucker_proj"):
             x = x + self.plucker_map(*plucker[1:])(plucker[0])
@@ -235,7 +235,7 @@ class DiT(nn.Module):
         self.x_embedder = PatchEmbed(cfg.in_channels, C)
         self.y_embedder = CaptionEmbedder(cfg.caption_channels, C)
         self.plucker_embedder = PatchEmbed(cfg.chunk_plucker_channels, C)
-        self.raymap_embedder = PatchEmbed(3, C)  # dead in the released config (camera.md §6.4); kept for loading
+        self.raymap_embedder = PatchEmbed(3, C)  # dead in the released config (computed, unused); kept for loading
         n_pl = cfg.chunk_plucker_post_attn_blocks
         self.blocks = nn.ModuleList(Block(cfg, cfg.is_softmax(i), n_pl < 0 or i < n_pl)
                                     for i in range(cfg.num_layers))
@@ -260,7 +260,7 @@ class DiT(nn.Module):
         thw, C = (T, h, w), cfg.hidden_size
         text, text_mask = crop_text(text, text_mask)
         x = self.x_embedder(x.to(dtype))
-        # The reference truncates timesteps to integers before the sinusoid (dit.md §12.1): 998.26 -> 998.
+        # The reference truncates timesteps to integers before the sinusoid (as the official code): 998.26 -> 998.
         temb = self.t_embedder(timestep_sinusoid(timestep.long().float().flatten()).to(dtype))  # (B*T, C)
         t6 = self.t_block(temb).view(B, T, 6, C)
         y = self.attention_y_norm(self.y_embedder(text.to(dtype)))
@@ -268,7 +268,7 @@ class DiT(nn.Module):
 
         camera = None
         if raymap is not None:
-            # The pipeline hands the camera to the model in the model dtype; the geometry runs in it (camera.md §9.2).
+            # The pipeline hands the camera to the model in the model dtype; the geometry runs in it (as official).
             P = ray_matrices(raymap.to(dtype), thw)
             camera = (P, P.transpose(-1, -2), se3_inverse(P), camera_rope_table(rope, cfg.linear_head_dim))
         pl = None
@@ -505,10 +505,10 @@ def block_in_parts(block: Block, x, y, text_mask, t6, thw, rope, camera, plucker
     return x
 
 
-# The DiT's text input: the release's prompt recipe (Gemma-2-2b-it hidden states with the chi prefix, dit.md §11.2).
+# The DiT's text input: the release's prompt recipe (Gemma-2-2b-it hidden states with the chi prefix).
 # generate.py and train.py encode prompts with it.
 
-TEXT_LENGTH = 300  # text tokens the DiT cross-attends to (dit.md §11.2)
+TEXT_LENGTH = 300  # text tokens the DiT cross-attends to (the official text recipe)
 
 # The release's prompt prefix ("chi prompt"): SANA-WM was trained with these lines, joined by "\n", in front of
 # every user prompt. They are data of the release and must stay exactly as they are, the trailing space included.
@@ -540,7 +540,7 @@ def encode_prompt(tokenizer, text_encoder, prompt: str) -> tuple[torch.Tensor, t
 
     The prefixed prompt is padded to len(prefix tokens) + 298, then BOS and the last 299 positions are kept: BOS,
     the prefix's last token, up to 298 prompt tokens and right padding. The rest of the prefix only acts through
-    Gemma's attention (dit.md §11.2).
+    Gemma's attention (the official text recipe).
     """
     length = len(tokenizer.encode(CHI_PROMPT)) + TEXT_LENGTH - 2  # encode() counts the BOS it adds
     hidden, mask = _gemma(tokenizer, text_encoder, CHI_PROMPT + prompt, length)
@@ -550,7 +550,7 @@ def encode_prompt(tokenizer, text_encoder, prompt: str) -> tuple[torch.Tensor, t
 
 @torch.no_grad()
 def encode_negative_prompt(tokenizer, text_encoder, negative_prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The negative prompt is encoded as it is, without the chi prefix, to 300 tokens (dit.md §11.2)."""
+    """The negative prompt is encoded as it is, without the chi prefix, to 300 tokens (the official text recipe)."""
     return _gemma(tokenizer, text_encoder, negative_prompt, TEXT_LENGTH)
 
 

@@ -44,7 +44,7 @@ def compiled_on_cuda(fn):
     elsewhere (the CPU, the tests, training) as written.
 
     Applied to the block, and to the pieces of it that the memory mode (dit.block_in_parts) calls one part at a
-    time (inlined when called from a compiled block): its fp32 islands (dit.md §10: casts, modulation, gating,
+    time (inlined when called from a compiled block): its fp32 islands (as the official code: casts, modulation, gating,
     the GDN gates) are chains of pointwise ops, each one pass over memory when run op by op. Compiled, each chain
     is one kernel between the matmuls, attention kernels and GDN scans (BENCHMARKS.md: the step time).
     Inside a fused kernel the intermediate values stay fp32 where the code as written rounds them to bf16 between
@@ -396,7 +396,7 @@ def head_stream(x, table, *, norm=None, relu=False, scale=1.0, conv=None, matrix
 # Kernel: the FFN's depthwise conv + GLU in one pass
 
 def depthwise_glu(s: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The FFN's middle (dit.md §9) after the SiLU: the 3x3 depthwise conv (zero padding 1, weight (2F, 1, 3, 3),
+    """The FFN's middle (paper Fig. 2) after the SiLU: the 3x3 depthwise conv (zero padding 1, weight (2F, 1, 3, 3),
     bias (2F,)) and the GLU value * SiLU(gate) of its two channel halves, s (n, 2F, h, w) -> (n, F, h, w)
     channels-last, as one Triton kernel (`_depthwise_glu_kernel`): the FFN's widest tensor is read once and only
     the half-width result written (a depthwise conv kernel and the GLU's pointwise ops are three passes)."""

@@ -1,5 +1,5 @@
-"""Frame-wise Gated DeltaNet (SANA-WM §3, spec dit.md §6): the bidirectional gated delta rule over latent frames,
-and the GDN self-attention layer of the DiT around it (dit.md §6.1-6.2, §6.5).
+"""Frame-wise Gated DeltaNet (paper §3.2, Eq. 3): the bidirectional gated delta rule over latent frames,
+and the GDN self-attention layer of the DiT around it (paper §3.2, Eq. 3, 5; §3.3, Eq. 6).
 
 One DxD state per (batch, head) is updated once per latent frame by all S tokens of that frame jointly:
 
@@ -28,7 +28,7 @@ BACKENDS = ("auto", "torch", "triton", "reference")
 
 
 def _fp32(x):
-    """Upcast to float32 for the scan math (dit.md §10); float64 stays float64 (the tests' exact reference)."""
+    """Upcast to float32 for the scan math (as official); float64 stays float64 (the tests' exact reference)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
@@ -38,7 +38,7 @@ def _chunk_end(t, T, chunk_size):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The recurrence (dit.md §6.3), one frame at a time: the definition every faster form below is tested against.
+# The recurrence (paper Eq. 3), one frame at a time: the definition every faster form below is tested against.
 
 def gdn_recurrent(q_rot, k_rot, v, beta, decay, q=None, k=None, *, chunk_size=None, eps=1e-8):
     """Bidirectional frame-wise gated delta rule, one frame at a time, float32 state (same arguments as gdn_scan)."""
@@ -75,10 +75,10 @@ def gdn_recurrent(q_rot, k_rot, v, beta, decay, q=None, k=None, *, chunk_size=No
 
 
 def gdn_scan(q_rot, k_rot, v, beta, decay, q=None, k=None, *, chunk_size=None, eps=1e-8, backend="auto"):
-    """Bidirectional frame-wise gated delta rule (dit.md §6.3; numerator only for the camera branch, §6.5).
+    """Bidirectional frame-wise gated delta rule (paper Eq. 3; numerator only for the camera branch, as official).
 
     q_rot, k_rot, v, q, k: (B, N, H, D), N = T*S tokens frame-major, any strides (views of a fused projection
-    are fine); beta: (B, N, H) per token; decay: (B, T, H) per frame. All math in float32 (dit.md §10); the
+    are fine); beta: (B, N, H) per token; decay: (B, T, H) per frame. All math in float32 (as the official code); the
     result is (B, N, H, D) in v.dtype.
     With q and k (plain, for the normaliser): (num_fwd + num_bwd) / (den_fwd + den_bwd + eps).
     Without them: num_fwd + num_bwd.
@@ -97,12 +97,12 @@ def gdn_scan(q_rot, k_rot, v, beta, decay, q=None, k=None, *, chunk_size=None, e
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The GDN self-attention layer (dit.md §6.1-6.5): gates, the temporal short conv on K, norms, ReLU kernel, key
+# The GDN self-attention layer (paper Eq. 3, 5, 6): gates, the temporal short conv on K, norms, ReLU kernel, key
 # scaling, RoPE on the numerator stream, the UCPE camera branch; parameters and output from CameraSelfAttention.
 
 def short_conv(x: torch.Tensor, weight: torch.Tensor, num_frames: int, chunk_size: int | None = None,
                first_frame: int = 0):
-    """Depthwise temporal filter of x (B, N, C) with taps weight (C, 1, K), per spatial position (dit.md §6.2):
+    """Depthwise temporal filter of x (B, N, C) with taps weight (C, 1, K), per spatial position (paper Fig. 2):
     y[t] = sum_m w_{K-1-m} x[t-m] + sum_m w_{K-1-m} x[t+m] - w_{K-1} x[t] (m = 0..K-1), zero outside [0, T), i.e.
     the symmetric filter [w_0 .. w_{K-1} .. w_0]. Computed as the reference does (a causal conv forwards, one on
     the reversed sequence, minus the shared centre tap) so bf16 rounds alike. With chunk_size the reversed pass
@@ -122,7 +122,7 @@ def short_conv(x: torch.Tensor, weight: torch.Tensor, num_frames: int, chunk_siz
 
 
 class GDNSelfAttention(CameraSelfAttention):
-    """Frame-wise bidirectional GDN self-attention with a UCPE camera branch (dit.md §6).
+    """Frame-wise bidirectional GDN self-attention with a UCPE camera branch (paper §3.2, Eq. 3, 5; Fig. 2).
 
     forward(u (B, N, C), thw, rope (N, D/2, 2), camera=(P, P^T, P^-1, rope_cam) or None, chunk_size) -> (B, N, C).
     """

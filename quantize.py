@@ -154,7 +154,7 @@ class NVFP4Conv2d(NVFP4Linear):
 
 # Layer sets. Weight bytes of the release DiT (2.6B parameters, 5.32 GB in bf16; tests/test_quantize.py counts
 # them): NVFP4 costs 0.5625 bytes per weight (half a byte plus one E4M3 scale per 16) instead of 2.
-# default (2.73 GB): the blocks' attention, cross-attention and FFN 1x1 convs (dit.md section 2). Embedders,
+# default (2.73 GB): the blocks' attention, cross-attention and FFN 1x1 convs (the release's module names). Embedders,
 # t_block, the final layer, the FFN temporal conv and the camera path (the *_cam projections, plucker_proj) stay in
 # bf16: the official release found that quantising the camera path kills action-following.
 DEFAULT_INCLUDE = ("blocks.*.attn.qkv", "blocks.*.attn.proj", "blocks.*.attn.output_gate",

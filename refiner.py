@@ -1,8 +1,8 @@
-"""SANA-WM stage 2: the LTX-2 refiner (paper §4.4 "long-video refiner"; spec: shared/reference/refiner.md).
+"""SANA-WM stage 2: the LTX-2 refiner (paper §3.4 and App. A).
 
 A stage-1 latent (B, 128, T, h, w) is cleaned block by block by the *video* half of the LTX-2 transformer, which was
 fine-tuned with a rank-384 LoRA (released merged into the dense weights) and is run for 3 Euler steps from a
-truncated noise level σ = 0.909375, so the stage-1 content survives (refiner.md §7). Sections: 1. config,
+truncated noise level σ = 0.909375, so the stage-1 content survives (paper App. A, Eq. 7-11). Sections: 1. config,
 2. RoPE, 3. layers, 4. the sliding-window KV cache, 5. the video transformer, 6. LoRA, 7. refine(). After the
 machinery line: the text input (Gemma-3, LTX-2's text connectors), config parsing, loading, LoRA files, audio.
 
@@ -25,11 +25,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# The distilled stage-2 schedule: the last three σ of LTX-2's 8-step distilled schedule, then 0 (refiner.md §7).
+# The distilled stage-2 schedule: the last three σ of LTX-2's 8-step distilled schedule, then 0 (paper App. A).
 STAGE2_SIGMAS = (0.909375, 0.725, 0.421875, 0.0)
 
 
-# 1. Config. Defaults = the release (LTX-2.0, refiner.md §2 and §9).
+# 1. Config. Defaults = the release (LTX-2.0, paper §3.4; the release's refiner/ folder).
 @dataclass
 class RefinerConfig:
     """LTX-2 video transformer (`SanaWMLTX2RefinerTransformer3DModel`). The audio_* sizes only shape the parameter
@@ -42,7 +42,7 @@ class RefinerConfig:
     caption_channels: int = 3840
     num_layers: int = 48
     norm_eps: float = 1e-6
-    rope_type: str = "split"            # the release overrides the class default "interleaved" (refiner.md §11.1)
+    rope_type: str = "split"            # the release overrides the class default "interleaved" (LTX-2's "split" RoPE)
     rope_theta: float = 10000.0
     rope_double_precision: bool = True
     vae_scale_factors: tuple = (8, 32, 32)
@@ -85,7 +85,7 @@ def _rope_table(angles: torch.Tensor, inner: int, heads: int, rope_type: str):
 
 def video_rope(frames, height: int, width: int, fps: float, cfg: RefinerConfig, device=None):
     """RoPE table for the tokens of latent frames `frames` (absolute indices in the whole stage-1 video), all rows
-    and columns; refiner.md §6. Each axis uses the midpoint of the voxel's pixel-space extent: time in seconds
+    and columns, as LTX-2's video RoPE. Each axis uses the midpoint of the voxel's pixel-space extent: time in seconds
     [max(8f+1−8, 0), 8(f+1)+1−8)/fps (the causal VAE's first frame spans one pixel frame), rows/columns
     [32y, 32y+32). Angle 3k + a = (2·frac_a − 1)·θ_k, frac = (t/20, y/2048, x/2048). Computed in float32."""
     st, sy, sx = cfg.vae_scale_factors
@@ -181,7 +181,7 @@ class MLP(nn.Module):
 
 
 def timestep_sincos(t: torch.Tensor, dim: int = 256) -> torch.Tensor:
-    """[cos(t·f_j), sin(t·f_j)], f_j = 10000^(−j/(dim/2)), in float32 (refiner.md §5)."""
+    """[cos(t·f_j), sin(t·f_j)], f_j = 10000^(−j/(dim/2)), in float32 (as LTX-2)."""
     freqs = torch.exp(-math.log(10000) * torch.arange(dim // 2, dtype=torch.float32, device=t.device) / (dim // 2))
     args = t[:, None].float() * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
@@ -200,7 +200,7 @@ class AdaLNSingle(nn.Module):
         return self.linear(F.silu(e)), e
 
 
-# 4. The sliding-window KV cache (refiner.md §5, §7). Per layer: the sink's K (pre-RoPE, re-rotated for every window
+# 4. The sliding-window KV cache (paper App. A). Per layer: the sink's K (pre-RoPE, re-rotated for every window
 #    to sit just before the history) and V, and the post-RoPE K/V of the most recent refined frames. Its size is
 #    bounded by sink + kv_max_frames − sink frames, so the cost of refinement is linear in video length.
 @dataclass
@@ -231,7 +231,7 @@ class WindowKVCache:
             layer.hist_k, layer.hist_v = layer.hist_k[:, -keep_tokens:], layer.hist_v[:, -keep_tokens:]
 
 
-# 5. The LTX-2 video transformer (refiner.md §5).
+# 5. The LTX-2 video transformer (video stream only).
 class RefinerBlock(nn.Module):
     """x += gate·SelfAttn(RMS(x)·(1+scale)+shift); x += CrossAttn(RMS(x), text); x += gate·FF(RMS(x)·(1+s)+sh)."""
 
@@ -315,7 +315,7 @@ class Refiner(nn.Module):
         return self.proj_out(x)
 
 
-# 6. LoRA (refiner.md §3; the paper fine-tunes the refiner with rank 384). y = W x + b + (alpha/rank)·B(A(x)), B
+# 6. LoRA (paper App. A: rank 384). y = W x + b + (alpha/rank)·B(A(x)), B
 #    starting at zero so a fresh adapter changes nothing. The release ships the adapters merged into W, so loading
 #    it needs none of this; it is here to fine-tune further and to exchange adapters (PEFT key names).
 LORA_TARGETS = (r"transformer_blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)"
@@ -358,7 +358,7 @@ def add_lora(model: nn.Module, rank: int = 384, alpha: float | None = None, targ
     return names
 
 
-# 7. The refinement loop (refiner.md §7): truncated-σ flow matching, 3 Euler steps, chunk-causal blocks over a
+# 7. The refinement loop (paper App. A, Eq. 7-11): truncated-σ flow matching, 3 Euler steps, chunk-causal blocks over a
 #    sliding window [sink | ≤ kv_max_frames − sink history frames | current block]. Its two model calls,
 #    capture_sink and block_velocity, are also the window that train.refiner_loss trains on.
 def pack(latents: torch.Tensor) -> torch.Tensor:
@@ -398,7 +398,7 @@ def refine(refiner: Refiner, latents: torch.Tensor, text: torch.Tensor, text_mas
            sigmas=STAGE2_SIGMAS, generator: torch.Generator | None = None) -> torch.Tensor:
     """Refine a stage-1 latent (B, C, T, h, w) (normalised LTX-2 VAE space) and return it, same shape, in the
     refiner's dtype. Frames < sink_size are copied unchanged; decode, then drop the first `sink_size` pixel frames
-    (and the first camera pose), refiner.md §8.
+    (and the first camera pose), as the official two-stage pipeline does.
 
     text/text_mask: PromptEncoder output for the raw prompt. fps: the video frame rate (it scales RoPE time).
     generator: draws one fresh ε per block in the model dtype; default: seed 42 on the latents' device, as the
@@ -453,7 +453,7 @@ import dataclasses  # noqa: E402  (the imports of the machinery alone)
 from pathlib import Path  # noqa: E402
 
 
-# The text input (refiner.md §4): Gemma-3 hidden states → masked range norm (twice) → text_proj_in → registers
+# The text input (LTX-2's text path): Gemma-3 hidden states → masked range norm (twice) → text_proj_in → registers
 # → 2 RoPE transformer blocks → RMSNorm.
 @dataclass
 class ConnectorsConfig:
@@ -615,7 +615,7 @@ class PromptEncoder:
 _BOOKKEEPING = {"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values"}
 
 
-# Keys whose value is fixed by LTX-2.0 (the only layout the refiner forward supports, refiner.md §2), and keys that
+# Keys whose value is fixed by LTX-2.0 (the only layout the refiner forward supports), and keys that
 # change nothing on the video path: audio-only settings without parameters, LTX-2.3-only switches.
 _FIXED = {
     RefinerConfig: dict(patch_size=1, patch_size_t=1, audio_patch_size=1, audio_patch_size_t=1,
@@ -854,7 +854,7 @@ def load_lora(model: nn.Module, path) -> list:
 def _add_audio_holders(model: Refiner, cfg: RefinerConfig):
     """LTX-2's audio stream and audio↔video cross-attention, as parameter holders only (keep_audio=True). They are
     built from the same layer classes so every name and shape equals the checkpoint's; Refiner.forward never calls
-    them (the SANA-WM refiner runs the video stream only, refiner.md §9)."""
+    them (the SANA-WM refiner runs the video stream only)."""
     d, da = cfg.inner_dim, cfg.audio_num_attention_heads * cfg.audio_attention_head_dim
     ha, hd = cfg.audio_num_attention_heads, cfg.audio_attention_head_dim
     model.audio_proj_in = nn.Linear(cfg.audio_in_channels, da)

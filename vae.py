@@ -2,8 +2,8 @@
 
 SANA-WM (arXiv 2605.15178) uses the released LTX-2 VAE unchanged: the first frame is encoded to condition
 generation, and the final latents are decoded to up to 961 frames at 704x1280, tile by tile.
-Spec: shared/reference/vae.md: §1 config, §2 frame rule, §3 building blocks, §4 encoder, §5 decoder,
-§6 latent normalisation, §7 tiling.
+Config: the release's vae/config.json (paper §3.1, §5.1: the LTX-2 VAE, 128 latent channels). Blocks,
+encoder, decoder, latent normalisation and tiling as in the LTX-2 VAE and SANA-WM's official loader.
 
 Layouts: videos and latents are (B, C, T, H, W). A video is in [-1, 1] with T = 1 + 8k frames and H, W
 multiples of 32; its latent is (B, 128, 1 + (T - 1)/8, H/32, W/32).
@@ -18,13 +18,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 
-# (temporal, height, width) strides of the re-sampling layers (vae.md §3.5, §3.6)
+# (temporal, height, width) strides of the re-sampling layers (as in the LTX-2 VAE)
 STRIDES = {"spatial": (1, 2, 2), "temporal": (2, 1, 1), "spatiotemporal": (2, 2, 2)}
 
 
 @dataclass
 class VAEConfig:
-    """The release vae/config.json (vae.md §1); field names are the diffusers ones."""
+    """The release vae/config.json (paper §3.1, §5.1); field names are the diffusers ones."""
     in_channels: int = 3
     out_channels: int = 3
     latent_channels: int = 128
@@ -63,7 +63,7 @@ class VAEConfig:
 
 @dataclass(frozen=True)
 class Tiling:
-    """Tile sizes of tiled encode/decode (vae.md §7), in pixels and pixel frames. The defaults are SANA-WM's:
+    """Tile sizes of tiled encode/decode (official loader), in pixels and pixel frames. The defaults are SANA-WM's:
     the model was trained on latents of the VAE run with exactly these tiles."""
     size: int = 512  # spatial tile edge
     stride: int = 448  # distance between spatial tiles; size - stride pixels are blended
@@ -75,7 +75,7 @@ SANA_WM_TILING = Tiling()
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Building blocks (vae.md §3)
+# Building blocks (the LTX-2 VAE's)
 
 def pixnorm(x: torch.Tensor) -> torch.Tensor:
     """RMS over channels at every location, eps 1e-8, no affine weight, in the input dtype (§3.1)."""
@@ -269,7 +269,7 @@ class VAE(nn.Module):
     """The LTX-2 video autoencoder: encode -> posterior mean, decode -> video; normalise for the DiT (§6).
 
     The VAE is frozen in SANA-WM, so encode/decode run without autograd. Inputs are moved to the weights'
-    device and dtype, as the reference pipeline does. By default both tile as SANA-WM does (vae.md §7);
+    device and dtype, as the reference pipeline does. By default both tile as SANA-WM's official loader does;
     `tiling=None` runs the network on the whole input at once."""
 
     def __init__(self, cfg: VAEConfig | None = None):
@@ -333,7 +333,7 @@ class VAE(nn.Module):
 # ================================================================================================================
 
 def _check_config(cfg: VAEConfig) -> None:
-    """The lists of a VAEConfig agree with each other and with the release's layer rules (vae.md §1)."""
+    """The lists of a VAEConfig agree with each other and with the release's layer rules."""
     def fail(what):
         raise ValueError(f"VAEConfig: {what}")
 
@@ -368,7 +368,7 @@ def _check_config(cfg: VAEConfig) -> None:
 
 def _config_from_dict(d: dict) -> VAEConfig:
     """From a diffusers AutoencoderKLLTX2Video config.json. Keys starting with '_' are bookkeeping. Keys
-    that switch on features the release does not use (vae.md §8) must hold the release value."""
+    that switch on features the release does not use must hold the release value."""
     release_only = {"down_block_types": "LTX2VideoDownBlock3D", "spatio_temporal_scaling": True,
                     "decoder_spatio_temporal_scaling": True, "decoder_inject_noise": False,
                     "upsample_residual": True, "timestep_conditioning": False, "patch_size_t": 1}
@@ -379,7 +379,7 @@ def _config_from_dict(d: dict) -> VAEConfig:
             continue
         if key in release_only:
             if any(v != release_only[key] for v in (value if isinstance(value, (list, tuple)) else [value])):
-                raise ValueError(f"config {key}={value!r}: only {release_only[key]!r} is supported (vae.md §8)")
+                raise ValueError(f"config {key}={value!r}: only {release_only[key]!r} is supported")
         elif key in ("spatial_compression_ratio", "temporal_compression_ratio"):
             ratios[key] = value
         elif key in names:
@@ -389,14 +389,14 @@ def _config_from_dict(d: dict) -> VAEConfig:
     cfg = VAEConfig(**kwargs)
     for key, value in ratios.items():
         # derived from the architecture here; diffusers derives 64 / 16 when they are null, which breaks
-        # its tiling (vae.md §1 pitfalls), so a stated value must be the true one
+        # its tiling (diffusers would derive 64/16), so a stated value must be the true one
         if value is not None and value != getattr(cfg, key):
             raise ValueError(f"config {key}={value}: this architecture compresses by {getattr(cfg, key)}")
     return cfg
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Tiling (vae.md §7). A tile's leading overlap is blended linearly with the trailing overlap of the tile
+# Tiling (official loader). A tile's leading overlap is blended linearly with the trailing overlap of the tile
 # before it; the reference does this in place, so a tile's trailing overlap, when a later tile reads it, has
 # already been blended with the tiles above/left of it. We keep exactly that: each tile is blended first, its
 # trailing overlaps are copied afterwards, and only those strips (not whole tiles) are kept for the next tiles.
@@ -455,7 +455,7 @@ def _tile_time(x, fn, window: int, step: int, keep: int, blend: int, out_len: in
     drops its first output frame, the one that repeats the previous window's last kept frame, is blended
     with the previous window over `blend` frames and keeps `keep` frames; the first keeps keep + 1 (§7.4).
 
-    Decode differs from the reference here on purpose (vae.md §7.5): diffusers drops a decoded window's
+    Decode differs from the reference here on purpose: diffusers drops a decoded window's
     *last* frame instead, so from the first seam on its output lags one frame behind (a window starting at
     latent 8m begins at pixel frame 64m, yet is placed from 64m + 1) and the true last frame is lost.
     Dropping the first frame, as its encoder does, keeps every frame in place; output frames before the

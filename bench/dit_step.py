@@ -4,7 +4,7 @@ with the same random weights, bf16, 704x1280 video (22x40 latents), 300 text tok
 Run on a CUDA machine from the repository root (needs diffusers):
     python bench/dit_step.py [--frames 81,321,961] [--batch 1,2] [--skip-diffusers] [--profile 961]
     python bench/dit_step.py --frames 961 --part-frames 16 --memory-cap 12   # also the memory mode, capped
-    python bench/dit_step.py --tiny      # dit.md §13.1 config, fp32 on the CPU: checks the script end to end
+    python bench/dit_step.py --tiny      # the tests' tiny config, fp32 on the CPU: checks the script end to end
 Per size: median seconds per step (CUDA events, after warm-up); peak memory (max_memory_allocated; the models
 share one copy of the weights, so each peak counts it once; for ours also the caching allocator's reserved
 peak); ours / diffusers; max|ours - theirs| / max|theirs|;
@@ -148,7 +148,7 @@ def main():
     parser.add_argument("--batch", default="1", help="comma-separated batch sizes (2 = one CFG step)")
     parser.add_argument("--skip-diffusers", action="store_true")
     parser.add_argument("--profile", type=int, metavar="FRAMES", help="profile one step of ours at this size")
-    parser.add_argument("--tiny", action="store_true", help="dit.md §13.1 config on CPU (checks the script)")
+    parser.add_argument("--tiny", action="store_true", help="tiny config on CPU (checks the script)")
     parser.add_argument("--part-frames", type=int, metavar="P", help="also run the memory mode, P frames per part")
     parser.add_argument("--memory-cap", type=float, metavar="GIB", help="GPU memory limit for the memory mode")
     args = parser.parse_args()

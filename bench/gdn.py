@@ -1,4 +1,4 @@
-"""Benchmark of the frame-wise GDN scan (gdn.py, dit.md §6.3): ours (Triton) against diffusers' bidirectional
+"""Benchmark of the frame-wise GDN scan (gdn.py, paper Eq. 3): ours (Triton) against diffusers' bidirectional
 `torch_chunk_sana_gdn` path (two scans + flip_and_shift + division, as SanaWMBidirectionalGDNAttention runs it),
 forward and forward+backward, bf16 inputs, B=1, H=20, D=112, S=880 (704x1280 video), T in {11, 41, 121}.
 

@@ -1,4 +1,4 @@
-"""Benchmark of the stage-2 refinement loop (refiner.py `refine`, refiner.md §7) against diffusers'
+"""Benchmark of the stage-2 refinement loop (refiner.py `refine`, paper App. A) against diffusers'
 `SanaWMLTX2Refiner` on the full-size LTX-2 transformer with random weights, bf16, 161 frames at 704x1280:
 latent (1, 128, 21, 22, 40), 7 blocks of 3 frames (29 forwards), sink 1, window 11, random text (1, 1024, 3840).
 The text path (Gemma-3 + connectors) runs once per prompt and is not timed here.
@@ -9,7 +9,7 @@ copied. Each loop gets a 4-frame warm-up, then one timed run; working memory = p
 minus what was allocated before it (KV cache + activations).
 
 Run from the repository root on a CUDA machine (needs diffusers; ~45 GB of GPU memory): python bench/refiner.py
-`--tiny` runs the same code on the CPU at the tiny config of refiner.md §12 (fp32) to check that it runs.
+`--tiny` runs the same code on the CPU at tests/reference.py's tiny config (fp32) to check that it runs.
 """
 import argparse
 import pathlib
@@ -71,7 +71,7 @@ def measure(run, z, device):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="CPU, tiny config (refiner.md §12), fp32")
+    parser.add_argument("--tiny", action="store_true", help="CPU, tiny config, fp32")
     args = parser.parse_args()
     device, dtype = ("cpu", torch.float32) if args.tiny else ("cuda", torch.bfloat16)
     T, h, w = (15, 2, 3) if args.tiny else (21, 22, 40)

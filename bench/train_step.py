@@ -4,7 +4,7 @@ per block, AdamW. Seconds per step and peak GPU memory with our Triton GDN scan,
 diffusers' SanaWMTransformer3DModel (its torch GDN, its gradient checkpointing) in the same run.
 
     python bench/train_step.py                  # CUDA machine; about 2-3 minutes on one H100
-    python bench/train_step.py --tiny           # CPU: the tiny dit.md §13 config, only checks that it runs
+    python bench/train_step.py --tiny           # CPU: tests/reference.py's tiny config, only checks that it runs
 
 The step is train.py's: the flow-matching loss (train.dit_loss), backward, gradient clipping, AdamW, EMA.
 """
@@ -26,7 +26,7 @@ import train as T  # noqa: E402
 from dit import DiT, DiTConfig  # noqa: E402
 
 TINY = dict(in_channels=8, num_layers=4, hidden_size=48, num_attention_heads=2, softmax_every_n=2,
-            linear_head_dim=24, caption_channels=32)  # dit.md §13.1
+            linear_head_dim=24, caption_channels=32)  # tests/reference.py's tiny config
 
 
 def make_batch(cfg: DiTConfig, frames: int, height: int, width: int, device) -> dict:

@@ -1,4 +1,4 @@
-"""Benchmark of the tiled VAE decode (vae.py, vae.md §7) against diffusers' AutoencoderKLLTX2Video, both with
+"""Benchmark of the tiled VAE decode (vae.py, tiled) against diffusers' AutoencoderKLLTX2Video, both with
 SANA-WM's tiles (512 px every 448, 96 frames every 64), bf16, latents (1, 128, T, 22, 40) -> 704x1280 videos of
 8(T - 1) + 1 frames, T in {21, 121}: wall time and peak CUDA memory of each, measured in the same run.
 
@@ -6,7 +6,7 @@ Run from the repository root (needs diffusers):
     python bench/vae.py                          # CUDA: T = 21 and 121, random weights (about 2-3 min on an H100)
     python bench/vae.py --quick                  # T = 21 only
     python bench/vae.py --frames 21 41 --weights /path/to/release   # the release vae/ instead of random weights
-    python bench/vae.py --tiny                   # CPU smoke test: the tiny VAE of vae.md §11, fp32, small tiles
+    python bench/vae.py --tiny                   # CPU smoke test: tests/reference.py's tiny VAE, fp32, small tiles
 Times are the best of up to --repeats runs (default 3; one when a run takes over 10 s). Peak memory is the
 largest torch.cuda.max_memory_allocated() during a call above what was allocated before it, plus the model's
 own weights: what the decode needs with only that model loaded. "diff" is the largest
@@ -91,7 +91,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, nargs="+", help="latent frame counts T (default 21 121; tiny: 5 9)")
     parser.add_argument("--quick", action="store_true", help="T = 21 only (tiny: 5), no channels-last row")
-    parser.add_argument("--tiny", action="store_true", help="CPU smoke test with the tiny VAE of vae.md §11")
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke test with tests/reference.py's tiny VAE")
     parser.add_argument("--weights", help="release folder (or its vae/ folder); default: random weights")
     parser.add_argument("--no-channels-last", action="store_true", help="skip the ours-channels_last_3d row")
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs (1 when a run takes > 10 s)")

@@ -8,7 +8,7 @@ import torch
 
 
 def randomize_(module: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
-    """Re-randomise every parameter and floating buffer (dit.md §13.1), so no path is silently zero.
+    """Re-randomise every parameter and floating buffer (every path, random weights), so no path is silently zero.
 
     `A_log = log(U(0,1)*2 + 0.1)`, `dt_bias = 0.5*randn`, `*norm*.weight = 1 + 0.1*randn`, a VAE's
     `latents_std = U(0.5, 1.5)`, other tensors with dim > 1: `randn * 0.5/sqrt(fan_in)`, 1-D tensors: `0.1*randn`.
@@ -44,7 +44,7 @@ def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
-# === dit.py: the tiny SanaWMTransformer3DModel of dit.md §13 and its inputs ===
+# === dit.py: the tiny SanaWMTransformer3DModel (tiny config) and its inputs ===
 
 TINY_DIT = dict(in_channels=8, num_layers=4, hidden_size=48, num_attention_heads=2, patch_size=(1, 1, 1),
                 softmax_every_n=2, linear_head_dim=24, mlp_ratio=3.0, caption_channels=32,
@@ -52,7 +52,7 @@ TINY_DIT = dict(in_channels=8, num_layers=4, hidden_size=48, num_attention_heads
 
 
 def tiny_sana_wm_transformer(seed: int = 1, **overrides):
-    """diffusers' SanaWMTransformer3DModel at the dit.md §13.1 config (keyword overrides allowed), fp32, eval,
+    """diffusers' SanaWMTransformer3DModel at the tiny config (keyword overrides allowed), fp32, eval,
     every parameter re-randomised with `randomize_` (the Plücker embedder is zero-initialised otherwise)."""
     from diffusers.models.transformers.transformer_sana_wm import SanaWMTransformer3DModel
 
@@ -62,7 +62,7 @@ def tiny_sana_wm_transformer(seed: int = 1, **overrides):
 
 def tiny_camera(thw=(3, 4, 6)):
     """diffusers' prepare_camera on a yaw-left-then-pitch trajectory of 8(T-1)+1 frames at (32h, 32w) pixels:
-    raymap (T, 20), chunk_plucker (48, T, h, w). For thw = (3, 4, 6) this is exactly dit.md §13.2."""
+    raymap (T, 20), chunk_plucker (48, T, h, w). For thw = (3, 4, 6) this is exactly the tiny inputs."""
     import numpy as np
     from diffusers.pipelines.sana_wm.cam_utils import action_string_to_c2w, prepare_camera
 
@@ -76,7 +76,7 @@ def tiny_camera(thw=(3, 4, 6)):
 
 def tiny_dit_inputs(batch=2, thw=(3, 4, 6), text_len=8, in_channels=8, caption_channels=32,
                     timesteps=None, seed=100):
-    """diffusers forward kwargs of dit.md §13.2 (B=2, T=3, h=4, w=6, L=8 by default): randn latents and text
+    """diffusers forward kwargs of the tiny inputs (B=2, T=3, h=4, w=6, L=8 by default): randn latents and text
     (generator seed 100, latents first), per-frame timesteps [0, 700, ...] (conditioning frame 0), a text mask
     with the last 3 positions of sample 0 padded, camera raymap + Plücker map repeated over the batch."""
     T, h, w = thw
@@ -93,7 +93,7 @@ def tiny_dit_inputs(batch=2, thw=(3, 4, 6), text_len=8, in_channels=8, caption_c
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# refiner.py: tiny diffusers SANA-WM stage-2 refiner (refiner.md §12) and a second config.
+# refiner.py: tiny diffusers SANA-WM stage-2 refiner (tiny) and a second config.
 
 TINY_REFINER = dict(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2,
                     attention_head_dim=8, cross_attention_dim=16, caption_channels=16, num_layers=2,
@@ -128,7 +128,7 @@ TINY_VOCAB = ["<pad>", "<eos>", "<bos>", "<unk>"] + (
 
 
 def tiny_gemma3(hidden_size=16, num_layers=2, seed=0):
-    """Gemma3ForConditionalGeneration at the refiner.md §12 size (its own random init, fp32, eval)."""
+    """Gemma3ForConditionalGeneration at the tiny refiner size (its own random init, fp32, eval)."""
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
     torch.manual_seed(seed)
@@ -195,7 +195,7 @@ def readable_stream(x, table, norm=None, relu=False, scale=1.0, conv=None, matri
     return out, plain, (out.norm(dim=-1).clamp_min(1e-6) / plain.norm(dim=-1).clamp_min(1e-6)) ** 2
 
 
-# === gdn.py: diffusers' bidirectional frame-wise GDN scan (dit.md §6.3-6.5, §14) in our (B, N, H, D) layout ===
+# === gdn.py: diffusers' bidirectional frame-wise GDN scan (paper Eq. 3, 6) in our (B, N, H, D) layout ===
 
 def diffusers_gdn_bidirectional(q_rot, k_rot, v, beta, decay, q=None, k=None, eps=1e-8):
     """What SanaWMBidirectionalGDNAttention (with q, k) / SanaWMBidirectionalGDNCamAttention (numerator only) do
@@ -232,9 +232,9 @@ def diffusers_gdn_bidirectional(q_rot, k_rot, v, beta, decay, q=None, k=None, ep
     return out.permute(0, 3, 1, 2).to(v.dtype)
 
 
-# ---- vae.py (issue 5): the LTX-2 video VAE, diffusers AutoencoderKLLTX2Video (vae.md §11) ----------------------
+# ---- vae.py (issue 5): the LTX-2 video VAE, diffusers AutoencoderKLLTX2Video (tiny) ---------------------------
 
-# The smallest config with every structural feature of the release VAE (vae.md §11); 1,469,157 parameters.
+# The smallest config with every structural feature of the release VAE; 1,469,157 parameters.
 TINY_VAE = dict(
     in_channels=3, out_channels=3, latent_channels=8,
     block_out_channels=(16, 32, 64, 64), down_block_types=("LTX2VideoDownBlock3D",) * 4,
@@ -249,7 +249,7 @@ TINY_VAE = dict(
     encoder_spatial_padding_mode="zeros", decoder_spatial_padding_mode="reflect",
     spatial_compression_ratio=32, temporal_compression_ratio=8)
 
-# The release VAE is the class defaults plus these (vae.md §1).
+# The release VAE is the class defaults plus these (its vae/config.json).
 RELEASE_VAE = dict(decoder_causal=False, spatial_compression_ratio=32, temporal_compression_ratio=8)
 
 

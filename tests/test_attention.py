@@ -1,5 +1,5 @@
 """attention.py (RMSNorm, RoPE, UCPE, softmax self-attention, cross-attention) and the GDN self-attention layer
-of gdn.py against diffusers 0.42.1, module by module, at tiny re-randomised sizes (dit.md §13-14): fp32, <= 1e-6."""
+of gdn.py against diffusers 0.42.1, module by module, at tiny re-randomised sizes: fp32, <= 1e-6."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -108,7 +108,7 @@ def test_short_conv(K, T):
     theirs = randomize_(ref.SanaWMTemporalShortConvolution(C, K))
     x = torch.randn(2, T * 6, C, generator=gen())
     assert max_abs(short_conv(x, theirs.weight, T), theirs(x, T)) <= ATOL
-    # It is the symmetric filter [w_0 .. w_{K-1} .. w_0] (dit.md §6.2), zero-padded in time.
+    # It is the symmetric filter [w_0 .. w_{K-1} .. w_0] (as the official code), zero-padded in time.
     w = torch.cat([theirs.weight, theirs.weight.flip(-1)[..., 1:]], dim=-1)
     z = x.view(2, T, 6, C).permute(0, 2, 3, 1).reshape(-1, C, T)
     sym = F.conv1d(z, w, groups=C, padding=K - 1).view(2, 6, C, T).permute(0, 3, 1, 2).reshape(2, T * 6, C)
@@ -160,7 +160,7 @@ SELF_ATTENTION = {
 @pytest.mark.parametrize("with_camera", [False, True])
 @pytest.mark.parametrize("thw", [(3, 4, 6), (5, 2, 3)])
 def test_self_attention(kind, with_camera, thw):
-    """The full self-attention modules (dit.md §5-§7), with and without the UCPE camera branch."""
+    """The full self-attention modules (paper §3.2-§3.3), with and without the UCPE camera branch."""
     ref_cls, make_ours = SELF_ATTENTION[kind]
     theirs = randomize_(ref_cls(C, C, cam_dim=C, cam_heads=HEADS, heads=HEADS, eps=1e-8, qk_norm=True,
                                 patch_size=(1, 1, 1), conv_kernel_size=4).eval())

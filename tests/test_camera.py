@@ -1,4 +1,4 @@
-"""camera.py against diffusers 0.42.1 (camera.md §10): action roll-outs, frame snapping, intrinsics handling, the
+"""camera.py against diffusers 0.42.1 (its camera utilities): action roll-outs, frame snapping, intrinsics handling, the
 first-frame preprocessing, raymap / Plücker packing and the UCPE ray matrices; the official action DSL v2 against
 the official demo trajectories (tests/data) and its worked values; then every bad input."""
 import time

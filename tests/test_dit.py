@@ -1,4 +1,4 @@
-"""dit.py against diffusers 0.42.1 (dit.md §13-14): embedders, FFN, final layer and blocks <= 1e-6, the whole DiT
+"""dit.py against diffusers 0.42.1 (module by module): embedders, FFN, final layer and blocks <= 1e-6, the whole DiT
 <= 1e-4 in fp32 (batch 2, padded text, camera + Plücker, two configs and latent sizes); the state-dict layout of
 the release; loading both release layouts; chunk-causal properties; the real release (marked `weights`)."""
 import json
@@ -20,7 +20,7 @@ from reference import (TINY_DIT, load_sana_wm_native, max_rel_err, randomize_, t
 
 MODULE_ATOL, MODEL_ATOL = 1e-6, 1e-4
 C = 48
-STATE_DICT_LIST = Path(__file__).parent / "data" / "dit_state_dict_full.txt"  # shared/reference's list (dit.md §2)
+STATE_DICT_LIST = Path(__file__).parent / "data" / "dit_state_dict_full.txt"  # the release's key list
 
 
 def gen(seed=0):
@@ -121,7 +121,7 @@ def test_block(index):
 # ---------------------------------------------------------------------------------------------------- whole model
 
 CONFIGS = {
-    "spec": ({}, (3, 4, 6), None),  # dit.md §13 exactly
+    "spec": ({}, (3, 4, 6), None),  # tests/reference.py's tiny config
     "varied": (dict(num_layers=3, hidden_size=64, num_attention_heads=4, softmax_every_n=3, linear_head_dim=16,
                     mlp_ratio=2.5, t_kernel_size=5, conv_kernel_size=3, chunk_plucker_post_attn_blocks=2,
                     caption_channels=24, in_channels=6), (5, 3, 5), [0.0, 998.26, 700.7, 435.5, 12.9]),

@@ -116,7 +116,7 @@ def test_triton_bf16_forward_backward():
     """bf16 inputs through the whole Triton path (bf16-pieces products forward and backward) against float32
     torch math on the same values: what remains is the bf16 rounding of outputs and gradients."""
     args = make_inputs(dtype=torch.bfloat16)
-    args[4] = args[4].float()                                       # decay is float32 (dit.md §10)
+    args[4] = args[4].float()                                       # decay is float32 (as the official code)
     weight = torch.randn(B, T * S, H, D, generator=torch.Generator().manual_seed(5))
     out, grads = _forward_backward(args, "triton", 2, weight)
     out_ref, grads_ref = _forward_backward([x.float() for x in args], "torch", 2, weight)
@@ -173,7 +173,7 @@ def test_triton_release_shape_bf16(chunk_size):
     """B=1, H=20, D=112, T=121, S=880 in bf16: Triton forward and gradients vs float32 torch math on the same
     bf16 values, relative error <= 1e-2 (the bf16 rounding of outputs and gradients)."""
     args = make_inputs(1, 121, 880, 20, 112, dtype=torch.bfloat16, device="cuda", fused=True)
-    args[4] = args[4].float()                                       # decay is float32 (dit.md §10)
+    args[4] = args[4].float()                                       # decay is float32 (as the official code)
     weight = torch.randn(1, 121 * 880, 20, 112, device="cuda")
     out, grads = _forward_backward(args, "triton", chunk_size, weight)
     ref_args = [x.float() for x in args]

@@ -69,7 +69,7 @@ def test_schedule_matches_diffusers_scheduler(steps):
 
 
 def test_schedule_values():
-    """dit.md §11.4: the 60-step schedule starts 1000, 998.26, 996.47 and ends 210.58, 87.70, then 0."""
+    """Shift 9.8 (official): the 60-step schedule starts 1000, 998.26, 996.47 and ends 210.58, 87.70, then 0."""
     t = G.schedule(60) * 1000
     assert len(t) == 61 and t[-1] == 0
     torch.testing.assert_close(t[[0, 1, 2, -3, -2]], torch.tensor([1000.0, 998.26, 996.47, 210.58, 87.70]),
@@ -185,7 +185,7 @@ def test_mismatched_checkpoint_is_one_error_line(models, tmp_path, capsys):
     assert "final_layer.linear.bias" in err[-1] and "bogus.weight" in err[-1], err
 
 # ----------------------------------------------------------------------------------------------------------------
-# Stage 2: the hand-off to the refiner, as diffusers' two-stage use does it (refiner.md §8)
+# Stage 2: the hand-off to the refiner, as diffusers' two-stage use does it (official two-stage pipeline)
 
 def _tiny_refiner(p):
     """Our Stage2 with the weights, tokenizer and Gemma-3 of the diffusers SanaWMLTX2Refiner `p`."""
@@ -272,7 +272,7 @@ def test_generate_matches_pipeline_on_release():
                                                 text_encoder=os.environ.get("SANA_WM_TEXT_ENCODER"))
     ref_dit = load_sana_wm_native(os.path.join(weights, "dit"), torch.float32, device).to(device)
     ref_vae = AutoencoderKLLTX2Video.from_pretrained(os.path.join(weights, "vae"), torch_dtype=torch.float32)
-    # Our VAE encodes with SANA-WM's tiles (vae.md §7); diffusers' pipeline leaves that to the caller.
+    # Our VAE encodes with SANA-WM's tiles (official loader); diffusers' pipeline leaves that to the caller.
     ref_vae.enable_tiling(tile_sample_min_num_frames=96, tile_sample_stride_num_frames=64)
     ref_vae.use_framewise_encoding = ref_vae.use_framewise_decoding = True
     pipe = _pipeline(tokenizer, gemma, ref_dit, ref_vae.to(device).eval())

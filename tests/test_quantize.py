@@ -238,7 +238,7 @@ def test_module_kernels_agree():
 
 # ---------------------------------------------------------------------------------------------- models
 class Tiny(nn.Module):
-    """A miniature DiT tree with the release's module names (dit.md section 2), C = 32."""
+    """A miniature DiT tree with the release's module names (the release checkpoint's), C = 32."""
 
     def __init__(self, C=32, n_blocks=2):
         super().__init__()

@@ -1,4 +1,4 @@
-"""refiner.py against diffusers 0.42.1 (refiner.md §13): RoPE tables, one transformer forward, the text path
+"""refiner.py against diffusers 0.42.1 (function by function): RoPE tables, one transformer forward, the text path
 (connectors alone and prompt → embeddings through a tiny Gemma-3), the whole block-by-block refinement of a 15-frame
 latent at the tiny config of §12 and at a second config; LoRA; the release layout; full-config keys and shapes."""
 import json
@@ -13,7 +13,7 @@ import refiner as R
 from reference import TINY_REFINER_VARIANTS, max_rel_err, randomize_, tiny_refiner_pipeline
 
 TOL = 1e-5          # max abs difference in float32 (issue 7)
-SPEC = Path(__file__).parent / "data"  # copies of shared/reference's key lists
+SPEC = Path(__file__).parent / "data"  # the release's key lists (tests/data)
 PROMPT = "a red car drives along the beach at sunset slowly"   # 9 words: 10 tokens with <bos>, 1014 pad
 
 
@@ -249,7 +249,7 @@ def test_lora_merge_equals_adapter_forward_and_unmerge_restores():
 
 def test_lora_rank_384_adapter_size_at_full_config():
     """The paper's rank-384 adapter on the 10 linears of the 48 blocks: 1.964 B parameters (≈ 3.9 GB in bf16, the
-    size refiner.md §3 uses to show that the release ships it merged)."""
+    size of paper App. A, showing that the release ships it merged)."""
     with torch.device("meta"):
         model = R.Refiner()
     R.add_lora(model)
@@ -486,7 +486,7 @@ def test_release_block_matches_diffusers():
 
 def test_refine_bf16_matches_diffusers_bit_for_bit():
     """In bf16 both sides run the same operations in the same order and precision (the float32 islands of
-    refiner.md §11: RoPE, RMSNorm statistics, the range-norm mean, the Euler update), so the results are equal."""
+    official details: RoPE, RMSNorm statistics, the range-norm mean, the Euler update), so the results are equal."""
     p = tiny_refiner_pipeline("spec")
     ours = R.Refiner(R.RefinerConfig.from_dict(dict(p.transformer.config)))
     ours.load_state_dict({k: v for k, v in p.transformer.state_dict().items() if k in ours.state_dict()})

@@ -1,4 +1,4 @@
-"""vae.py against diffusers 0.42.1's AutoencoderKLLTX2Video (shared/reference/vae.md): building blocks, encode and
+"""vae.py against diffusers 0.42.1's AutoencoderKLLTX2Video : building blocks, encode and
 decode untiled and tiled at two random-weight configs, the temporal-seam choice of the tiled decode, config,
 state dict and release-folder loading, and the release weights (marked `weights`)."""
 import json
@@ -17,7 +17,7 @@ import vae as V
 from reference import RELEASE_VAE, TINY_VAE, build_tiny_vae, max_rel_err, randomize_, vae_from_diffusers
 
 TOL = 1e-5  # fp32, max abs error
-REFERENCE = Path(__file__).parent / "data" / "vae_state_dict_full.txt"  # a copy of shared/reference's list
+REFERENCE = Path(__file__).parent / "data" / "vae_state_dict_full.txt"  # the release's key list (tests/data)
 
 # A second config: 16 latent channels, decoder *causal*, upsamplers of all three kinds (spatial / temporal only,
 # channel factor 1), other down-sampling order and group sizes, uneven layer counts (so the decoder's reversed
@@ -31,7 +31,7 @@ ALT_VAE = dict(
     upsample_factor=(2, 2, 1, 2), decoder_causal=True)
 CONFIGS = {"tiny": {}, "alt": ALT_VAE}
 
-# Small tiles (vae.md §11) so that spatial and temporal tiling both engage on tiny inputs.
+# Small tiles (tests/reference.py's) so that spatial and temporal tiling both engage on tiny inputs.
 TILES = V.Tiling(size=96, stride=64, frames=16, frame_stride=8)
 
 
@@ -51,7 +51,7 @@ def rand_latent(b, c, t, h, w, seed):
 
 
 def tile_reference(ref):
-    """The tiling of vae.md §11 on the diffusers model: spatial tiles + framewise encode/decode."""
+    """The small tiling on the diffusers model: spatial tiles + framewise encode/decode."""
     ref.enable_tiling(tile_sample_min_height=TILES.size, tile_sample_min_width=TILES.size,
                       tile_sample_min_num_frames=TILES.frames, tile_sample_stride_height=TILES.stride,
                       tile_sample_stride_width=TILES.stride, tile_sample_stride_num_frames=TILES.frame_stride)
@@ -72,7 +72,7 @@ def pair(request):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# building blocks (vae.md §13)
+# building blocks (diffusers 0.42.1's, one by one)
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("pad_mode", ["zeros", "reflect"])
@@ -113,7 +113,7 @@ def test_space_to_depth_and_patchify_are_inverse_pairs():
     x = rand_latent(2, 3, 4, 8, 12, seed=8)
     assert torch.equal(V.depth_to_space(V.space_to_depth(x, (2, 2, 2)), (2, 2, 2)), x)
     assert torch.equal(V.unpatchify(V.patchify(x, 4), 4), x)
-    # the width sub-index is the more significant one (vae.md §3.7): pixel (c=0, h=1, w=0) -> channel 1
+    # the width sub-index is the more significant one (as in the LTX-2 VAE): pixel (c=0, h=1, w=0) -> channel 1
     assert V.patchify(x, 4)[0, 1, 0, 0, 0] == x[0, 0, 0, 1, 0]
 
 
@@ -149,7 +149,7 @@ def test_normalize_and_pipeline_round_trip(pair):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# tiled (vae.md §7)
+# tiled (as SANA-WM's official loader)
 
 def test_tiled_encode(pair):
     """25 frames at 128x128: 3 temporal windows (one more, of 1 frame, adds nothing), each 2x2 spatial tiles."""
@@ -209,7 +209,7 @@ def test_tiled_decode(pair):
 
 class FrameIndexDecoder(nn.Module):
     """A stand-in decoder that writes the true global pixel-frame index into every output frame: a window whose
-    first latent frame is s (the latents carry their index) starts at pixel frame 8s (vae.md §2, §7.5)."""
+    first latent frame is s (the latents carry their index) starts at pixel frame 8s (paper §3.3)."""
 
     def forward(self, z, *unused, **unused_kw):
         B, _, T, h, w = z.shape
@@ -221,7 +221,7 @@ class FrameIndexDecoder(nn.Module):
 def test_temporal_seams_keep_frames_in_place():
     """Decoded frame t must show pixel frame t. With the release tiles (96/64 frames) and 21 latent frames
     (161 pixel frames, windows at latent 0, 8, 16) ours does; diffusers runs one frame late after its first
-    seam (a 32-frame ramp, then exactly one frame) and loses the last frame (vae.md §7.5)."""
+    seam (a 32-frame ramp, then exactly one frame) and loses the last frame (diffusers' framewise decode)."""
     z = torch.arange(21.0).view(1, 1, 21, 1, 1).expand(1, 8, 21, 2, 2).contiguous()
     ours = V.VAE(V.VAEConfig.from_dict(TINY_VAE))
     ours.decoder = FrameIndexDecoder()
