@@ -931,11 +931,6 @@ def run(args: argparse.Namespace) -> str:
             args.weights, dtype, models_device, args.text_encoder,
             vae_device="cpu" if args.offload_vae else models_device)
 
-    if args.action is not None and camera.action_scheme_matters(args.action):
-        turn, strafe = ("a/d", "j/l") if args.action_scheme == "v2" else ("j/l", "a/d")
-        print(f"note: --action ran under the {args.action_scheme} action scheme ({turn} turn, {strafe} strafe); "
-              f"strings of the other scheme convert by swapping a<->j and d<->l, or pass --action_scheme "
-              f"{'legacy' if args.action_scheme == 'v2' else 'v2'}", file=sys.stderr)
     with _threads(1 if args.demo else torch.get_num_threads()):
         result = generate(dit, vae, tokenizer, text_encoder, image, prompt, refiner=stage2, c2w=c2w,
                           intrinsics=intrinsics, num_frames=args.num_frames, steps=args.steps,
@@ -954,6 +949,12 @@ def run(args: argparse.Namespace) -> str:
         stage1 = draw_action_overlay(result.stage1_frames, c2w) if overlay else result.stage1_frames
         writers[paths[2]] = lambda tmp: write_mp4(stage1, tmp, args.fps)
     _write_outputs(writers)
+    # Said once the video exists (an error stays the only line on stderr).
+    if args.action is not None and camera.action_scheme_matters(args.action):
+        turn, strafe = ("a/d", "j/l") if args.action_scheme == "v2" else ("j/l", "a/d")
+        print(f"note: --action ran under the {args.action_scheme} action scheme ({turn} turn, {strafe} strafe); "
+              f"strings of the other scheme convert by swapping a<->j and d<->l, or pass --action_scheme "
+              f"{'legacy' if args.action_scheme == 'v2' else 'v2'}", file=sys.stderr)
     F, H, W, _ = result.frames.shape
     peaks = result.peak_memory_gib
     memory = (f"{max(peaks.values()):.1f} GiB (" + ", ".join(f"{k} {v:.1f}" for k, v in peaks.items()) + ")"
