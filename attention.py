@@ -3,8 +3,7 @@ self-attention with its camera branch, and text cross-attention. The GDN variant
 gdn.py and shares the parameter layout defined here (`CameraSelfAttention`).
 
 Layouts: tokens (B, N, C) frame-major (n = (t*h + i)*w + j); per-head tensors (B, N, H, D); RoPE tables
-(N, D/2, 2) fp32 (cos, sin); per-token camera matrices (B, N, 4, 4). The CUDA kernels that make the per-head
-operands in one pass live in fast.py; the memory mode's driver is at the end of this file.
+(N, D/2, 2) fp32 (cos, sin); camera matrices (B, N, 4, 4). CUDA kernels: fast.py; the memory mode: at the end.
 """
 import torch
 import torch.nn as nn
@@ -89,14 +88,19 @@ def rms_cap(reference: torch.Tensor, x: torch.Tensor, eps: float = 1e-6) -> torc
     return x * (ref_rms / x_rms.clamp_min(eps)).clamp(max=1.0)
 
 
-def chunk_stop(t: int, num_frames: int, chunk_size: int | None) -> int:
-    """The frame after the last one of frame t's causal chunk (chunks: multiples of chunk_size; None: one chunk)."""
-    return num_frames if chunk_size is None else min(num_frames, (t // chunk_size + 1) * chunk_size)
+def chunk_stop(t: int, num_frames: int, chunk_size) -> int:
+    """The frame after the last one of frame t's causal chunk. chunk_size: None (one chunk), an int (multiples of
+    it), or the chunks' first frames (a tuple from 0; SANA-WM's chunk-causal releases: (0, 4, 7, ...))."""
+    if chunk_size is None:
+        return num_frames
+    if isinstance(chunk_size, int):
+        return min(num_frames, (t // chunk_size + 1) * chunk_size)
+    return min([s for s in chunk_size if s > t] + [num_frames])
 
 
-def frame_spans(first: int, end: int, chunk_size: int | None, part_frames: int | None = None):
-    """(start, stop) spans covering frames [first, end) in order, none crossing a causal-chunk boundary (multiples
-    of chunk_size) nor longer than part_frames; one span when both are None."""
+def frame_spans(first: int, end: int, chunk_size, part_frames: int | None = None):
+    """(start, stop) spans covering frames [first, end) in order, none crossing a causal-chunk boundary
+    (chunk_stop) nor longer than part_frames; one span when both are None."""
     spans, t = [], first
     while t < end:
         stop = chunk_stop(t, end, chunk_size)
@@ -106,7 +110,7 @@ def frame_spans(first: int, end: int, chunk_size: int | None, part_frames: int |
     return spans
 
 
-def block_causal_sdpa(q, k, v, num_frames: int, chunk_size: int | None, scale: float | None = None,
+def block_causal_sdpa(q, k, v, num_frames: int, chunk_size, scale: float | None = None,
                       first_frame: int = 0) -> torch.Tensor:
     """softmax(q k^T * scale) v over (B, H, n, d) tensors, scale 1/sqrt(d) by default; k and v hold num_frames
     frames, q whole frames from first_frame on. With chunk_size, the queries of frame chunk c only see the keys of
@@ -129,11 +133,15 @@ class CameraSelfAttention(nn.Module):
     """Parameters shared by both self-attention variants, in the checkpoint's order, and the shared output:
     proj((main + out_proj_cam(camera)) * SiLU(output_gate(u))). The GDN gates (A_log, dt_bias, recall_gate,
     beta_proj, gate_proj) exist in softmax blocks too (loaded, never read); `conv_kernel > 0` adds the GDN
-    blocks' temporal short convolutions on K (weights (C, 1, K), applied by gdn.short_conv)."""
+    blocks' temporal short convolutions on K (weights (C, 1, K), applied by gdn.short_conv). Two switches where
+    the official releases differ (dit.DiTConfig): rms_cap (the camera branch's RMS cap) and scale_width (softmax
+    logits scaled by 1/sqrt(scale_width); None: 1/sqrt(D) main, padded_width_scale camera)."""
 
-    def __init__(self, dim: int, head_dim: int, conv_kernel: int = 0):
+    def __init__(self, dim: int, head_dim: int, conv_kernel: int = 0, rms_cap: bool = True,
+                 scale_width: int | None = None):
         super().__init__()
         self.heads, self.head_dim = dim // head_dim, head_dim
+        self.rms_cap, self.scale_width = rms_cap, scale_width
         self.A_log = nn.Parameter(torch.zeros(self.heads))
         self.dt_bias = nn.Parameter(torch.zeros(self.heads))
         self.register_buffer("recall_gate", torch.zeros(1))  # unused by the model, part of the checkpoint
@@ -151,13 +159,12 @@ class CameraSelfAttention(nn.Module):
         if conv_kernel:
             self.conv_k_cam = nn.Conv1d(dim, dim, conv_kernel, groups=dim, bias=False)
 
-    @staticmethod
-    def to_rays(qc, kc, vc, camera):
+    def to_rays(self, qc, kc, vc, camera):
         """The camera branch's UCPE encoding (paper Eq. 6): queries with P^T, keys and values with P^-1, each
-        capped to its pre-transform RMS. camera = (P, P^T, P^-1, rope_cam); q/k/v (B, N, H, D)."""
+        capped to its pre-transform RMS (if rms_cap). camera = (P, P^T, P^-1, rope_cam); q/k/v (B, N, H, D)."""
         _, P_T, P_inv, rope_cam = camera
-        return (rms_cap(qc, ucpe(qc, P_T, rope_cam)), rms_cap(kc, ucpe(kc, P_inv, rope_cam)),
-                rms_cap(vc, ucpe(vc, P_inv, rope_cam)))
+        cap = rms_cap if self.rms_cap else (lambda plain, x: x)
+        return cap(qc, ucpe(qc, P_T, rope_cam)), cap(kc, ucpe(kc, P_inv, rope_cam)), cap(vc, ucpe(vc, P_inv, rope_cam))
 
     def output(self, u: torch.Tensor, main: torch.Tensor, oc: torch.Tensor | None, camera) -> torch.Tensor:
         """The layer's output (B, n, C) from the main branch's (B, n, H, D) and the camera branch's oc (B, n, H, D)
@@ -171,9 +178,8 @@ class CameraSelfAttention(nn.Module):
 
 
 def padded_width_scale(head_dim: int) -> float:
-    """The camera branch's softmax scale. The reference zero-pads the heads to a flash-attention width (112 -> 128),
-    so its scale is 1/sqrt(padded width), which the released weights were trained with. The padding
-    adds nothing to q.k nor to the output: the same attention is D wide with that scale, 13% fewer FLOPs."""
+    """The camera branch's softmax scale: the reference zero-pads heads to a flash-attention width (112 -> 128), so
+    its scale is 1/sqrt(padded width); the same attention D wide with that scale has 13% fewer FLOPs."""
     width = head_dim if head_dim in (32, 64, 128) or head_dim >= 256 else (128 if head_dim < 128 else 256)
     return width ** -0.5
 
@@ -206,9 +212,10 @@ class SoftmaxSelfAttention(CameraSelfAttention):
     def attend(self, u, main, cam, num_frames, chunk_size, camera, first_frame=0):
         """The output rows of the tokens u (whole frames from first_frame on) from their queries main[0], cam[0]
         and the keys and values of all num_frames frames."""
-        main = block_causal_sdpa(*main, num_frames, chunk_size, first_frame=first_frame).transpose(1, 2)
+        width = self.scale_width
+        main = block_causal_sdpa(*main, num_frames, chunk_size, width and width ** -0.5, first_frame).transpose(1, 2)
         if cam is not None:
-            scale = padded_width_scale(self.head_dim)
+            scale = padded_width_scale(self.head_dim) if width is None else width ** -0.5
             cam = block_causal_sdpa(*cam, num_frames, chunk_size, scale, first_frame).transpose(1, 2)
         return self.output(u, main, cam, camera)
 
@@ -277,3 +284,29 @@ def softmax_in_parts(layer: SoftmaxSelfAttention, u, thw, rope, camera, chunk_si
         cam = None if cam is None else (cam[0], *kv[2:])
         out[:, rows] = layer.attend(u[:, rows], (main[0], *kv[:2]), cam, T, chunk_size, part_camera, rows.start // S)
     return out
+
+
+def chunk_starts(num_frames: int, size: int = 3, merge_short_last: bool = True) -> tuple[int, ...]:
+    """SANA-WM's causal chunks (the chunk-causal teacher's and the streaming model's): the first chunk holds the
+    image frame and `size` more, then `size` frames each, [0, size+1), [size+1, 2 size+1), ...; a last chunk
+    shorter than `size` joins the one before (the teacher's rule; for num_frames = size*k + 1, the streaming
+    sampler's lengths, no chunk is short). Returns the chunks' first frames, the form chunk_size takes."""
+    if num_frames < 1 or size < 1:
+        raise ValueError(f"num_frames, size: expected positive ints, got {num_frames}, {size}")
+    starts = [0] + list(range(size + 1, num_frames, size))
+    if merge_short_last and len(starts) > 1 and num_frames - starts[-1] < size:
+        starts.pop()
+    return tuple(starts)
+
+
+@torch.no_grad()
+def softmax_chunk(layer: SoftmaxSelfAttention, u, rope, camera, past=()):
+    """layer(u, ...) for one chunk of frames of a longer video (streaming): its queries attend, without a mask, to
+    the keys and values of the cached chunks `past` (each (K, V, K_cam, V_cam) as `operands` made them, at their
+    own absolute positions) and its own. rope, camera: the chunk's rows. Returns (out, the chunk's own (K, V,
+    K_cam, V_cam)) for the cache (the camera pair None without camera)."""
+    main, cam = layer.operands(u, rope, camera)
+    own = main[1:] + (cam[1:] if cam is not None else (None, None))
+    keys = [torch.cat([p[i] for p in past] + [own[i]], dim=2) if own[i] is not None else None for i in range(4)]
+    cam = None if cam is None else (cam[0], keys[2], keys[3])
+    return layer.attend(u, (main[0], keys[0], keys[1]), cam, 1, None, camera), own

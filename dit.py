@@ -12,7 +12,7 @@ Below the marked line: checks, loading, the memory mode (`part_frames`: the same
 import json
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -20,10 +20,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 
-from attention import (CrossAttention, RMSNorm, SoftmaxSelfAttention, camera_rope_table, chunk_stop, frame_spans,
-                       rope_table, softmax_in_parts)
+from attention import (CrossAttention, RMSNorm, SoftmaxSelfAttention, camera_rope_table, camera_rows, chunk_stop,
+                       frame_spans, rope_table, softmax_chunk, softmax_in_parts)
 from camera import ray_matrices, se3_inverse
-from gdn import GDNSelfAttention, gdn_in_parts
+from gdn import GDNSelfAttention, check_chunk_size, gdn_chunk, gdn_in_parts
 from quantize import nvfp4_layer_names, quantize_model
 
 
@@ -42,6 +42,11 @@ class DiTConfig:
     chunk_plucker_post_attn_blocks: int = 20  # blocks i < this get plucker_proj (negative: all)
     caption_channels: int = 2304
     mlp_ratio: float = 3.0
+    # Where the official releases differ (their code, not the paper; the defaults are diffusers 0.42.1's, the
+    # bidirectional release's; STREAMING_SWITCHES those of the streaming and chunk-causal releases):
+    camera_rms_cap: bool = True             # the camera branch caps q/k/v to their pre-UCPE RMS
+    softmax_scale_width: int | None = None  # softmax logits * 1/sqrt(this); None: 1/sqrt(D) main, 1/sqrt(128) camera
+    camera_k_halo: bool = True              # streaming: the camera K short conv reads the previous chunk's frames
 
     def __post_init__(self):
         check_config(self)
@@ -86,22 +91,14 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
-class CaptionMlp(nn.Module):
-    def __init__(self, in_channels: int, dim: int):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(in_channels, dim), nn.Linear(dim, dim)
-
-    def forward(self, y):
-        return self.fc2(F.gelu(self.fc1(y), approximate="tanh"))
-
-
 class CaptionEmbedder(nn.Module):
     def __init__(self, in_channels: int, dim: int):
         super().__init__()
-        self.y_proj = CaptionMlp(in_channels, dim)  # the extra level mirrors the checkpoint's key names
+        # y_proj.fc1 / y_proj.fc2: the checkpoint's key names
+        self.y_proj = nn.ModuleDict(dict(fc1=nn.Linear(in_channels, dim), fc2=nn.Linear(dim, dim)))
 
     def forward(self, y):
-        return self.y_proj(y)
+        return self.y_proj.fc2(F.gelu(self.y_proj.fc1(y), approximate="tanh"))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -177,10 +174,11 @@ class Block(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.zeros(6, C))
         if plucker:
             self.plucker_proj = nn.Linear(C, C)
+        switches = dict(rms_cap=cfg.camera_rms_cap, scale_width=cfg.softmax_scale_width)
         if softmax:
-            self.attn = SoftmaxSelfAttention(C, cfg.linear_head_dim)
+            self.attn = SoftmaxSelfAttention(C, cfg.linear_head_dim, **switches)
         else:
-            self.attn = GDNSelfAttention(C, cfg.linear_head_dim, cfg.conv_kernel_size)
+            self.attn = GDNSelfAttention(C, cfg.linear_head_dim, cfg.conv_kernel_size, **switches)
         self.cross_attn = CrossAttention(C, cfg.num_attention_heads)
         self.mlp = GLUMBConvTemp(C, int(C * cfg.mlp_ratio), cfg.t_kernel_size)
 
@@ -369,8 +367,7 @@ def _check_inputs(cfg, x, timestep, text, text_mask, raymap, plucker, chunk_size
     # crop_text (the text mask), so this adds one tiny reduction, not a second stall of the queue.
     if not bool(torch.isfinite(timestep).all()):
         raise ValueError("timestep: expected finite values in [0, 1000], got NaN or infinity")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size: expected None or a positive int (frames), got {chunk_size!r}")
+    check_chunk_size(chunk_size)
     if part_frames is not None and (not isinstance(part_frames, int) or part_frames < 1):
         raise ValueError(f"part_frames: expected None or a positive int (latent frames), got {part_frames!r}")
     if part_frames is not None and torch.is_grad_enabled():
@@ -609,3 +606,99 @@ def load_gemma2(weights: str, dtype: torch.dtype, device, text_encoder: str | No
     tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_folder(text_dir, flag))
     # AutoModel gives the Gemma-2 decoder without the LM head (only hidden states are needed).
     return tokenizer, transformers.AutoModel.from_pretrained(text_dir, dtype=dtype).to(device).eval()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Streaming (the official streaming release's stage 1): the video made chunk by chunk, each chunk's forward reading
+# caches of the chunks before it instead of recomputing them (README: "Running blocks over spans of frames"):
+# GDN blocks the forward scan states and the short convs' halo, softmax blocks the keys and values of a window of
+# chunks, every FFN the temporal conv's halo. Caches are written only by a pass over the finished chunk at t = 0.
+
+@dataclass
+class StreamCache:
+    """What the next chunk reads of the chunks before it. frames: latent frames cached so far (the next chunk
+    starts there); chunks: (start, stop) of each; blocks: per block a dict of its entries (u: the attention input
+    of the last frames, for the GDN short convs; states: GDN forward states; kv: per chunk its softmax keys and
+    values; z: the FFN's last frames before its temporal conv)."""
+    frames: int = 0
+    chunks: list = field(default_factory=list)
+    blocks: list = field(default_factory=list)
+
+    def window(self, size: int, sink: bool) -> list[int]:
+        """The cached chunks a new chunk's softmax queries see: all (size <= 0), else the last `size` - 1 chunks
+        and, with sink, chunk 0 (the image frame's chunk) too, as the official streaming sampler (2, sink on)."""
+        c = len(self.chunks)
+        if size <= 0 or (sink and c < size):
+            return list(range(c))
+        return [0] + list(range(c - size + 1, c)) if sink else list(range(max(c - size, 0), c))
+
+
+def ffn_chunk(mlp: GLUMBConvTemp, m, thw, halo=None):
+    """mlp(m, ...) for one chunk: its temporal conv reads the previous frames' z (halo, (B, C, p, S); None for the
+    first chunk) and nothing after the chunk. Returns (out (B, N, C), the chunk's z (B, C, T, S))."""
+    B, N, C = m.shape
+    T, h, w = thw
+    z = mlp.per_frame(m.reshape(B * T, h, w, C).permute(0, 3, 1, 2)).reshape(B, T, C, h * w).permute(0, 2, 1, 3)
+    p = 0 if halo is None else halo.shape[2]
+    wide = z if p == 0 else torch.cat([halo, z], 2)
+    out = temporal_residual(wide, mlp.t_conv, None if p == 0 else (0, p))[:, :, p:]
+    return out.permute(0, 2, 3, 1).reshape(B, N, C), z
+
+
+@torch.no_grad()
+def forward_chunk(dit: DiT, x, timestep, text, text_mask, raymap=None, plucker=None, *, cache: StreamCache,
+                  save: bool = False, window: int = -1, sink: bool = True):
+    """The velocity (B, 128, f, h, w) of the chunk x (B, 128, f, h, w) of latent frames [cache.frames,
+    cache.frames + f) of a video whose earlier chunks `cache` holds: the chunk-causal DiT's output on those frames
+    (equal to DiT.forward over the whole video so far with those chunks, tested), reading the caches. timestep
+    (B, f) per frame; raymap (B, T', 20) and plucker (B, 48, T', h, w): the whole video's (T' >= the chunk's end),
+    or None. save: also append this chunk to `cache` (run it on the finished chunk at t = 0). window, sink: the
+    softmax keys and values seen, StreamCache.window."""
+    cfg, dtype = dit.config, dit.dtype
+    B, _, f, h, w = x.shape
+    start = cache.frames
+    end, S, C = start + f, h * w, cfg.hidden_size
+    reach = min(cfg.conv_kernel_size - 1, start)            # halo frames of the GDN short convs
+    lo = start - reach
+    text, text_mask = crop_text(text, text_mask)
+    x = dit.x_embedder(x.to(dtype))
+    temb = dit.t_embedder(timestep_sinusoid(timestep.long().float().flatten()).to(dtype))
+    t6 = dit.t_block(temb).view(B, f, 6, C)
+    y, mask = dit.attention_y_norm(dit.y_embedder(text.to(dtype))), text_mask != 0
+    rope = rope_table(cfg.linear_head_dim, (end, h, w), x.device)[lo * S:]     # absolute positions: halo + chunk
+    own = slice(reach * S, None)
+    camera = pl = None
+    if raymap is not None:
+        P = ray_matrices(raymap[:, lo:end].to(dtype), (end - lo, h, w))
+        camera = (P, P.transpose(-1, -2), se3_inverse(P), camera_rope_table(rope, cfg.linear_head_dim))
+    if plucker is not None:
+        embed = dit.plucker_embedder.proj
+        pl = (plucker[:, :, start:end].to(dtype).flatten(2).transpose(1, 2).contiguous(), embed.weight.flatten(1),
+              embed.bias)
+    if not cache.blocks:
+        cache.blocks = [{"kv": []} for _ in dit.blocks]
+    visible = cache.window(window, sink)
+    for block, entry in zip(dit.blocks, cache.blocks):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (block.scale_shift_table + t6).chunk(6, 2)
+        u = modulate(x, shift_msa, scale_msa, f)
+        if isinstance(block.attn, GDNSelfAttention):
+            a, states = gdn_chunk(block.attn, u, (f, h, w), rope, camera, entry.get("u"), entry.get("states"),
+                                  cfg.camera_k_halo)
+        else:
+            a, kv = softmax_chunk(block.attn, u, rope[own], camera_rows(camera, own),
+                                  [entry["kv"][i] for i in visible])
+        x = block.after_attention(x, gated(gate_msa, a), y, mask, pl)
+        m, z = ffn_chunk(block.mlp, modulate(x, shift_mlp, scale_mlp, f), (f, h, w), entry.get("z"))
+        x = x + gated(gate_mlp, m)
+        if save:
+            if isinstance(block.attn, GDNSelfAttention):
+                wide = u if "u" not in entry else torch.cat([entry["u"], u], 1)
+                entry.update(u=wide[:, -(cfg.conv_kernel_size - 1) * S:], states=states)
+            else:
+                entry["kv"].append(kv)
+            entry["z"] = z[:, :, -(cfg.t_kernel_size // 2):]
+    if save:
+        cache.chunks.append((start, end))
+        cache.frames = end
+    x = dit.final_layer(x, temb.view(B, f, 1, C))
+    return x.view(B, f, h, w, -1).permute(0, 4, 1, 2, 3)

@@ -104,9 +104,9 @@ class FastSoftmaxSelfAttention(_FastOutput, SoftmaxSelfAttention):
             return main, None
         _, P_T, P_inv, rope_cam = camera
         qc, kc, vc = (proj(u).view(B, N, H, D) for proj in (self.q_proj_cam, self.k_proj_cam, self.v_proj_cam))
-        rays = (head_stream(qc, rope_cam, norm=self.q_norm_cam, matrix=P_T, cap=True)[0],
-                head_stream(kc, rope_cam, norm=self.k_norm_cam, matrix=P_inv, cap=True)[0],
-                head_stream(vc, rope_cam, matrix=P_inv, cap=True)[0])
+        rays = (head_stream(qc, rope_cam, norm=self.q_norm_cam, matrix=P_T, cap=self.rms_cap)[0],
+                head_stream(kc, rope_cam, norm=self.k_norm_cam, matrix=P_inv, cap=self.rms_cap)[0],
+                head_stream(vc, rope_cam, matrix=P_inv, cap=self.rms_cap)[0])
         return main, tuple(t.transpose(1, 2).to(torch.bfloat16) for t in rays)
 
 
@@ -115,7 +115,7 @@ class FastGDNSelfAttention(_FastOutput, GDNSelfAttention):
 
     @compiled_on_cuda
     def main_streams(self, u, num_frames, rope, chunk_size, first_frame=0):
-        if not use_kernels(u):
+        if not use_kernels(u) or isinstance(chunk_size, tuple):   # (the kernel takes chunks of one size)
             return GDNSelfAttention.main_streams(self, u, num_frames, rope, chunk_size, first_frame)
         B, N, C = u.shape
         q, k, v = self.qkv(u).view(B, N, 3, self.heads, self.head_dim).unbind(2)
@@ -126,17 +126,17 @@ class FastGDNSelfAttention(_FastOutput, GDNSelfAttention):
 
     @compiled_on_cuda
     def camera_streams(self, u, num_frames, camera, beta, chunk_size, first_frame=0):
-        if not use_kernels(u):
+        if not use_kernels(u) or isinstance(chunk_size, tuple):
             return GDNSelfAttention.camera_streams(self, u, num_frames, camera, beta, chunk_size, first_frame)
         B, N, C = u.shape
         T, S, H, D = num_frames, N // num_frames, self.heads, self.head_dim
         _, P_T, P_inv, rope_cam = camera
         qh = head_stream(self.q_proj_cam(u).view(B, N, H, D), rope_cam, norm=self.q_norm_cam, relu=True,
-                         matrix=P_T, cap=True)[0]
+                         matrix=P_T, cap=self.rms_cap)[0]
         kh, _, inflation = head_stream(
             self.k_proj_cam(u).view(B, N, H, D), rope_cam, norm=self.k_norm_cam, relu=True, scale=self.key_scale(S),
-            conv=(self.conv_k_cam.weight, T, chunk_size, first_frame), matrix=P_inv, cap=True, inflation=True)
-        vh = head_stream(self.v_proj_cam(u).view(B, N, H, D), rope_cam, matrix=P_inv, cap=True)[0]
+            conv=(self.conv_k_cam.weight, T, chunk_size, first_frame), matrix=P_inv, cap=self.rms_cap, inflation=True)
+        vh = head_stream(self.v_proj_cam(u).view(B, N, H, D), rope_cam, matrix=P_inv, cap=self.rms_cap)[0]
         divisor = inflation.to(kh.dtype).view(B, T, S, H).mean(2, keepdim=True).clamp_min(1.0)  # as the layer
         return qh, kh, vh, (beta.view(B, T, S, H) / divisor).view(B, N, H)
 
@@ -150,7 +150,7 @@ class FastGLUMBConvTemp(GLUMBConvTemp):
         return self.point_conv.conv(depthwise_glu(hidden, depth.weight, depth.bias))
 
     def forward(self, m, thw, chunk_size=None):
-        if not use_kernels(m) or type(self.t_conv) is not nn.Conv2d:     # (e.g. quantize.NVFP4Conv2d)
+        if not use_kernels(m) or type(self.t_conv) is not nn.Conv2d or isinstance(chunk_size, tuple):
             return ffn_in_parts(self, m, thw, chunk_size)
         B, N, C = m.shape
         z = ffn_middle_in_parts(self, m, thw)               # channels-last: in token order as a view

@@ -22,9 +22,20 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from attention import CameraSelfAttention, apply_rope, camera_rows, frame_spans
+from attention import CameraSelfAttention, apply_rope, camera_rows, chunk_stop, frame_spans
 
 BACKENDS = ("auto", "torch", "triton", "reference")
+
+
+def check_chunk_size(chunk_size) -> None:
+    """None, a positive int, or a tuple of chunk starts from 0, increasing (attention.chunk_stop)."""
+    if chunk_size is None or (isinstance(chunk_size, int) and chunk_size >= 1):
+        return
+    if (isinstance(chunk_size, tuple) and chunk_size and chunk_size[0] == 0
+            and all(isinstance(s, int) for s in chunk_size) and all(a < b for a, b in zip(chunk_size, chunk_size[1:]))):
+        return
+    raise ValueError(f"chunk_size: expected None, a positive int (frames) or increasing chunk starts from 0, "
+                     f"got {chunk_size!r}")
 
 
 def _fp32(x):
@@ -34,7 +45,7 @@ def _fp32(x):
 
 def _chunk_end(t, T, chunk_size):
     """True if frame t is the last frame of its chunk: the backward scan starts afresh there."""
-    return t == T - 1 or (chunk_size is not None and (t + 1) % chunk_size == 0)
+    return chunk_stop(t, T, chunk_size) == t + 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -87,8 +98,8 @@ def gdn_scan(q_rot, k_rot, v, beta, decay, q=None, k=None, *, chunk_size=None, e
     backend: "auto" (Triton on CUDA tensors, torch otherwise), "torch", "triton", "reference".
     """
     _check_args(q_rot, k_rot, v, beta, decay, q, k, chunk_size, backend)
-    if backend == "auto":
-        backend = "triton" if v.is_cuda else "torch"
+    if backend == "auto":  # (the Triton scan takes chunks of one size)
+        backend = "triton" if v.is_cuda and not isinstance(chunk_size, tuple) else "torch"
     if backend == "reference":
         return gdn_recurrent(q_rot, k_rot, v, beta, decay, q, k, chunk_size=chunk_size, eps=eps)
     if backend == "torch":
@@ -127,8 +138,8 @@ class GDNSelfAttention(CameraSelfAttention):
     forward(u (B, N, C), thw, rope (N, D/2, 2), camera=(P, P^T, P^-1, rope_cam) or None, chunk_size) -> (B, N, C).
     """
 
-    def __init__(self, dim: int, head_dim: int, conv_kernel: int = 4):
-        super().__init__(dim, head_dim, conv_kernel)
+    def __init__(self, dim: int, head_dim: int, conv_kernel: int = 4, **switches):
+        super().__init__(dim, head_dim, conv_kernel, **switches)
 
     def gates(self, u, num_frames):
         """§6.1 gates from the block input u (B, n, C) of num_frames whole frames, in fp32: beta (B, n, H) per token,
@@ -203,8 +214,7 @@ def _check_args(q_rot, k_rot, v, beta, decay, q, k, chunk_size, backend):
     T = decay.shape[1]
     if N % T != 0:
         raise ValueError(f"decay: T={T} frames must divide the N={N} tokens")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size: expected None or a positive int (frames), got {chunk_size!r}")
+    check_chunk_size(chunk_size)
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     return B, N, H, D, T
@@ -723,7 +733,7 @@ def frame_terms(k_rot, v, beta, k=None, *, num_frames):
 def scan_states(M, U, decay, chunk_size=None):
     """Stage 2: the states X (2,B,H,T,R,D) read by each frame, from all frames' terms and decay (B, T, H)."""
     g = _fp32(decay).transpose(1, 2).contiguous()
-    if U.is_cuda:
+    if U.is_cuda and not isinstance(chunk_size, tuple):
         return _scan_triton(M, U, g, decay.shape[1] if chunk_size is None else chunk_size, grad=False)
     return _scan_torch(M, U, g, chunk_size)
 
@@ -750,7 +760,8 @@ def gdn_in_parts(layer: GDNSelfAttention, u, thw, rope, camera, chunk_size, part
     for t0, t1 in spans:
         lo, hi = max(0, t0 - reach), min(T, t1 + reach)
         rows, own = slice(lo * S, hi * S), slice((t0 - lo) * S, (t1 - lo) * S)
-        first = lo % chunk_size if chunk_size else 0    # all the short conv needs: few values to compile for
+        # All the short conv needs of where the part lies: with uniform chunks, few values to compile for.
+        first = lo % chunk_size if isinstance(chunk_size, int) else (lo if chunk_size else 0)
         beta, decay = layer.gates(u[:, rows], hi - lo)
         decays.append(decay[:, t0 - lo:t1 - lo])
         _, k_rot, v, q, k = (x[:, own] for x in layer.main_streams(u[:, rows], hi - lo, rope[rows], chunk_size,
@@ -776,3 +787,55 @@ def gdn_in_parts(layer: GDNSelfAttention, u, thw, rope, camera, chunk_size, part
         cam = read_out(states[1][:, :, :, t0:t1], query[1]) if camera is not None else None
         out[:, rows] = layer.output(u[:, rows], main, cam, camera_rows(camera, rows))
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Streaming: one chunk of frames with the state of the chunks before it (README: "Running blocks over spans of
+# frames"). The forward scans start from the states after the previous chunk's last frame, the backward scans stay
+# inside the chunk (chunk-causal), the short convs read the previous frames.
+
+def carry_in(M, U, decay, state):
+    """The per-frame terms of a span with the incoming forward state folded into its first frame:
+    S_0 = S_in A_0 + U_0, so the span's scan from zero is the scan from S_in (the affine form of the recurrence)."""
+    if state is None:
+        return U
+    U = U.clone()
+    U[:, :, 0] += _apply_transition(state, M[:, :, 0], _fp32(decay[:, 0]), U.shape[-1])
+    return U
+
+
+@torch.no_grad()
+def gdn_chunk(layer: GDNSelfAttention, u, thw, rope, camera, halo=None, states=None, camera_halo=True):
+    """layer(u, ...) for one chunk of frames of a longer video. halo: the layer input u of the up to K-1 frames
+    before the chunk (their K feed the short convs; None for the first chunk); rope and camera: the rows of the
+    halo frames and the chunk's. states: (main, camera) forward states after the previous chunk (fp32
+    (B, H, D+1, D) with the normaliser row, and (B, H, D, D)), None for the first chunk. camera_halo: whether the
+    camera K conv reads the halo too (the official code's current behaviour) or stays inside the chunk.
+    Returns (out (B, n, C), the forward states after the chunk's last frame)."""
+    B, N, C = u.shape
+    T, S = thw[0], N // thw[0]
+    h = 0 if halo is None else halo.shape[1] // S
+    wide, own = (u, slice(None)) if h == 0 else (torch.cat([halo, u], 1), slice(h * S, None))
+    # The halo frames are an earlier chunk; as uniform chunks of h frames where the chunk is no longer (the
+    # streaming model's 3 + 3), the form the CUDA kernels take.
+    chunks = None if h == 0 else (h if T <= h else (0, h))
+    beta, decay = layer.gates(wide, h + T)
+    beta, decay = beta[:, own], decay[:, h:]
+    q_rot, k_rot, v, q, k = (x[:, own] for x in layer.main_streams(wide, h + T, rope, chunks))
+    M, U = frame_terms(k_rot, v, beta, k, num_frames=T)
+    X = scan_states(M, carry_in(M, U, decay, None if states is None else states[0]), decay)
+    main, out_states = read_out(X, q_rot, q), [X[0, :, :, -1]]
+    cam = None
+    if camera is not None:
+        own_camera = camera if h == 0 else camera_rows(camera, own)
+        if camera_halo:
+            beta_wide = beta if h == 0 else torch.cat([beta.new_ones(B, h * S, beta.shape[-1]), beta], 1)
+            qh, kh, vh, beta_cam = (x[:, own] for x in layer.camera_streams(wide, h + T, camera, beta_wide, chunks))
+        else:
+            qh, kh, vh, beta_cam = layer.camera_streams(u, T, own_camera, beta, None)
+        M, U = frame_terms(kh, vh, beta_cam, num_frames=T)
+        X = scan_states(M, carry_in(M, U, decay, None if states is None else states[1]), decay)
+        cam = read_out(X, qh)
+        out_states.append(X[0, :, :, -1])
+        camera = own_camera
+    return layer.output(u, main, cam, camera), tuple(out_states)

@@ -35,8 +35,9 @@ from tqdm import tqdm
 
 import camera
 import fast
-from dit import (CHI_PROMPT, RELEASE_LAYOUT, DiT, DiTConfig, check_model_folder, encode_negative_prompt,
-                 encode_prompt, load_gemma2, require_transformers, text_encoder_folder, tokenizer_folder)
+from dit import (CHI_PROMPT, RELEASE_LAYOUT, DiT, DiTConfig, StreamCache, check_model_folder, encode_negative_prompt,
+                 encode_prompt, forward_chunk, load_gemma2, require_transformers, text_encoder_folder,
+                 tokenizer_folder)
 from refiner import ConnectorsConfig, PromptEncoder, Refiner, RefinerConfig, TextConnectors, refine
 from vae import VAE, VAEConfig
 
@@ -65,34 +66,37 @@ def schedule(num_steps: int, shift: float = FLOW_SHIFT) -> torch.Tensor:
     return torch.cat([warp(torch.from_numpy(levels)).float(), torch.zeros(1)])
 
 
+def guided_velocity(dit, x, t, text, text_mask, raymap, plucker, guidance_scale=5.0, negative_text=None,
+                    negative_mask=None, part_frames=None, chunk_size=None) -> torch.Tensor:
+    """The DiT's flow velocity v = noise - x0 at per-frame timesteps t (1, T). With guidance_scale > 1 the negative
+    text runs in the same batch (classifier-free guidance): v = v_neg + g (v_pos - v_neg); both halves see the same
+    latents and camera. part_frames: the DiT's memory mode (dit.DiT.forward); the two halves then run one after
+    the other. chunk_size: the chunk-causal model's chunks."""
+    if guidance_scale <= 1:
+        return dit(x, t, text, text_mask, raymap=raymap, plucker=plucker, chunk_size=chunk_size,
+                   part_frames=part_frames)
+    texts, masks = torch.cat([negative_text, text]), torch.cat([negative_mask, text_mask])
+    if part_frames is not None:
+        v_neg, v_pos = (dit(x, t, texts[i:i + 1], masks[i:i + 1], raymap=raymap, plucker=plucker,
+                            chunk_size=chunk_size, part_frames=part_frames) for i in range(2))
+    else:
+        pair = lambda a: None if a is None else torch.cat([a, a])  # noqa: E731
+        v_neg, v_pos = dit(pair(x), pair(t), texts, masks, raymap=pair(raymap), plucker=pair(plucker),
+                           chunk_size=chunk_size).chunk(2)
+    return v_neg + guidance_scale * (v_pos - v_neg)
+
+
 @torch.no_grad()
 def sample(dit, x, sigmas, text, text_mask, raymap, plucker, guidance_scale=5.0, negative_text=None,
            negative_mask=None, part_frames=None) -> torch.Tensor:
     """Integrate dx/dsigma = v from sigma = 1 to 0 with Euler steps; x (1, C, T, h, w), frame 0 = the image latent.
-
-    The DiT predicts the flow velocity v = noise - x0. Frame 0 is the conditioning image: it sees timestep 0 and
-    is never updated. With guidance_scale > 1 the negative text runs in the same batch (classifier-free guidance):
-    v = v_neg + g (v_pos - v_neg); both halves see the same latents and camera. part_frames: the DiT's memory mode
-    (dit.DiT.forward), and the two halves then run one after the other.
-    """
-    guided = guidance_scale > 1
-    if guided:
-        text, text_mask = torch.cat([negative_text, text]), torch.cat([negative_mask, text_mask])
-        raymap, plucker = torch.cat([raymap, raymap]), torch.cat([plucker, plucker])
+    Frame 0 is the conditioning image: it sees timestep 0 and is never updated (guided_velocity: CFG)."""
     timesteps = sigmas * 1000  # fp32, the DiT's 0..1000 scale
     for i in tqdm(range(len(sigmas) - 1), desc="sampling", unit="step"):
-        t = timesteps[i].expand(text.shape[0], x.shape[2]).clone()
+        t = timesteps[i].expand(1, x.shape[2]).clone()
         t[:, 0] = 0  # frame 0 is clean
-        if guided and part_frames is not None:
-            v = torch.cat([dit(x, t[half:half + 1], text[half:half + 1], text_mask[half:half + 1],
-                               raymap=raymap[half:half + 1], plucker=plucker[half:half + 1], part_frames=part_frames)
-                           for half in range(2)])
-        else:
-            v = dit(torch.cat([x, x]) if guided else x, t, text, text_mask, raymap=raymap, plucker=plucker,
-                    part_frames=part_frames)
-        if guided:
-            v_neg, v_pos = v.chunk(2)
-            v = v_neg + guidance_scale * (v_pos - v_neg)
+        v = guided_velocity(dit, x, t, text, text_mask, raymap, plucker, guidance_scale, negative_text,
+                            negative_mask, part_frames)
         # The step is taken in fp32 from sigma = t / 1000 (re-derived from the timestep, as the reference does; it
         # can differ from sigmas[i] in the last bit) to the next level. The reference searches for the largest level
         # below sigma - 1e-6; with at most 1000 steps the levels are > 1e-4 apart, so that is sigmas[i + 1].
@@ -101,6 +105,84 @@ def sample(dit, x, sigmas, text, text_mask, raymap, plucker, guidance_scale=5.0,
         x_next[:, :, 0] = x[:, :, 0]  # the image frame is held
         x = x_next.to(x.dtype)
     return x
+
+
+# The chunk-causal releases' samplers. Both move each chunk's frames at their own noise level (per-token Euler);
+# the image frame stays at level 0.
+
+def _euler(x, v, sigma, sigma_next):
+    """One per-frame Euler step in fp32: x (B, C, T, h, w), sigma and sigma_next (T,) levels per frame."""
+    step = (sigma_next - sigma).view(1, 1, -1, 1, 1)
+    return (x.float() + step * v.float()).to(x.dtype)
+
+
+def chunk_offsets(num_chunks: int, steps: int, interval_k: float | None = None) -> list[int]:
+    """The global step at which each chunk starts denoising (chunk_flow_euler): int(i * k * steps), k = 1/num_chunks
+    by default, in Python float arithmetic as the official sampler (so T = 21 gives [0, 10, 20, 30, 40, 49])."""
+    k = 1 / num_chunks if interval_k is None else interval_k
+    return [int(i * k * steps) for i in range(num_chunks)]
+
+
+@torch.no_grad()
+def chunk_flow_euler(dit, x, sigmas, text, text_mask, raymap, plucker, guidance_scale=5.0, negative_text=None,
+                     negative_mask=None, chunks=(0,), interval_k=None) -> torch.Tensor:
+    """The chunk-causal teacher's sampler: chunk i starts denoising at global step offsets[i] (chunk_offsets) and
+    then runs the len(sigmas) - 1 levels of the schedule; every global step re-runs the DiT over the prefix of
+    started chunks (finished ones at level 0), chunk-causal over `chunks` (their first frames), with CFG."""
+    T, S = x.shape[2], len(sigmas) - 1
+    if len(chunks) <= 1:
+        return sample(dit, x, sigmas, text, text_mask, raymap, plucker, guidance_scale, negative_text, negative_mask)
+    offsets = chunk_offsets(len(chunks), S, interval_k)
+    ends = list(chunks[1:]) + [T]
+    padded = torch.cat([sigmas, torch.zeros(1)])            # a finished chunk stays at level 0
+    for g in tqdm(range(offsets[-1] + S), desc="sampling", unit="step"):
+        active = [i for i, o in enumerate(offsets) if g >= o]
+        end = ends[active[-1]]
+        level = torch.zeros(end, dtype=torch.long)
+        for i in active:
+            level[chunks[i]:ends[i]] = min(g - offsets[i], S)
+        sigma, sigma_next = padded[level], padded[(level + 1).clamp(max=S)]
+        sigma[0] = sigma_next[0] = 0                        # the image frame
+        t = (sigma * 1000)[None]
+        v = guided_velocity(dit, x[:, :, :end], t, text, text_mask, raymap[:, :end], plucker[:, :, :end],
+                            guidance_scale, negative_text, negative_mask, chunk_size=tuple(chunks[:len(active)]))
+        x[:, :, :end] = _euler(x[:, :, :end], v, t[0] / 1000, sigma_next)
+    return x
+
+
+STREAM_SIGMAS = (1.0, 0.96, 0.889, 0.727)  # the streaming model's 4 levels (its steps 1000, 960, 889, 727), verbatim
+
+
+def stream_chunks(num_frames: int, size: int = 3) -> tuple[int, ...]:
+    """The streaming sampler's chunks: num_frames // size of them, the first taking the remainder (size + T % size,
+    the image frame included: [0, 4), [4, 7), ... for T = 3k + 1). Their first frames."""
+    if num_frames <= size:
+        raise ValueError(f"num_frames: the streaming sampler needs more than {size} latent frames, got {num_frames}")
+    first = size + num_frames % size
+    return (0,) + tuple(range(first, num_frames, size))
+
+
+@torch.no_grad()
+def stream_sample(dit, x, text, text_mask, raymap, plucker, sigmas=STREAM_SIGMAS, window=2, sink=True):
+    """The streaming model's sampler (few-step distilled, CFG baked in: one conditional pass), chunk by chunk: each
+    chunk takes len(sigmas) Euler steps from its slice of x (the noise of the whole video, drawn once; frame 0 the
+    image latent), reading the caches of the chunks before it (dit.forward_chunk), then one pass over the finished
+    chunk at t = 0 writes its caches: len(sigmas) + 1 forwards per chunk. Yields (start, stop, latents) per chunk."""
+    cache = StreamCache()
+    levels = torch.tensor(list(sigmas) + [0.0])
+    starts = stream_chunks(x.shape[2])
+    for start, stop in zip(starts, starts[1:] + (x.shape[2],)):
+        z = x[:, :, start:stop]
+        for sigma, sigma_next in zip(levels[:-1], levels[1:]):
+            level = sigma.repeat(stop - start), sigma_next.repeat(stop - start)
+            if start == 0:
+                level[0][0] = level[1][0] = 0               # the image frame
+            v = forward_chunk(dit, z, (level[0] * 1000)[None], text, text_mask, raymap, plucker, cache=cache,
+                              window=window, sink=sink)
+            z = _euler(z, v, level[0], level[1])
+        forward_chunk(dit, z, torch.zeros(1, stop - start), text, text_mask, raymap, plucker, cache=cache,
+                      save=True, window=window, sink=sink)
+        yield start, stop, z
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from diffusers.models.transformers import transformer_sana_wm as ref
 from safetensors.torch import save_file
 
 import dit
+from attention import chunk_starts
 from dit import (CaptionEmbedder, DiT, DiTConfig, FinalLayer, GLUMBConvTemp, PatchEmbed, TimestepEmbedder,
                  timestep_sinusoid)
 from reference import (TINY_DIT, load_sana_wm_native, max_rel_err, randomize_, tiny_dit_inputs,
@@ -369,3 +370,60 @@ def test_release_weights_one_step():
         expected = theirs(**inputs)[0]
         got = ours(*ours_args(inputs))
     assert max_rel_err(got, expected) <= (2e-2 if dtype == torch.bfloat16 else 1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------- streaming
+
+def test_chunk_starts_and_windows():
+    """SANA-WM's chunks (the image frame joins the first) and the softmax window of the streaming sampler."""
+    assert chunk_starts(4) == (0,) and chunk_starts(7) == (0, 4)
+    assert chunk_starts(31) == tuple([0] + list(range(4, 31, 3)))
+    assert chunk_starts(21) == (0, 4, 7, 10, 13, 16) and chunk_starts(5) == (0,) and chunk_starts(22)[-1] == 19
+    assert chunk_starts(21, merge_short_last=False)[-1] == 19
+    cache = dit.StreamCache()
+    seen = []
+    for c in range(6):
+        seen.append((cache.window(2, True), cache.window(2, False), cache.window(-1, True)))
+        cache.chunks.append((c, c + 1))
+    assert [s[0] for s in seen] == [[], [0], [0, 1], [0, 2], [0, 3], [0, 4]]
+    assert [s[1] for s in seen] == [[], [0], [0, 1], [1, 2], [2, 3], [3, 4]]
+    assert seen[5][2] == [0, 1, 2, 3, 4]
+
+
+def test_ffn_chunk_halo():
+    """The FFN of one chunk reading the previous frames' z equals the chunk-causal FFN on the whole sequence."""
+    ffn = randomize_(GLUMBConvTemp(C, 2 * C, 3))
+    thw, starts = (7, 2, 3), (0, 4)
+    m = torch.randn(2, 7 * 6, C, generator=gen(3))
+    with torch.no_grad():
+        whole = ffn(m, thw, starts)
+        first, z = dit.ffn_chunk(ffn, m[:, :24], (4, 2, 3))
+        second, _ = dit.ffn_chunk(ffn, m[:, 24:], (3, 2, 3), halo=z[:, :, -1:])
+    assert max_abs(torch.cat([first, second], 1), whole) <= MODULE_ATOL
+
+
+@pytest.mark.parametrize("frames,camera", [(10, True), (12, True), (10, False)])
+def test_cached_chunks_equal_the_chunk_causal_forward(frames, camera):
+    """Chunk by chunk with caches (the streaming model's forward) == the chunk-causal DiT over the whole video so
+    far (finished chunks at t = 0, the new one at its own timesteps), for every chunk: 4+3+3 frames, and 4+3+5 (a
+    short last chunk merged); batch 2, with and without the camera; all history in the softmax window."""
+    overrides, (_, h, w), _ = CONFIGS["varied"]
+    ours = ours_from(tiny_sana_wm_transformer(**overrides))
+    x, _, text, mask, raymap, plucker = ours_args(tiny_dit_inputs(thw=(frames, h, w), in_channels=6,
+                                                                 caption_channels=24))
+    if not camera:
+        raymap = plucker = None
+    starts = chunk_starts(frames)
+    cache = dit.StreamCache()
+    with torch.no_grad():
+        for s, e in zip(starts, starts[1:] + (frames,)):
+            t = torch.rand(2, e - s, generator=gen(s)) * 1000
+            got = dit.forward_chunk(ours, x[:, :, s:e], t, text, mask, raymap, plucker, cache=cache)
+            full_t = torch.cat([torch.zeros(2, s), t], 1)
+            cut = lambda a, dim: None if a is None else a.narrow(dim, 0, e)  # noqa: E731
+            expected = ours(x[:, :, :e], full_t, text, mask, cut(raymap, 1), cut(plucker, 2),
+                            chunk_size=tuple(c for c in starts if c < e))[:, :, s:]
+            assert max_abs(got, expected) <= 1e-5, (s, e)
+            dit.forward_chunk(ours, x[:, :, s:e], torch.zeros(2, e - s), text, mask, raymap, plucker, cache=cache,
+                              save=True)
+    assert cache.frames == frames and len(cache.chunks) == len(starts)
