@@ -295,6 +295,13 @@ class DiT(nn.Module):
         return load_pretrained(cls, path, dtype, device, config)
 
 
+# The switches as the official releases' own code runs them (NVlabs/Sana): no camera RMS cap (its fused camera
+# preparation returns the UCPE output as it is; the cap survives only in diffusers' port), softmax logits at 1/sqrt(D)
+# with D = 112 in both branches (its current code; the streaming release's first code padded to 128), the camera K
+# conv reading the previous chunk. The bidirectional release keeps DiTConfig's defaults, diffusers 0.42.1's.
+OFFICIAL_SWITCHES = dict(camera_rms_cap=False, softmax_scale_width=112, camera_k_halo=True)
+
+
 # ================================================================================================================
 # Machinery below this line: text cropping, input checks, loading, and the memory mode's driver. The model above is
 # complete without it.
