@@ -118,7 +118,7 @@ class CausalConv3d(nn.Module):
     """3x3x3 conv whose time axis is padded by repeating edge frames, never zeros (§3.2): causal = two copies
     of frame 0 in front, otherwise one copy of each end frame. H and W are padded by 1 in `pad_mode`.
 
-    Streamed causal decoding (SANA-WM streaming) passes `cache`, a dict shared by all convs of the decoder:
+    A streamed causal decode (SANA-WM's streaming release) passes `cache`, one dict for all convs of the decoder:
     a conv that has seen earlier frames of the stream puts its input's last 2 frames in front instead of
     copies of frame 0, which makes a video decoded piece by piece equal to one decode of the whole."""
 
