@@ -1,7 +1,9 @@
 """The LTX-2 video VAE that SANA-WM works in: 32x spatial and 8x temporal compression to 128 channels.
 
 SANA-WM (arXiv 2605.15178) uses the released LTX-2 VAE unchanged: the first frame is encoded to condition
-generation, and the final latents are decoded to up to 961 frames at 704x1280, tile by tile.
+generation, and the final latents are decoded to up to 961 frames at 704x1280, tile by tile. The streaming
+release's ltx2_causal_vae/ is this VAE with a causal decoder (decoder_causal=True), which decodes a video piece
+by piece while it is generated (CausalDecodeStream, after the machinery line) and encodes its first frame untiled.
 Config: the release's vae/config.json (paper §3.1, §5.1: the LTX-2 VAE, 128 latent channels). Blocks,
 encoder, decoder, latent normalisation and tiling as in the LTX-2 VAE and SANA-WM's official loader.
 
@@ -114,16 +116,24 @@ def unpatchify(x: torch.Tensor, p: int) -> torch.Tensor:
 
 class CausalConv3d(nn.Module):
     """3x3x3 conv whose time axis is padded by repeating edge frames, never zeros (§3.2): causal = two copies
-    of frame 0 in front, otherwise one copy of each end frame. H and W are padded by 1 in `pad_mode`."""
+    of frame 0 in front, otherwise one copy of each end frame. H and W are padded by 1 in `pad_mode`.
+
+    A streamed causal decode (SANA-WM's streaming release) passes `cache`, one dict for all convs of the decoder:
+    a conv that has seen earlier frames of the stream puts its input's last 2 frames in front instead of
+    copies of frame 0, which makes a video decoded piece by piece equal to one decode of the whole."""
 
     def __init__(self, c_in: int, c_out: int, causal: bool, pad_mode: str):
         super().__init__()
         self.causal = causal
         self.conv = nn.Conv3d(c_in, c_out, 3, padding=(0, 1, 1), padding_mode=pad_mode)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         first = x[:, :, :1]
-        x = torch.cat([first, first, x] if self.causal else [first, x, x[:, :, -1:]], dim=2)
+        if not self.causal:
+            return self.conv(torch.cat([first, x, x[:, :, -1:]], dim=2))
+        x = torch.cat([cache[self] if cache and self in cache else torch.cat([first, first], dim=2), x], dim=2)
+        if cache is not None:
+            cache[self] = x[:, :, -2:]  # what the next piece of the stream puts in front
         return self.conv(x)
 
 
@@ -135,9 +145,9 @@ class ResBlock(nn.Module):
         self.conv1 = CausalConv3d(c, c, causal, pad_mode)
         self.conv2 = CausalConv3d(c, c, causal, pad_mode)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(pixnorm(x), inplace=True))
-        h = self.conv2(F.silu(pixnorm(h), inplace=True))
+    def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        h = self.conv1(F.silu(pixnorm(x), inplace=True), cache)
+        h = self.conv2(F.silu(pixnorm(h), inplace=True), cache)
         return h.add_(x)  # the conv output is a fresh tensor: add in place to save one activation
 
 
@@ -160,7 +170,8 @@ class Downsampler(nn.Module):
 
 class Upsampler(nn.Module):
     """Depth-to-space of a conv (c -> c*prod(s)/u) plus depth-to-space of the input with its channel block
-    tiled prod(s)/u times; the first s_t - 1 frames of both are dropped, so T -> s_t*T - (s_t - 1) (§3.6)."""
+    tiled prod(s)/u times; the first s_t - 1 frames of both are dropped, so T -> s_t*T - (s_t - 1) (§3.6).
+    In a streamed decode only the stream's first piece drops them (its conv has no cached frames yet)."""
 
     def __init__(self, c_in: int, stride: tuple[int, int, int], factor: int, causal: bool, pad_mode: str):
         super().__init__()
@@ -168,9 +179,9 @@ class Upsampler(nn.Module):
         self.repeats = math.prod(stride) // factor
         self.conv = CausalConv3d(c_in, c_in * math.prod(stride) // factor, causal, pad_mode)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        drop = self.stride[0] - 1
-        h = depth_to_space(self.conv(x), self.stride)[:, :, drop:]
+    def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        drop = 0 if cache and self.conv in cache else self.stride[0] - 1
+        h = depth_to_space(self.conv(x, cache), self.stride)[:, :, drop:]
         residual = depth_to_space(x, self.stride)[:, :, drop:]
         # out channel j gets residual channel j mod (C / repeats): broadcast instead of materialising the repeat
         B, C, T, H, W = h.shape
@@ -183,9 +194,9 @@ class MidBlock(nn.Module):
         super().__init__()
         self.resnets = nn.ModuleList(ResBlock(c, causal, pad_mode) for _ in range(n_layers))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         for resnet in self.resnets:
-            x = resnet(x)
+            x = resnet(x, cache)
         return x
 
 
@@ -207,8 +218,8 @@ class UpBlock(MidBlock):
         super().__init__(c_in // factor, n_layers, causal, pad_mode)
         self.upsamplers = nn.ModuleList([Upsampler(c_in, stride, factor, causal, pad_mode)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(self.upsamplers[0](x))
+    def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        return super().forward(self.upsamplers[0](x, cache), cache)
 
 
 class Encoder(nn.Module):
@@ -252,15 +263,17 @@ class Decoder(nn.Module):
             c //= factor
         self.conv_out = CausalConv3d(c, cfg.out_channels * cfg.patch_size ** 2, *mode)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        """z (B, C, T, h, w) -> (B, 3, 1 + 8(T - 1), 32h, 32w). A causal decoder also decodes a video piece by
+        piece with one `cache` dict (empty at first, see CausalConv3d): later pieces give 8T frames."""
         if self.reflect and min(z.shape[-2:]) < 2:
             raise ValueError(f"z: reflect padding needs at least 2 latent pixels per side, got a "
                              f"{z.shape[-2]}x{z.shape[-1]} latent (or tile); choose a size or Tiling.stride "
                              f"that leaves no 1-pixel edge tile")
-        x = self.mid_block(self.conv_in(z))
+        x = self.mid_block(self.conv_in(z, cache), cache)
         for block in self.up_blocks:
-            x = block(x)
-        return unpatchify(self.conv_out(F.silu(pixnorm(x), inplace=True)), self.patch_size)
+            x = block(x, cache)
+        return unpatchify(self.conv_out(F.silu(pixnorm(x), inplace=True), cache), self.patch_size)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -328,7 +341,8 @@ class VAE(nn.Module):
 
 
 # ================================================================================================================
-# Machinery below this line: config checks and parsing, tiled encode/decode (bounded memory) and loading.
+# Machinery below this line: config checks and parsing, tiled encode/decode (bounded memory), the streamed
+# causal decode and loading.
 # The VAE above is complete without it.
 # ================================================================================================================
 
@@ -526,6 +540,51 @@ def _tiled_decode(vae: VAE, z: torch.Tensor, tiling: Tiling) -> torch.Tensor:
         return _tile_time(z, space, tiling.frames // rt + 1, tiling.frame_stride // rt, tiling.frame_stride,
                           tiling.frames - tiling.frame_stride, 1 + (T - 1) * rt)
     return space(z)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Streamed causal decoding (SANA-WM streaming release)
+
+class CausalDecodeStream:
+    """Decodes one video piece by piece while it is generated, as SANA-WM's streaming release does: every
+    call's latent frames go through the causal decoder one at a time, and every temporal conv keeps the last 2
+    frames of its input for the next one (CausalConv3d). The pieces together equal `vae.decode(z,
+    tiling=None)` of the whole latent: the stream's first latent frame gives 1 pixel frame, every later one 8
+    (the release decodes a first piece of 4 latent frames to 25 pixel frames, then pieces of 3 to 24 each).
+
+    decode(z) takes z as VAE.decode does: de-normalised, (B, C, n, h, w) with n >= 1 and the same B, h, w
+    for the whole video; reset() starts the next video. Nothing is tiled: one latent frame at a time bounds
+    the memory, as in the official code. The cache is a plain dict of tensors owned by the stream, and the
+    decoder always runs eagerly: the official code refuses to compile it, as the compiled decoder corrupts
+    its cache between pieces."""
+
+    def __init__(self, vae: VAE):
+        if not vae.cfg.decoder_causal:
+            raise ValueError("vae: a streamed decode needs a causal decoder (decoder_causal=True, as in the "
+                             "streaming release's ltx2_causal_vae/); this one pads time on both sides")
+        self.vae = vae
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the cached frames: the next decode starts a new video."""
+        self.cache: dict = {}
+        self.size: tuple[int, int, int] | None = None  # (B, h, w) of the video being decoded
+
+    @torch.no_grad()
+    @torch.compiler.disable
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The next n latent frames -> their pixel frames (B, 3, 8n, 32h, 32w), 1 + 8(n - 1) for the first
+        piece of a video."""
+        cfg = self.vae.cfg
+        if z.dim() != 5 or z.shape[1] != cfg.latent_channels or z.shape[2] == 0:
+            raise ValueError(f"z: expected (B, {cfg.latent_channels}, n >= 1, h, w), got {tuple(z.shape)}")
+        size = (z.shape[0], *z.shape[3:])
+        if self.size not in (None, size):
+            raise ValueError(f"z: this video is decoded at (B, h, w) = {self.size}, got {size}; call reset() "
+                             f"to start another video")
+        self.size = size
+        z = z.to(self.vae.latents_mean)
+        return torch.cat([self.vae.decoder(z[:, :, t:t + 1], self.cache) for t in range(z.shape[2])], dim=2)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """vae.py against diffusers 0.42.1's AutoencoderKLLTX2Video : building blocks, encode and
-decode untiled and tiled at two random-weight configs, the temporal-seam choice of the tiled decode, config,
+decode untiled and tiled at two random-weight configs, the temporal-seam choice of the tiled decode, the
+streaming release's causal decoder decoded whole and piece by piece (CausalDecodeStream), config,
 state dict and release-folder loading, and the release weights (marked `weights`)."""
+import copy
 import json
 import os
 from pathlib import Path
@@ -238,6 +240,114 @@ def test_temporal_seams_keep_frames_in_place():
     x = torch.arange(32.0)
     close(theirs[65:97], 65 + x - x / 32, 1e-4)  # blend of frame 65 + x (previous window) and 64 + x
     close(theirs[97:], truth[97:] - 1, 1e-4)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the streaming release's causal decoder, decoded whole and piece by piece (CausalDecodeStream)
+
+# The tiny config with the streaming release's causal decoder (weights re-randomised), and the alt config
+# (causal already), whose spatial-only and temporal-only upsamplers drop no frames / do alone.
+CAUSAL_CONFIGS = {"tiny-causal": dict(decoder_causal=True), "alt": ALT_VAE}
+CHUNKS = (4, 3, 3)  # the streaming release's decode pieces: latent frames [0, 4), [4, 7), [7, 10)
+
+
+@pytest.fixture(scope="module", params=list(CAUSAL_CONFIGS))
+def causal_pair(request):
+    ref = build_tiny_vae(seed=41, **CAUSAL_CONFIGS[request.param])
+    return request.param, ref, vae_from_diffusers(ref)
+
+
+def stream_decode(vae, z, pieces):
+    """z decoded piece by piece (pieces of `pieces` latent frames) by one fresh stream: (video, frames per piece)."""
+    stream, out = V.CausalDecodeStream(vae), []
+    for start, n in zip(torch.tensor((0,) + pieces).cumsum(0).tolist(), pieces):
+        out.append(stream.decode(z[:, :, start:start + n]))
+    return torch.cat(out, dim=2), [o.shape[2] for o in out]
+
+
+def test_causal_decode_matches_diffusers(causal_pair):
+    """The whole-video causal decode equals diffusers' AutoencoderKLLTX2Video(decoder_causal=True)."""
+    name, ref, ours = causal_pair
+    assert ours.cfg.decoder_causal
+    z = rand_latent(2, ref.config.latent_channels, 10, 2, 3, seed=42)
+    with torch.no_grad():
+        close(ours.decode(z, tiling=None), untiled(ref).decode(z).sample)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, TOL)])
+def test_stream_equals_whole_causal_decode(causal_pair, dtype, tol):
+    """Frame by frame and in the release's pieces (4, 3, 3 latent frames -> 25, 24, 24 pixel frames) the stream
+    decodes exactly what one causal decode of the whole latent gives. Exact up to rounding: float64 shows the
+    cache logic is exact; in float32 the convs round differently on 1-frame inputs (about 1e-6 here)."""
+    name, ref, ours = causal_pair
+    ours = copy.deepcopy(ours).to(dtype)
+    z = rand_latent(2, ref.config.latent_channels, 10, 2, 3, seed=43).to(dtype)
+    whole = ours.decode(z, tiling=None)
+    assert whole.shape == (2, 3, 73, 64, 96)
+    by_frame, sizes = stream_decode(ours, z, (1,) * 10)
+    assert sizes == [1] + [8] * 9
+    close(by_frame, whole, tol)
+    by_piece, sizes = stream_decode(ours, z, CHUNKS)
+    assert sizes == [25, 24, 24]
+    close(by_piece, whole, tol)
+
+
+def test_stream_reset_starts_a_new_video(causal_pair):
+    name, ref, ours = causal_pair
+    c = ref.config.latent_channels
+    first, second = rand_latent(1, c, 7, 2, 2, seed=44), rand_latent(1, c, 7, 2, 2, seed=45)
+    stream = V.CausalDecodeStream(ours)
+    stream.decode(first[:, :, :4])
+    stream.decode(first[:, :, 4:])
+    stream.reset()
+    again = torch.cat([stream.decode(second[:, :, :4]), stream.decode(second[:, :, 4:])], dim=2)
+    assert torch.equal(again, stream_decode(ours, second, (4, 3))[0])
+    assert again.shape[2] == 1 + 8 * 6
+
+
+def test_causal_vae_folder_streaming_path(tmp_path):
+    """The streaming release's ltx2_causal_vae/ layout (config.json with decoder_causal true + safetensors, no
+    vae/ subfolder), loaded strictly, run as the streaming pipeline does: the first frame encoded untiled and
+    normalised, the DiT's latents de-normalised and decoded piece by piece."""
+    from safetensors.torch import save_file
+
+    ref = build_tiny_vae(seed=46, decoder_causal=True)
+    folder = tmp_path / "ltx2_causal_vae"
+    ref.save_pretrained(folder)
+    assert json.loads((folder / "config.json").read_text())["decoder_causal"] is True
+    ours = V.VAE.from_pretrained(folder)
+    assert ours.cfg == V.VAEConfig.from_dict(dict(TINY_VAE, decoder_causal=True))
+    image = rand_video(1, 1, 64, 96, seed=47)
+    with torch.no_grad():
+        want = (untiled(ref).encode(image).latent_dist.mode() - ref.latents_mean.view(1, -1, 1, 1, 1)) \
+            / ref.latents_std.view(1, -1, 1, 1, 1) * ref.config.scaling_factor
+    close(ours.normalize(ours.encode(image, tiling=None)), want)
+    z = rand_latent(1, 8, 10, 2, 3, seed=48)  # normalised, as the DiT makes them
+    with torch.no_grad():
+        want = ref.decode(z * ref.latents_std.view(1, -1, 1, 1, 1) / ref.config.scaling_factor
+                          + ref.latents_mean.view(1, -1, 1, 1, 1)).sample
+    close(stream_decode(ours, ours.denormalize(z), CHUNKS)[0], want)
+
+    state = dict(ref.state_dict())  # strict keys: a missing decoder weight is reported
+    del state["decoder.up_blocks.0.upsamplers.0.conv.conv.weight"]
+    save_file(state, folder / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(ValueError, match="decoder.up_blocks.0.upsamplers.0.conv.conv.weight"):
+        V.VAE.from_pretrained(folder)
+
+
+def test_stream_bad_inputs():
+    with pytest.raises(ValueError, match="vae: .*causal decoder"):
+        V.CausalDecodeStream(V.VAE(V.VAEConfig.from_dict(TINY_VAE)))
+    stream = V.CausalDecodeStream(V.VAE(V.VAEConfig.from_dict(dict(TINY_VAE, decoder_causal=True))))
+    for shape in [(1, 7, 1, 2, 2), (1, 8, 0, 2, 2), (8, 1, 2, 2)]:
+        with pytest.raises(ValueError, match="z: expected"):
+            stream.decode(torch.zeros(shape))
+    stream.decode(torch.zeros(1, 8, 1, 2, 2))
+    for shape in [(2, 8, 1, 2, 2), (1, 8, 1, 2, 3)]:
+        with pytest.raises(ValueError, match="call reset"):
+            stream.decode(torch.zeros(shape))
+    stream.reset()
+    assert stream.decode(torch.zeros(2, 8, 1, 2, 3)).shape == (2, 3, 1, 64, 96)
 
 
 # ------------------------------------------------------------------------------------------------------------
