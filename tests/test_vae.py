@@ -274,11 +274,12 @@ def test_causal_decode_matches_diffusers(causal_pair):
         close(ours.decode(z, tiling=None), untiled(ref).decode(z).sample)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, TOL)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
 def test_stream_equals_whole_causal_decode(causal_pair, dtype, tol):
     """Frame by frame and in the release's pieces (4, 3, 3 latent frames -> 25, 24, 24 pixel frames) the stream
     decodes exactly what one causal decode of the whole latent gives. Exact up to rounding: float64 shows the
-    cache logic is exact; in float32 the convs round differently on 1-frame inputs (about 1e-6 here)."""
+    cache logic is exact; in float32 the convs round differently on 1-frame inputs (about 1e-6 of the output's
+    largest value, compared as max |diff| / max |x|)."""
     name, ref, ours = causal_pair
     ours = copy.deepcopy(ours).to(dtype)
     z = rand_latent(2, ref.config.latent_channels, 10, 2, 3, seed=43).to(dtype)
@@ -286,10 +287,10 @@ def test_stream_equals_whole_causal_decode(causal_pair, dtype, tol):
     assert whole.shape == (2, 3, 73, 64, 96)
     by_frame, sizes = stream_decode(ours, z, (1,) * 10)
     assert sizes == [1] + [8] * 9
-    close(by_frame, whole, tol)
+    assert max_rel_err(by_frame, whole) <= tol
     by_piece, sizes = stream_decode(ours, z, CHUNKS)
     assert sizes == [25, 24, 24]
-    close(by_piece, whole, tol)
+    assert max_rel_err(by_piece, whole) <= tol
 
 
 def test_stream_reset_starts_a_new_video(causal_pair):
