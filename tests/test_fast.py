@@ -236,3 +236,23 @@ def test_compiled_blocks_on_cuda_equal_eager():
         with torch.compiler.set_stance("force_eager"):
             eager = ours(*args)
     assert max_abs(fused, eager) <= MODEL_ATOL
+
+
+@pytest.mark.gpu
+def test_streaming_chunks_on_cuda():
+    """The accelerated DiT's cached chunk-by-chunk forward on CUDA (kernels, compiled pieces) equals the
+    chunk-causal forward over the whole video so far, fp32, at the whole-model tolerance; 4+3+3 frames."""
+    overrides, (_, h, w), _ = CONFIGS["varied"]
+    ours = fast.accelerate(ours_from(tiny_sana_wm_transformer(**overrides)).cuda())
+    x, _, text, mask, raymap, plucker = (a.cuda() for a in ours_args(tiny_dit_inputs(
+        thw=(10, h, w), in_channels=6, caption_channels=24)))
+    starts, cache = (0, 4, 7), dit.StreamCache()
+    with torch.no_grad():
+        for s, e in zip(starts, (4, 7, 10)):
+            t = torch.rand(2, e - s, generator=gen(s)).cuda() * 1000
+            got = dit.forward_chunk(ours, x[:, :, s:e], t, text, mask, raymap, plucker, cache=cache)
+            expected = ours(x[:, :, :e], torch.cat([t.new_zeros(2, s), t], 1), text, mask, raymap[:, :e],
+                            plucker[:, :, :e], chunk_size=tuple(c for c in starts if c < e))[:, :, s:]
+            assert max_abs(got, expected) <= MODEL_ATOL
+            dit.forward_chunk(ours, x[:, :, s:e], t.new_zeros(2, e - s), text, mask, raymap, plucker, cache=cache,
+                              save=True)

@@ -1,0 +1,135 @@
+"""Benchmark of streaming stage 1 (the SANA-WM streaming release's chunk-by-chunk sampler): full-size models with
+RANDOM weights, bf16, 704x1280, the streaming DiT (dit.forward_chunk with its caches, the official switches, the
+CUDA kernels of fast.py) and the causal LTX-2 decoder (vae.CausalDecodeStream), 4 steps + 1 cache pass per
+3-latent-frame chunk, CFG 1. Random text embeddings of the release's shape stand in for Gemma-2 (said in the
+output); no refiner (streaming part 2).
+
+Run from the repository root on a CUDA machine:
+    python bench/stream.py                  # 241 and 961 frames
+    python bench/stream.py --frames 241     # one length
+    python bench/stream.py --tiny           # CPU, the demo's tiny models: checks the script runs
+Per length: seconds per chunk (the 5 DiT forwards; the decode), time to the first decoded frame (from the first
+chunk's start: model loading, prompt and image encoding not counted), the real-time factor at 16 fps (stage 1 alone,
+and stage 1 + decode), peak GPU memory (torch.cuda.max_memory_allocated, weights included) and the cache sizes.
+"""
+import argparse
+import dataclasses
+import pathlib
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+import fast  # noqa: E402
+import generate as G  # noqa: E402
+from dit import OFFICIAL_SWITCHES, DiT, DiTConfig  # noqa: E402
+from reference import randomize_  # noqa: E402
+from vae import VAE, CausalDecodeStream, VAEConfig  # noqa: E402
+
+FPS = 16
+
+
+def random_model(cls, cfg, device, dtype, seed):
+    with torch.device("meta"):
+        model = cls(cfg)
+    return randomize_(model.to(dtype).to_empty(device=device), seed).eval()
+
+
+def tensor_bytes(x) -> int:
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    if isinstance(x, dict):
+        return sum(tensor_bytes(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return sum(tensor_bytes(v) for v in x)
+    return 0
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def run(dit, vae, frames, size, device, dtype):
+    T, (H, W) = (frames - 1) // 8 + 1, size
+    h, w = H // 32, W // 32
+    g = torch.Generator().manual_seed(42)
+    x = torch.randn(1, dit.config.in_channels, T, h, w, generator=g).to(device, dtype)
+    text = torch.randn(1, 300, dit.config.caption_channels, generator=g).to(device, dtype)
+    mask = torch.ones(1, 300, dtype=torch.long, device=device)
+    c2w = G.camera.action_to_c2w(f"w-{frames - 1}")
+    raymap, plucker = G.camera.prepare_camera(c2w, [W * 0.8, W * 0.8, W / 2, H / 2], size=(H, W))
+    raymap, plucker = raymap[None].to(device, dtype), plucker[None].to(device, dtype)
+    stream = CausalDecodeStream(vae)
+    caches = []
+    forward_chunk = G.forward_chunk
+    G.forward_chunk = lambda *a, **k: caches.append(k["cache"]) or forward_chunk(*a, **k)  # keep the cache to size
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    stage1, decode, first_frame = [], [], None
+    sync(device)
+    start = time.perf_counter()
+    chunks = G.stream_sample(dit, x, text, mask, raymap, plucker)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            s, e, z = next(chunks)
+        except StopIteration:
+            break
+        sync(device)
+        t1 = time.perf_counter()
+        pixels = stream.decode(vae.denormalize(z.to(vae.decoder.conv_in.conv.weight.dtype)))
+        video = ((pixels[0].float() + 1) * 127.5).clamp(0, 255).to(torch.uint8).cpu()
+        t2 = time.perf_counter()
+        if first_frame is None:
+            first_frame = t2 - start
+        stage1.append(t1 - t0)
+        decode.append(t2 - t1)
+        del video
+    total = time.perf_counter() - start
+    G.forward_chunk = forward_chunk
+    seconds = (frames - 1) / FPS
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
+    cache = caches[-1]
+    return dict(frames=frames, chunks=len(stage1), stage1_chunk=statistics.median(stage1[1:] or stage1),
+                first_chunk=stage1[0], decode_chunk=statistics.median(decode[1:] or decode), first_frame=first_frame,
+                rt_stage1=seconds / sum(stage1), rt_total=seconds / total, peak=peak,
+                cache_gib=tensor_bytes(cache.blocks) / 2 ** 30)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--frames", default="241,961", help="comma-separated frame counts 24k+1")
+    p.add_argument("--tiny", action="store_true", help="CPU, the demo's tiny models (checks the script)")
+    args = p.parse_args()
+    if args.tiny:
+        device, dtype = torch.device("cpu"), torch.float32
+        dit_cfg = dataclasses.replace(G.DEMO_DIT, **OFFICIAL_SWITCHES)
+        vae_cfg, size = dataclasses.replace(G.DEMO_VAE, decoder_causal=True), G.DEMO_SIZE
+        frames = [25, 49]
+    else:
+        device, dtype = torch.device("cuda"), torch.bfloat16
+        dit_cfg = DiTConfig(**OFFICIAL_SWITCHES)
+        vae_cfg, size = dataclasses.replace(VAEConfig(), decoder_causal=True), (704, 1280)
+        frames = [int(f) for f in args.frames.split(",")]
+    dit = fast.accelerate(random_model(DiT, dit_cfg, device, dtype, seed=1))
+    vae = random_model(VAE, vae_cfg, device, dtype, seed=2)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"device: {name}, torch {torch.__version__}, {str(dtype)[6:]}; text: random embeddings (1, 300, "
+          f"{dit_cfg.caption_channels}) stand in for Gemma-2; switches {OFFICIAL_SWITCHES}", flush=True)
+    run(dit, vae, frames[0], size, device, dtype)  # warm-up: compiles the kernels and blocks
+    rows = [run(dit, vae, f, size, device, dtype) for f in frames]
+    print("\nframes chunks | stage-1 s/chunk (first) | decode s/chunk | first frame s | real time: stage 1, +decode "
+          "| peak GiB | cache GiB")
+    for r in rows:
+        print(f"{r['frames']:6d} {r['chunks']:6d} | {r['stage1_chunk']:8.3f} ({r['first_chunk']:6.3f})      | "
+              f"{r['decode_chunk']:8.3f}       | {r['first_frame']:8.3f}      | {r['rt_stage1']:6.2f}x  "
+              f"{r['rt_total']:6.2f}x      | {r['peak']:7.2f}  | {r['cache_gib']:6.3f}")
+
+
+if __name__ == "__main__":
+    main()
