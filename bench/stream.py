@@ -70,7 +70,7 @@ def run(dit, vae, frames, size, device, dtype):
     G.forward_chunk = lambda *a, **k: caches.append(k["cache"]) or forward_chunk(*a, **k)  # keep the cache to size
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    stage1, decode, first_frame = [], [], None
+    stage1, decode, first_frame, written = [], [], None, 0
     sync(device)
     start = time.perf_counter()
     chunks = G.stream_sample(dit, x, text, mask, raymap, plucker)
@@ -83,13 +83,14 @@ def run(dit, vae, frames, size, device, dtype):
         sync(device)
         t1 = time.perf_counter()
         pixels = stream.decode(vae.denormalize(z.to(vae.decoder.conv_in.conv.weight.dtype)))
-        video = ((pixels[0].float() + 1) * 127.5).clamp(0, 255).to(torch.uint8).cpu()
+        video = ((pixels[0].float() + 1) * 127.5).clamp(0, 255).to(torch.uint8).cpu()  # what a writer gets
+        written += video.shape[1] - (s == 0)  # the first chunk's image frame is dropped
         t2 = time.perf_counter()
         if first_frame is None:
             first_frame = t2 - start
         stage1.append(t1 - t0)
         decode.append(t2 - t1)
-        del video
+    assert written == frames - 1, (written, frames)
     total = time.perf_counter() - start
     G.forward_chunk = forward_chunk
     seconds = (frames - 1) / FPS
