@@ -707,5 +707,8 @@ def forward_chunk(dit: DiT, x, timestep, text, text_mask, raymap=None, plucker=N
     if save:
         cache.chunks.append((start, end))
         cache.frames = end
+        keep = set(cache.window(window, sink)) if window > 0 else None   # what later chunks can still see
+        for entry in cache.blocks:
+            entry["kv"] = [kv if keep is None or i in keep else None for i, kv in enumerate(entry["kv"])]
     x = dit.final_layer(x, temb.view(B, f, 1, C))
     return x.view(B, f, h, w, -1).permute(0, 4, 1, 2, 3)

@@ -169,7 +169,7 @@ def stream_sample(dit, x, text, text_mask, raymap, plucker, sigmas=STREAM_SIGMAS
     image latent), reading the caches of the chunks before it (dit.forward_chunk), then one pass over the finished
     chunk at t = 0 writes its caches: len(sigmas) + 1 forwards per chunk. Yields (start, stop, latents) per chunk."""
     cache = StreamCache()
-    levels = torch.tensor(list(sigmas) + [0.0])
+    levels = torch.tensor(list(sigmas) + [0.0], device=x.device)
     starts = stream_chunks(x.shape[2])
     for start, stop in zip(starts, starts[1:] + (x.shape[2],)):
         z = x[:, :, start:stop]
@@ -180,7 +180,7 @@ def stream_sample(dit, x, text, text_mask, raymap, plucker, sigmas=STREAM_SIGMAS
             v = forward_chunk(dit, z, (level[0] * 1000)[None], text, text_mask, raymap, plucker, cache=cache,
                               window=window, sink=sink)
             z = _euler(z, v, level[0], level[1])
-        forward_chunk(dit, z, torch.zeros(1, stop - start), text, text_mask, raymap, plucker, cache=cache,
+        forward_chunk(dit, z, levels.new_zeros(1, stop - start), text, text_mask, raymap, plucker, cache=cache,
                       save=True, window=window, sink=sink)
         yield start, stop, z
 
