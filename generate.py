@@ -368,10 +368,158 @@ def _decode(vae, latents, vae_dtype) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 # Models: the release folder, or tiny random ones for the demo
 
+def _yaml_scalar(text: str):
+    """A YAML scalar: null (also ~ or nothing), booleans, ints, floats (1e-4 included), quoted strings ('' is a
+    quote inside '...'; no escapes in "..."), else the plain text (flow lists such as [8, 32, 32] too)."""
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1].replace("''", "'") if text[0] == "'" else text[1:-1]
+    if text in ("", "~", "null", "Null", "NULL"):
+        return None
+    if text in ("true", "True", "TRUE", "false", "False", "FALSE"):
+        return text.lower() == "true"
+    if re.fullmatch(r"[-+]?\d+", text):
+        return int(text)
+    if re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", text):
+        return float(text)
+    return text
+
+
+def _yaml_line(raw: str) -> str:
+    """The line without its comment: a # at its start or after a space, outside quotes."""
+    quote, i = None, 0
+    while i < len(raw):
+        c = raw[i]
+        if quote == "'" and raw.startswith("''", i):
+            i += 1  # a quote inside '...'
+        elif quote:
+            quote = None if c == quote else quote
+        elif c in "'\"" and (i == 0 or raw[i - 1] in " [,-:"):
+            quote = c
+        elif c == "#" and (i == 0 or raw[i - 1] in " \t"):
+            return raw[:i].rstrip()
+        i += 1
+    return raw.rstrip()
+
+
+def read_release_yaml(path: str) -> dict:
+    """The official config.yaml as nested dicts, read without PyYAML (not a dependency of this repository).
+
+    The subset that the release configs use: `key: value` lines and `key:` lines opening a nested mapping, nested
+    by indenting with spaces; a `key:` followed by `- item` lines (indented or not) holds a list of scalars; scalars
+    as _yaml_scalar reads them; comments dropped. Flow collections ([a, b], {a: 1}) and list items that are mappings
+    stay their text. Anything else (block strings |, >, anchors, several documents, tabs) is a ValueError naming
+    the line, never a silently wrong value."""
+    root: dict = {}
+    stack: list = [(-1, root)]  # (indentation of the key owning the container, the container)
+    pending = None  # (indentation, parent, key) of the last `key:` without a value: its lines say dict or list
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    for number, raw in enumerate(lines, 1):
+        line = _yaml_line(raw)
+        body = line.lstrip(" ")
+        if not body or body == "---":
+            continue
+        indent = len(line) - len(body)
+        item = body == "-" or body.startswith("- ")
+        if pending is not None:
+            key_indent, parent, key = pending
+            if indent > key_indent or (item and indent == key_indent):
+                parent[key] = [] if item else {}
+                stack.append((key_indent, parent[key]))
+            pending = None
+        while stack[-1][0] > indent or (stack[-1][0] == indent and not (item and isinstance(stack[-1][1], list))):
+            stack.pop()
+        container = stack[-1][1]
+        match = None if item else re.fullmatch(r"([\w.-]+|'[^']*'|\"[^\"]*\")\s*:(?:\s+(.*))?", body)
+        if item and isinstance(container, list):
+            container.append(_yaml_scalar(body[1:].strip()))
+        elif match and isinstance(container, dict):
+            key, value = _yaml_scalar(match[1]), (match[2] or "").strip()
+            if value in ("|", ">", "|-", ">-") or value.startswith(("&", "*")):
+                raise ValueError(f"{path}:{number}: {body!r}: block strings and anchors are not read here")
+            container[key] = _yaml_scalar(value)
+            if not value:
+                pending = (indent, container, key)
+        else:
+            raise ValueError(f"{path}:{number}: expected `key: value`, `key:` or `- item` indented with spaces, "
+                             f"got {raw.strip()!r}")
+    return root
+
+
+CHUNK_CAUSAL_CHECKPOINT = "sana_wm_chunk_causal_1600m_720p.safetensors"
+RELEASES = {  # release_kind's answers: what each is, and the parts that identify it (the official layouts)
+    "bidirectional": ("the SANA-WM bidirectional release", RELEASE_LAYOUT),
+    "streaming": ("the SANA-WM streaming release",
+                  "sana_dit/model.pt, ltx2_causal_vae/, refiner_diffusers/ and gemma3_12b/"),
+    "chunk_causal": ("the SANA-WM chunk-causal stage-1 teacher",
+                     f"dit/{CHUNK_CAUSAL_CHECKPOINT} and config.yaml with model.chunk_size"),
+}
+
+
+def _release_kind(folder: str) -> str | None:
+    """release_kind's answer, None for a folder that is none of the releases."""
+    if os.path.isfile(os.path.join(folder, "sana_dit", "model.pt")):
+        return "streaming"
+    # The bidirectional release has a config.yaml beside dit/ too: the teacher's is told by its chunk size.
+    config = os.path.join(folder, "config.yaml")
+    if os.path.isfile(os.path.join(folder, "dit", CHUNK_CAUSAL_CHECKPOINT)) and os.path.isfile(config):
+        model = read_release_yaml(config).get("model")
+        if isinstance(model, dict) and model.get("chunk_size") is not None:
+            return "chunk_causal"
+    if os.path.isdir(os.path.join(folder, "dit")) and os.path.isdir(os.path.join(folder, "vae")):
+        return "bidirectional"
+    return None
+
+
+def release_kind(folder: str) -> str:
+    """Which official release the folder holds, from its layout: "bidirectional" (dit/, vae/, refiner/,
+    text_encoder/), "streaming" (sana_dit/model.pt, ltx2_causal_vae/, refiner_diffusers/, gemma3_12b/) or
+    "chunk_causal" (the stage-1 teacher: dit/sana_wm_chunk_causal_1600m_720p.safetensors + config.yaml, whose
+    model.chunk_size marks it; the bidirectional release's config.yaml has none). Only the identifying parts are
+    looked at: the loader of each release checks the rest and names what is missing."""
+    if not os.path.isdir(folder):
+        raise ValueError(f"folder: no such folder {folder!r}")
+    kind = _release_kind(folder)
+    if kind is None:
+        raise ValueError(f"folder: {folder} holds none of the SANA-WM releases; expected "
+                         + "; or ".join(f"{name} ({layout})" for name, layout in RELEASES.values()))
+    return kind
+
+
+def chunk_causal_settings(folder: str) -> dict:
+    """The chunk-causal teacher's sampling settings from its config.yaml: {"chunk_size": latent frames per chunk
+    (model.chunk_size), "sampler": scheduler.vis_sampler (the release: chunk_flow_euler), "flow_shift":
+    scheduler.inference_flow_shift}, each checked."""
+    path = os.path.join(folder, "config.yaml")
+    config = read_release_yaml(path)
+    model, scheduler = config.get("model"), config.get("scheduler")
+    chunk_size = model.get("chunk_size") if isinstance(model, dict) else None
+    sampler, shift = (scheduler.get(k) if isinstance(scheduler, dict) else None
+                      for k in ("vis_sampler", "inference_flow_shift"))
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"{path}: model.chunk_size: expected a positive int, got {chunk_size!r}")
+    if not isinstance(sampler, str):
+        raise ValueError(f"{path}: scheduler.vis_sampler: expected a sampler name, got {sampler!r}")
+    if not isinstance(shift, (int, float)) or isinstance(shift, bool) or not 0 < shift < math.inf:
+        raise ValueError(f"{path}: scheduler.inference_flow_shift: expected a positive number, got {shift!r}")
+    return {"chunk_size": chunk_size, "sampler": sampler, "flow_shift": float(shift)}
+
+
 def _check_release(weights: str, text_encoder: str | None = None):
-    """Fail before loading anything if a part of stage 1 is missing, naming it and the flag that gives it."""
+    """Fail before loading anything if --weights is another release or a part of stage 1 is missing, naming it and
+    the flag that gives it."""
     if not os.path.isdir(weights):
         raise FileNotFoundError(f"--weights: no such folder {weights!r}")
+    kind = _release_kind(weights)
+    if kind not in (None, "bidirectional"):
+        name, layout = RELEASES[kind]
+        details = ""
+        if kind == "chunk_causal":
+            settings = chunk_causal_settings(weights)
+            details = (f", chunk size {settings['chunk_size']}, sampler {settings['sampler']}, flow shift "
+                       f"{settings['flow_shift']:g}")
+        raise ValueError(f"--weights: {weights} is {name} ({layout}{details}); generate.py runs the bidirectional "
+                         f"release ({RELEASE_LAYOUT})")
     for part in ("dit", "vae"):  # either may hold a single native .safetensors without config.json
         if not os.path.isdir(os.path.join(weights, part)):
             raise FileNotFoundError(f"--weights: {os.path.join(weights, part)}/ is missing (the release layout is "
