@@ -19,7 +19,9 @@ tokenizer/). With `refiner/` present the refiner runs unless `--no_refiner` is g
 import argparse
 import gc
 import hashlib
+import io
 import math
+import struct
 import os
 import re
 import sys
@@ -638,12 +640,17 @@ def demo_refiner(seed: int = 0) -> Stage2:
 # ----------------------------------------------------------------------------------------------------------------
 # Output
 
-def write_mp4(frames: torch.Tensor, path: str, fps: int):
-    """(F, H, W, 3) uint8 frames -> H.264 mp4 (yuv420p, so H and W must be even)."""
+def _require_av():
     try:
         import av
     except ImportError:
         raise ImportError("writing the mp4 needs PyAV: pip install 'av>=12'") from None
+    return av
+
+
+def write_mp4(frames: torch.Tensor, path: str, fps: int):
+    """(F, H, W, 3) uint8 frames -> H.264 mp4 (yuv420p, so H and W must be even)."""
+    av = _require_av()
     with av.open(path, "w") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
@@ -651,6 +658,94 @@ def write_mp4(frames: torch.Tensor, path: str, fps: int):
         for frame in frames.numpy():
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())  # flush
+
+
+def _mp4_boxes(data: bytes) -> list[tuple[str, bytes]]:
+    """The top-level boxes of an mp4 as (type, bytes)."""
+    boxes, at = [], 0
+    while at < len(data):
+        size, kind = struct.unpack(">I4s", data[at:at + 8])
+        if size < 8:  # 0 (to the end) and 1 (64-bit size) are not written for a chunk's few megabytes
+            raise ValueError(f"mp4 box {kind!r} at byte {at}: unexpected size field {size}")
+        boxes.append((kind.decode("latin-1"), data[at:at + size]))
+        at += size
+    return boxes
+
+
+class StreamingMp4Writer:
+    """An H.264 mp4 (yuv420p, crf 17 like write_mp4) written chunk by chunk, playable while it grows.
+
+        with StreamingMp4Writer(path, fps, height, width) as writer:
+            for frames in chunks:          # (n, H, W, 3) uint8, tensor or array
+                writer.write(frames)       # on disk, decodable, when this returns
+
+    A fragmented mp4: the header (ftyp + an empty moov) comes with the first chunk, then each chunk is one
+    fragment (moof + mdat) that starts with a keyframe, so a player or decoder opening the file at any moment
+    finds every chunk written so far, complete. The file is written under its final name (what the user watches
+    while a long video is generated; it replaces an existing file). There is nothing to finish: after every write
+    the file is a valid video of the frames so far, so if generation fails, or the process dies, the file left
+    is a playable prefix of the video, and it stays: those frames are results, and the user may be watching them.
+    A writer refusing a chunk (frames of the wrong shape) leaves the file as it was."""
+
+    def __init__(self, path: str, fps: int, height: int, width: int):
+        self.av = _require_av()
+        if not isinstance(fps, int) or isinstance(fps, bool) or fps < 1:
+            raise ValueError(f"fps: expected a positive int (frames per second), got {fps!r}")
+        if not all(isinstance(n, int) and n > 0 and n % 2 == 0 for n in (height, width)):
+            raise ValueError(f"height, width: expected positive even ints (yuv420p halves the colour planes), got "
+                             f"{height!r}, {width!r}")
+        self.path, self.fps, self.height, self.width = path, fps, height, width
+        self.frames_written = 0
+        self._fragments = 0
+        self._file = open(path, "wb")
+
+    def write(self, frames):
+        """Append a chunk of (n, H, W, 3) uint8 frames (a tensor or an array) and flush it to the file."""
+        if self._file is None:
+            raise ValueError(f"write: the writer of {self.path} is closed")
+        array = frames.cpu().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
+        if array.dtype != np.uint8 or array.ndim != 4 or array.shape[1:] != (self.height, self.width, 3) \
+                or not len(array):
+            raise ValueError(f"frames: expected (n >= 1, {self.height}, {self.width}, 3) uint8, got "
+                             f"{tuple(array.shape)} {array.dtype}")
+        # One encoder and muxer per chunk, in memory, closed at the chunk's end: PyAV cannot flush a muxer, and the
+        # mp4 muxer writes a fragment only once the next one starts, so one muxer for the whole video would hold
+        # back the newest chunk. Closing drains the encoder; a fresh encoder starts with a keyframe. frag_discont
+        # with avoid_negative_ts disabled makes the fragment's decode time the frames' own (not 0), and
+        # fragment_index numbers the fragments on, so the fragments of the separate muxers join into one track.
+        # No B-frames: decode time = presentation time, never before the chunk's start.
+        memory = io.BytesIO()
+        options = {"movflags": "frag_keyframe+empty_moov+default_base_moof+frag_discont+skip_trailer",
+                   "fragment_index": str(self._fragments + 1), "avoid_negative_ts": "disabled"}
+        with self.av.open(memory, "w", format="mp4", options=options) as container:
+            stream = container.add_stream("libx264", rate=self.fps)
+            stream.width, stream.height, stream.pix_fmt = self.width, self.height, "yuv420p"
+            stream.options = {"crf": "17", "bf": "0"}
+            for i, frame in enumerate(array):
+                video_frame = self.av.VideoFrame.from_ndarray(frame, format="rgb24")
+                video_frame.pts = self.frames_written + i  # in 1/fps, the stream's time base
+                container.mux(stream.encode(video_frame))
+            container.mux(stream.encode())  # drain the encoder
+        # Every chunk's muxer writes the same header (same encoder settings, so the same H.264 parameters): the
+        # file takes the first one.
+        keep = {"moof", "mdat"} | ({"ftyp", "moov"} if self._fragments == 0 else set())
+        boxes = _mp4_boxes(memory.getvalue())
+        self._file.write(b"".join(box for kind, box in boxes if kind in keep))
+        self._file.flush()
+        self._fragments += sum(kind == "moof" for kind, _ in boxes)
+        self.frames_written += len(array)
+
+    def close(self):
+        """Close the file (again: nothing). The file is complete after every write; nothing is added here."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> "StreamingMp4Writer":
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 OVERLAY_KEYS = "WASD"

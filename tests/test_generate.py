@@ -397,6 +397,42 @@ def _read_mp4(path):
         return frames, container.streams.video[0].average_rate
 
 
+def _smooth_frames(n, start, size=(128, 192)):
+    """n smooth moving gradients (H.264 at crf 17 keeps them within a few levels), frame indices from start."""
+    y, x = np.mgrid[0:size[0], 0:size[1]].astype(np.float32)
+    return np.stack([np.stack([127 + 100 * np.sin(x / 30 + 0.2 * i), 127 + 100 * np.cos(y / 25 - 0.1 * i),
+                               np.full_like(x, 4 * i % 256)], -1) for i in range(start, start + n)]).astype(np.uint8)
+
+
+def test_streaming_mp4_is_playable_while_it_grows(tmp_path):
+    """Each chunk is on disk and decodable once write returns: after 2 of 4 chunks the growing file decodes to
+    those 16 frames; a refused chunk leaves the file as it was; after close all 32 frames decode."""
+    path, chunk = tmp_path / "stream.mp4", 8
+    written = [_smooth_frames(chunk, c * chunk) for c in range(4)]
+    with G.StreamingMp4Writer(str(path), 16, 128, 192) as writer:
+        writer.write(torch.from_numpy(written[0]))  # a tensor, as generate() gives
+        writer.write(written[1])
+        frames, fps = _read_mp4(path)
+        assert len(frames) == 2 * chunk and fps == 16
+        assert np.abs(np.stack(frames).astype(float) - np.concatenate(written[:2])).mean() < 3
+        with pytest.raises(ValueError, match=r"frames: expected \(n >= 1, 128, 192, 3\) uint8, got \(8, 128, 190, 3\)"):
+            writer.write(written[2][:, :, :190])
+        assert len(_read_mp4(path)[0]) == 2 * chunk
+        writer.write(written[2])
+        writer.write(written[3])
+    with pytest.raises(ValueError, match="write: the writer of .* is closed"):
+        writer.write(written[0])
+    frames, _ = _read_mp4(path)
+    assert len(frames) == 4 * chunk
+    difference = np.abs(np.stack(frames).astype(float) - np.concatenate(written)).mean(axis=(1, 2, 3))
+    assert difference.max() < 3, difference
+    import av
+    with av.open(str(path)) as container:  # the fragments of the chunks' muxers join into one timeline
+        assert [frame.time for frame in container.decode(video=0)] == [i / 16 for i in range(4 * chunk)]
+    with pytest.raises(ValueError, match="height, width: expected positive even ints"):
+        G.StreamingMp4Writer(str(tmp_path / "odd.mp4"), 16, 127, 192)
+
+
 @pytest.fixture(scope="module")
 def demo_runs(tmp_path_factory):
     """The two demo runs (into one folder): with the refiner (and --save_stage1), and stage 1 only; for each, the
