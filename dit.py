@@ -12,6 +12,8 @@ Below the marked line: checks, loading, the memory mode (`part_frames`: the same
 import json
 import math
 import os
+import pickle
+import zipfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -288,10 +290,12 @@ class DiT(nn.Module):
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype = torch.bfloat16, device="cpu",
                         config: DiTConfig | None = None) -> "DiT":
-        """Load the native release file (one .safetensors, with an unused `pos_embed`) or a diffusers-format
-        directory (config.json + *.safetensors, sharded with an index). A single file or a directory without
-        config.json uses `config` (default: the release). Built on the meta device; tensors are assigned.
-        An NVFP4 file written by quantize.py loads too: its quantised layers become NVFP4 modules first."""
+        """Load the native release file (one .safetensors, with an unused `pos_embed`), a diffusers-format
+        directory (config.json + *.safetensors, sharded with an index) or the streaming release's torch pickle
+        (sana_dit/model.pt or its folder; any file not named *.safetensors is read as one, tensors only).
+        A single file or a directory without config.json uses `config` (default: the release). Built on the meta
+        device; tensors are assigned. An NVFP4 file written by quantize.py loads too: its quantised layers become
+        NVFP4 modules first."""
         return load_pretrained(cls, path, dtype, device, config)
 
 
@@ -393,7 +397,12 @@ def load_pretrained(cls, path, dtype, device, config):
         raise ValueError(f"config: {path} has its own config.json; pass config only for a file or folder "
                          f"without one")
     cfg = DiTConfig.from_dict(cfg_dict) if cfg_dict is not None else (config or DiTConfig())
-    state = read_safetensors(files, dtype, device, drop={"pos_embed"})
+    state = {}
+    for file in files:
+        state.update(read_safetensors(file, dtype, device) if file.suffix == ".safetensors"
+                     else read_torch_checkpoint(file, dtype, device))
+    for key in UNUSED_RELEASE_KEYS:
+        state.pop(key, None)
     with torch.device("meta"):
         model = cls(cfg)
         nvfp4_layers = nvfp4_layer_names(state)
@@ -403,8 +412,15 @@ def load_pretrained(cls, path, dtype, device, config):
     return model.eval()
 
 
+# Tensors of the official module tree that this model does not have: a resolution-dependent positional table that
+# RoPE makes unused, and the null caption used only for training's caption dropout.
+UNUSED_RELEASE_KEYS = ("pos_embed", "y_embedder.y_embedding")
+STREAMING_CHECKPOINT = "model.pt"  # the streaming release's sana_dit/ holds one torch pickle of this name
+
+
 def find_checkpoint(path) -> tuple[dict | None, list[Path]]:
-    """(config.json contents or None, safetensors files) of a single file or a directory."""
+    """(config.json contents or None, checkpoint files) of a single file or a directory: its safetensors files
+    (sharded with an index, or not), else its model.pt (the streaming release's sana_dit/)."""
     path = Path(path)
     if path.is_file():
         return None, [path]
@@ -417,25 +433,69 @@ def find_checkpoint(path) -> tuple[dict | None, list[Path]]:
         files = [path / name for name in sorted(set(weight_map.values()))]
     else:
         files = sorted(path.glob("*.safetensors"))
+    if not files and (path / STREAMING_CHECKPOINT).is_file():
+        files = [path / STREAMING_CHECKPOINT]
     if not files:
-        raise ValueError(f"path: no .safetensors file in {path}")
+        raise ValueError(f"path: no .safetensors file or {STREAMING_CHECKPOINT} in {path}")
     return config, files
 
 
-def read_safetensors(files, dtype, device, drop=()) -> dict:
-    """All tensors of the files, each cast to dtype on device as it is read (never two copies of the model).
-    The packed parts of NVFP4 layers (uint8 values, float8 block scales, fp32 `weight_scale_2`) keep their dtype."""
+def _cast(key: str, t: torch.Tensor, dtype, device, copy: bool = False) -> torch.Tensor:
+    """t on device in dtype, except the packed parts of NVFP4 layers (uint8 values, float8 block scales, fp32
+    `weight_scale_2`), which keep their dtype. copy: a new tensor even where nothing changes."""
+    packed = t.dtype in (torch.uint8, torch.float8_e4m3fn) or key.endswith(".weight_scale_2")
+    return t.to(device=device, copy=copy) if packed else t.to(device=device, dtype=dtype, copy=copy)
+
+
+def read_safetensors(file: Path, dtype, device) -> dict:
+    """All tensors of the file, each cast to dtype on device as it is read (never two copies of the model)."""
     state = {}
-    for file in files:
-        try:
-            with safe_open(str(file), framework="pt", device=str(device)) as f:
-                for key in f.keys():
-                    if key not in drop:
-                        t = f.get_tensor(key)
-                        packed = t.dtype in (torch.uint8, torch.float8_e4m3fn) or key.endswith(".weight_scale_2")
-                        state[key] = t if packed else t.to(dtype)
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"checkpoint: {file} is not a readable safetensors file ({e})") from None
+    try:
+        with safe_open(str(file), framework="pt", device=str(device)) as f:
+            for key in f.keys():
+                state[key] = _cast(key, f.get_tensor(key), dtype, device)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"checkpoint: {file} is not a readable safetensors file ({e})") from None
+    return state
+
+
+def read_torch_checkpoint(file: Path, dtype, device) -> dict:
+    """The model tensors of a torch pickle such as the streaming release's sana_dit/model.pt, cast to dtype on
+    device one at a time.
+
+    Read with torch.load(weights_only=True) only: tensors, containers and numbers are rebuilt, any other object is
+    refused (a checkpoint needs no code, and unpickling one could run any). A zip-format file (torch.save's default)
+    is memory-mapped, so the parts not used here (a distillation critic, optimizer states) are never read.
+    Containers, as the official loaders accept them: the dict under `generator` (the distillation trainer's save:
+    {"generator": ..., "step": ..., "denoising_step_list": ..., "critic": ...}), else under `model` or
+    `state_dict`, else the dict itself; a leading `model.` is stripped from every name."""
+    try:
+        obj = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+    except pickle.UnpicklingError as e:
+        # torch's message suggests weights_only=False; the reason is the line after "WeightsUnpickler error:".
+        reason = str(e).split("WeightsUnpickler error:")[-1].split("Please use")[0].split("\n\nCheck")[0]
+        raise ValueError(f"checkpoint: {file} holds more than tensors, so torch.load(weights_only=True) refused "
+                         f"it: {' '.join(reason.split())}") from None
+    except (RuntimeError, OSError, EOFError) as e:
+        raise ValueError(f"checkpoint: {file} is not a readable torch checkpoint ({e})") from None
+    containers = ("generator", "model", "state_dict")
+    expected = f"a dict of name -> tensor, or one under {' / '.join(map(repr, containers))}"
+    if isinstance(obj, dict):
+        obj = next((obj[name] for name in containers if name in obj), obj)
+    if not isinstance(obj, dict) or not obj:
+        got = "an empty dict" if isinstance(obj, dict) else f"a {type(obj).__name__}"
+        raise ValueError(f"checkpoint: {file}: expected {expected}, got {got}")
+    not_tensors = [f"{k!r} ({type(v).__name__})" for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise ValueError(f"checkpoint: {file}: expected {expected}; these entries are not tensors: "
+                         f"{', '.join(not_tensors[:10])}{' ...' * (len(not_tensors) > 10)}")
+    state = {}
+    for key, t in obj.items():
+        name = key.removeprefix("model.")
+        if name in state:
+            raise ValueError(f"checkpoint: {file} holds both {name!r} and 'model.{name}'")
+        # A copy, so no parameter stays backed by the memory-mapped file (rewriting it would change or fault it).
+        state[name] = _cast(name, t, dtype, device, copy=True)
     return state
 
 

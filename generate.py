@@ -19,7 +19,9 @@ tokenizer/). With `refiner/` present the refiner runs unless `--no_refiner` is g
 import argparse
 import gc
 import hashlib
+import io
 import math
+import struct
 import os
 import re
 import sys
@@ -450,10 +452,158 @@ def _decode(vae, latents, vae_dtype) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 # Models: the release folder, or tiny random ones for the demo
 
+def _yaml_scalar(text: str):
+    """A YAML scalar: null (also ~ or nothing), booleans, ints, floats (1e-4 included), quoted strings ('' is a
+    quote inside '...'; no escapes in "..."), else the plain text (flow lists such as [8, 32, 32] too)."""
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1].replace("''", "'") if text[0] == "'" else text[1:-1]
+    if text in ("", "~", "null", "Null", "NULL"):
+        return None
+    if text in ("true", "True", "TRUE", "false", "False", "FALSE"):
+        return text.lower() == "true"
+    if re.fullmatch(r"[-+]?\d+", text):
+        return int(text)
+    if re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", text):
+        return float(text)
+    return text
+
+
+def _yaml_line(raw: str) -> str:
+    """The line without its comment: a # at its start or after a space, outside quotes."""
+    quote, i = None, 0
+    while i < len(raw):
+        c = raw[i]
+        if quote == "'" and raw.startswith("''", i):
+            i += 1  # a quote inside '...'
+        elif quote:
+            quote = None if c == quote else quote
+        elif c in "'\"" and (i == 0 or raw[i - 1] in " [,-:"):
+            quote = c
+        elif c == "#" and (i == 0 or raw[i - 1] in " \t"):
+            return raw[:i].rstrip()
+        i += 1
+    return raw.rstrip()
+
+
+def read_release_yaml(path: str) -> dict:
+    """The official config.yaml as nested dicts, read without PyYAML (not a dependency of this repository).
+
+    The subset that the release configs use: `key: value` lines and `key:` lines opening a nested mapping, nested
+    by indenting with spaces; a `key:` followed by `- item` lines (indented or not) holds a list of scalars; scalars
+    as _yaml_scalar reads them; comments dropped. Flow collections ([a, b], {a: 1}) and list items that are mappings
+    stay their text. Anything else (block strings |, >, anchors, several documents, tabs) is a ValueError naming
+    the line, never a silently wrong value."""
+    root: dict = {}
+    stack: list = [(-1, root)]  # (indentation of the key owning the container, the container)
+    pending = None  # (indentation, parent, key) of the last `key:` without a value: its lines say dict or list
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    for number, raw in enumerate(lines, 1):
+        line = _yaml_line(raw)
+        body = line.lstrip(" ")
+        if not body or body == "---":
+            continue
+        indent = len(line) - len(body)
+        item = body == "-" or body.startswith("- ")
+        if pending is not None:
+            key_indent, parent, key = pending
+            if indent > key_indent or (item and indent == key_indent):
+                parent[key] = [] if item else {}
+                stack.append((key_indent, parent[key]))
+            pending = None
+        while stack[-1][0] > indent or (stack[-1][0] == indent and not (item and isinstance(stack[-1][1], list))):
+            stack.pop()
+        container = stack[-1][1]
+        match = None if item else re.fullmatch(r"([\w.-]+|'[^']*'|\"[^\"]*\")\s*:(?:\s+(.*))?", body)
+        if item and isinstance(container, list):
+            container.append(_yaml_scalar(body[1:].strip()))
+        elif match and isinstance(container, dict):
+            key, value = _yaml_scalar(match[1]), (match[2] or "").strip()
+            if value in ("|", ">", "|-", ">-") or value.startswith(("&", "*")):
+                raise ValueError(f"{path}:{number}: {body!r}: block strings and anchors are not read here")
+            container[key] = _yaml_scalar(value)
+            if not value:
+                pending = (indent, container, key)
+        else:
+            raise ValueError(f"{path}:{number}: expected `key: value`, `key:` or `- item` indented with spaces, "
+                             f"got {raw.strip()!r}")
+    return root
+
+
+CHUNK_CAUSAL_CHECKPOINT = "sana_wm_chunk_causal_1600m_720p.safetensors"
+RELEASES = {  # release_kind's answers: what each is, and the parts that identify it (the official layouts)
+    "bidirectional": ("the SANA-WM bidirectional release", RELEASE_LAYOUT),
+    "streaming": ("the SANA-WM streaming release",
+                  "sana_dit/model.pt, ltx2_causal_vae/, refiner_diffusers/ and gemma3_12b/"),
+    "chunk_causal": ("the SANA-WM chunk-causal stage-1 teacher",
+                     f"dit/{CHUNK_CAUSAL_CHECKPOINT} and config.yaml with model.chunk_size"),
+}
+
+
+def _release_kind(folder: str) -> str | None:
+    """release_kind's answer, None for a folder that is none of the releases."""
+    if os.path.isfile(os.path.join(folder, "sana_dit", "model.pt")):
+        return "streaming"
+    # The bidirectional release has a config.yaml beside dit/ too: the teacher's is told by its chunk size.
+    config = os.path.join(folder, "config.yaml")
+    if os.path.isfile(os.path.join(folder, "dit", CHUNK_CAUSAL_CHECKPOINT)) and os.path.isfile(config):
+        model = read_release_yaml(config).get("model")
+        if isinstance(model, dict) and model.get("chunk_size") is not None:
+            return "chunk_causal"
+    if os.path.isdir(os.path.join(folder, "dit")) and os.path.isdir(os.path.join(folder, "vae")):
+        return "bidirectional"
+    return None
+
+
+def release_kind(folder: str) -> str:
+    """Which official release the folder holds, from its layout: "bidirectional" (dit/, vae/, refiner/,
+    text_encoder/), "streaming" (sana_dit/model.pt, ltx2_causal_vae/, refiner_diffusers/, gemma3_12b/) or
+    "chunk_causal" (the stage-1 teacher: dit/sana_wm_chunk_causal_1600m_720p.safetensors + config.yaml, whose
+    model.chunk_size marks it; the bidirectional release's config.yaml has none). Only the identifying parts are
+    looked at: the loader of each release checks the rest and names what is missing."""
+    if not os.path.isdir(folder):
+        raise ValueError(f"folder: no such folder {folder!r}")
+    kind = _release_kind(folder)
+    if kind is None:
+        raise ValueError(f"folder: {folder} holds none of the SANA-WM releases; expected "
+                         + "; or ".join(f"{name} ({layout})" for name, layout in RELEASES.values()))
+    return kind
+
+
+def chunk_causal_settings(folder: str) -> dict:
+    """The chunk-causal teacher's sampling settings from its config.yaml: {"chunk_size": latent frames per chunk
+    (model.chunk_size), "sampler": scheduler.vis_sampler (the release: chunk_flow_euler), "flow_shift":
+    scheduler.inference_flow_shift}, each checked."""
+    path = os.path.join(folder, "config.yaml")
+    config = read_release_yaml(path)
+    model, scheduler = config.get("model"), config.get("scheduler")
+    chunk_size = model.get("chunk_size") if isinstance(model, dict) else None
+    sampler, shift = (scheduler.get(k) if isinstance(scheduler, dict) else None
+                      for k in ("vis_sampler", "inference_flow_shift"))
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"{path}: model.chunk_size: expected a positive int, got {chunk_size!r}")
+    if not isinstance(sampler, str):
+        raise ValueError(f"{path}: scheduler.vis_sampler: expected a sampler name, got {sampler!r}")
+    if not isinstance(shift, (int, float)) or isinstance(shift, bool) or not 0 < shift < math.inf:
+        raise ValueError(f"{path}: scheduler.inference_flow_shift: expected a positive number, got {shift!r}")
+    return {"chunk_size": chunk_size, "sampler": sampler, "flow_shift": float(shift)}
+
+
 def _check_release(weights: str, text_encoder: str | None = None):
-    """Fail before loading anything if a part of stage 1 is missing, naming it and the flag that gives it."""
+    """Fail before loading anything if --weights is another release or a part of stage 1 is missing, naming it and
+    the flag that gives it."""
     if not os.path.isdir(weights):
         raise FileNotFoundError(f"--weights: no such folder {weights!r}")
+    kind = _release_kind(weights)
+    if kind not in (None, "bidirectional"):
+        name, layout = RELEASES[kind]
+        details = ""
+        if kind == "chunk_causal":
+            settings = chunk_causal_settings(weights)
+            details = (f", chunk size {settings['chunk_size']}, sampler {settings['sampler']}, flow shift "
+                       f"{settings['flow_shift']:g}")
+        raise ValueError(f"--weights: {weights} is {name} ({layout}{details}); generate.py runs the bidirectional "
+                         f"release ({RELEASE_LAYOUT})")
     for part in ("dit", "vae"):  # either may hold a single native .safetensors without config.json
         if not os.path.isdir(os.path.join(weights, part)):
             raise FileNotFoundError(f"--weights: {os.path.join(weights, part)}/ is missing (the release layout is "
@@ -572,12 +722,17 @@ def demo_refiner(seed: int = 0) -> Stage2:
 # ----------------------------------------------------------------------------------------------------------------
 # Output
 
-def write_mp4(frames: torch.Tensor, path: str, fps: int):
-    """(F, H, W, 3) uint8 frames -> H.264 mp4 (yuv420p, so H and W must be even)."""
+def _require_av():
     try:
         import av
     except ImportError:
         raise ImportError("writing the mp4 needs PyAV: pip install 'av>=12'") from None
+    return av
+
+
+def write_mp4(frames: torch.Tensor, path: str, fps: int):
+    """(F, H, W, 3) uint8 frames -> H.264 mp4 (yuv420p, so H and W must be even)."""
+    av = _require_av()
     with av.open(path, "w") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
@@ -585,6 +740,94 @@ def write_mp4(frames: torch.Tensor, path: str, fps: int):
         for frame in frames.numpy():
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())  # flush
+
+
+def _mp4_boxes(data: bytes) -> list[tuple[str, bytes]]:
+    """The top-level boxes of an mp4 as (type, bytes)."""
+    boxes, at = [], 0
+    while at < len(data):
+        size, kind = struct.unpack(">I4s", data[at:at + 8])
+        if size < 8:  # 0 (to the end) and 1 (64-bit size) are not written for a chunk's few megabytes
+            raise ValueError(f"mp4 box {kind!r} at byte {at}: unexpected size field {size}")
+        boxes.append((kind.decode("latin-1"), data[at:at + size]))
+        at += size
+    return boxes
+
+
+class StreamingMp4Writer:
+    """An H.264 mp4 (yuv420p, crf 17 like write_mp4) written chunk by chunk, playable while it grows.
+
+        with StreamingMp4Writer(path, fps, height, width) as writer:
+            for frames in chunks:          # (n, H, W, 3) uint8, tensor or array
+                writer.write(frames)       # on disk, decodable, when this returns
+
+    A fragmented mp4: the header (ftyp + an empty moov) comes with the first chunk, then each chunk is one
+    fragment (moof + mdat) that starts with a keyframe, so a player or decoder opening the file at any moment
+    finds every chunk written so far, complete. The file is written under its final name (what the user watches
+    while a long video is generated; it replaces an existing file). There is nothing to finish: after every write
+    the file is a valid video of the frames so far, so if generation fails, or the process dies, the file left
+    is a playable prefix of the video, and it stays: those frames are results, and the user may be watching them.
+    A writer refusing a chunk (frames of the wrong shape) leaves the file as it was."""
+
+    def __init__(self, path: str, fps: int, height: int, width: int):
+        self.av = _require_av()
+        if not isinstance(fps, int) or isinstance(fps, bool) or fps < 1:
+            raise ValueError(f"fps: expected a positive int (frames per second), got {fps!r}")
+        if not all(isinstance(n, int) and n > 0 and n % 2 == 0 for n in (height, width)):
+            raise ValueError(f"height, width: expected positive even ints (yuv420p halves the colour planes), got "
+                             f"{height!r}, {width!r}")
+        self.path, self.fps, self.height, self.width = path, fps, height, width
+        self.frames_written = 0
+        self._fragments = 0
+        self._file = open(path, "wb")
+
+    def write(self, frames):
+        """Append a chunk of (n, H, W, 3) uint8 frames (a tensor or an array) and flush it to the file."""
+        if self._file is None:
+            raise ValueError(f"write: the writer of {self.path} is closed")
+        array = frames.cpu().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
+        if array.dtype != np.uint8 or array.ndim != 4 or array.shape[1:] != (self.height, self.width, 3) \
+                or not len(array):
+            raise ValueError(f"frames: expected (n >= 1, {self.height}, {self.width}, 3) uint8, got "
+                             f"{tuple(array.shape)} {array.dtype}")
+        # One encoder and muxer per chunk, in memory, closed at the chunk's end: PyAV cannot flush a muxer, and the
+        # mp4 muxer writes a fragment only once the next one starts, so one muxer for the whole video would hold
+        # back the newest chunk. Closing drains the encoder; a fresh encoder starts with a keyframe. frag_discont
+        # with avoid_negative_ts disabled makes the fragment's decode time the frames' own (not 0), and
+        # fragment_index numbers the fragments on, so the fragments of the separate muxers join into one track.
+        # No B-frames: decode time = presentation time, never before the chunk's start.
+        memory = io.BytesIO()
+        options = {"movflags": "frag_keyframe+empty_moov+default_base_moof+frag_discont+skip_trailer",
+                   "fragment_index": str(self._fragments + 1), "avoid_negative_ts": "disabled"}
+        with self.av.open(memory, "w", format="mp4", options=options) as container:
+            stream = container.add_stream("libx264", rate=self.fps)
+            stream.width, stream.height, stream.pix_fmt = self.width, self.height, "yuv420p"
+            stream.options = {"crf": "17", "bf": "0"}
+            for i, frame in enumerate(array):
+                video_frame = self.av.VideoFrame.from_ndarray(frame, format="rgb24")
+                video_frame.pts = self.frames_written + i  # in 1/fps, the stream's time base
+                container.mux(stream.encode(video_frame))
+            container.mux(stream.encode())  # drain the encoder
+        # Every chunk's muxer writes the same header (same encoder settings, so the same H.264 parameters): the
+        # file takes the first one.
+        keep = {"moof", "mdat"} | ({"ftyp", "moov"} if self._fragments == 0 else set())
+        boxes = _mp4_boxes(memory.getvalue())
+        self._file.write(b"".join(box for kind, box in boxes if kind in keep))
+        self._file.flush()
+        self._fragments += sum(kind == "moof" for kind, _ in boxes)
+        self.frames_written += len(array)
+
+    def close(self):
+        """Close the file (again: nothing). The file is complete after every write; nothing is added here."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> "StreamingMp4Writer":
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 OVERLAY_KEYS = "WASD"

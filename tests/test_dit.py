@@ -300,6 +300,78 @@ def test_from_pretrained_errors(tmp_path):
         DiT.from_pretrained(tmp_path / "transformer", config=cfg)
 
 
+class NotATensor:  # a pickled object of this class must never be rebuilt by the loader
+    pass
+
+
+def test_from_pretrained_streaming_model_pt(tmp_path):
+    """The streaming release's sana_dit/model.pt: a torch pickle in one of the trainers' containers, names with or
+    without `model.`, the official tree's unused pos_embed and null caption; every one loads strictly."""
+    theirs = tiny_sana_wm_transformer()
+    inputs = tiny_dit_inputs()
+    with torch.no_grad():
+        expected = theirs(**inputs)[0]
+    cfg = DiTConfig.from_dict(dict(theirs.config))
+    state = {**theirs.state_dict(), "pos_embed": torch.zeros(1, 72, C), "y_embedder.y_embedding": torch.zeros(5, 32)}
+    prefixed = {"model." + k: v for k, v in state.items()}
+    containers = {"generator": {"generator": prefixed, "step": 3, "denoising_step_list": [1000, 960]},
+                  "model": {"model": state, "step": 3}, "state_dict": {"state_dict": prefixed},
+                  "flat": state, "flat_prefixed": prefixed}
+    for name, container in containers.items():
+        folder = tmp_path / name / "sana_dit"
+        folder.mkdir(parents=True)
+        torch.save(container, folder / "model.pt")
+        for path in (folder, folder / "model.pt"):  # the folder, or the file itself
+            model = DiT.from_pretrained(path, dtype=torch.float32, config=cfg)
+            with torch.no_grad():
+                assert max_abs(model(*ours_args(inputs)), expected) <= MODEL_ATOL, (name, path)
+    # bf16, as the release stores it; a legacy (not zip) pickle loads too, without the memory map.
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"generator": {k: v.bfloat16() for k, v in prefixed.items()}}, legacy,
+               _use_new_zipfile_serialization=False)
+    bf16 = DiT.from_pretrained(legacy, dtype=torch.bfloat16, config=cfg)
+    assert all(p.dtype == torch.bfloat16 for p in bf16.state_dict().values())
+    assert torch.equal(bf16.state_dict()["blocks.0.attn.qkv.weight"], state["blocks.0.attn.qkv.weight"].bfloat16())
+
+
+def test_model_pt_errors(tmp_path):
+    theirs = tiny_sana_wm_transformer()
+    cfg = DiTConfig.from_dict(dict(theirs.config))
+    state = dict(theirs.state_dict())
+
+    code = tmp_path / "code.pt"  # an object weights_only must refuse, beside real tensors
+    torch.save({"generator": {**state, "evil": NotATensor()}}, code)
+    with pytest.raises(ValueError, match=r"code.pt holds more than tensors, so torch.load\(weights_only=True\) "
+                                         r"refused it: Unsupported global: .*NotATensor"):
+        DiT.from_pretrained(code, config=cfg)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match="garbage.pt"):
+        DiT.from_pretrained(garbage, config=cfg)
+
+    cases = {"nested": ({"generator": {"blocks": state}}, r"not tensors: 'blocks' \(dict\)"),
+             "step": ({**state, "step": 3}, r"not tensors: 'step' \(int\)"),
+             "empty": ({}, "got an empty dict"), "list": ([state], "got a list"),
+             "twice": ({**state, "model.final_layer.linear.bias": torch.zeros(1)},
+                       "both 'final_layer.linear.bias' and 'model.final_layer.linear.bias'")}
+    for name, (obj, message) in cases.items():
+        torch.save(obj, tmp_path / f"{name}.pt")
+        with pytest.raises(ValueError, match=f"{name}.pt: expected a dict of name -> tensor.*{message}"
+                           if name != "twice" else message):
+            DiT.from_pretrained(tmp_path / f"{name}.pt", config=cfg)
+
+    state.pop("blocks.1.attn.qkv.weight")
+    torch.save({"generator": {"model." + k: v for k, v in {**state, "blocks.0.attn.extra": torch.zeros(1)}.items()}},
+               tmp_path / "model.pt")
+    with pytest.raises(ValueError) as err:
+        DiT.from_pretrained(tmp_path, config=cfg)
+    message = str(err.value)
+    assert "missing (1): blocks.1.attn.qkv.weight" in message and "unexpected (1): blocks.0.attn.extra" in message
+    (tmp_path / "model.pt").unlink()
+    with pytest.raises(ValueError, match="no .safetensors file or model.pt in"):
+        DiT.from_pretrained(tmp_path, config=cfg)
+
+
 # ---------------------------------------------------------------------------------------------------- memory mode
 
 @pytest.mark.parametrize("name,frames", [("spec", None), ("varied", None), ("varied", 9)])

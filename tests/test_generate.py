@@ -161,6 +161,107 @@ def test_load_release_reads_the_release_layout(models, tmp_path):
 
 
 
+# A chunk-causal teacher config.yaml as the release writes it (abridged): nested mappings, block lists (an empty
+# item is null), a flow list, quoted strings holding quotes, colons and a #.
+TEACHER_YAML = """\
+model:
+  model: SanaMSVideoCamCtrl_1600M_P1_D20
+  image_size: 720
+  fp32_attention: true
+  attn_type: ChunkCausalGDNTriton  # the chunk-causal GDN
+  ffn_type: ChunkGLUMBConvTemp
+  mlp_acts:
+    - silu
+    - silu
+    -
+  mlp_ratio: 3
+  class_dropout_prob: 0.0
+  chunk_size: 3
+  chunk_split_strategy: first_chunk_plus_one
+vae:
+  vae_pretrained: Efficient-Large-Model/SANA-WM_bidirectional
+  vae_stride: [8, 32, 32]
+text_encoder:
+  model_max_length: 300
+  chi_prompt:
+    - 'Given a user prompt, generate an "Enhanced prompt": it''s # not a comment'
+    - 'User Prompt: '
+scheduler:
+  pred_sigma: false
+  flow_shift: 9.95
+  inference_flow_shift: 9.8
+  vis_sampler: chunk_flow_euler
+  weighting_scheme:
+"""
+
+
+def test_read_release_yaml(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(TEACHER_YAML)
+    config = G.read_release_yaml(str(path))
+    assert config["model"] == {
+        "model": "SanaMSVideoCamCtrl_1600M_P1_D20", "image_size": 720, "fp32_attention": True,
+        "attn_type": "ChunkCausalGDNTriton", "ffn_type": "ChunkGLUMBConvTemp", "mlp_acts": ["silu", "silu", None],
+        "mlp_ratio": 3, "class_dropout_prob": 0.0, "chunk_size": 3, "chunk_split_strategy": "first_chunk_plus_one"}
+    assert config["vae"]["vae_stride"] == "[8, 32, 32]"  # a flow list stays its text
+    assert config["text_encoder"]["chi_prompt"] == ['Given a user prompt, generate an "Enhanced prompt": it\'s # '
+                                                    'not a comment', "User Prompt: "]
+    assert config["scheduler"] == {"pred_sigma": False, "flow_shift": 9.95, "inference_flow_shift": 9.8,
+                                   "vis_sampler": "chunk_flow_euler", "weighting_scheme": None}
+    yaml = pytest.importorskip("yaml")  # the same values as PyYAML, flow lists aside
+    official = yaml.safe_load(TEACHER_YAML)
+    official["vae"]["vae_stride"] = "[8, 32, 32]"
+    assert config == official
+
+    for text, line in (("model:\n  a: |\n    text\n", 2), ("a: 1\n\tb: 2\n", 2), ("a:\n  - x\n  b: 1\n", 3),
+                       ("just words\n", 1)):
+        path.write_text(text)
+        with pytest.raises(ValueError, match=f"config.yaml:{line}: "):
+            G.read_release_yaml(str(path))
+
+
+def _release_layouts(root, teacher_yaml=TEACHER_YAML):
+    """Empty stand-ins of the three official release layouts under root (release_kind reads only the layout and
+    the teacher's config.yaml)."""
+    layouts = {"bidirectional": ["dit/diffusion_pytorch_model.safetensors", "vae/config.json", "refiner/",
+                                 "text_encoder/", "config.yaml"],
+               "streaming": ["sana_dit/model.pt", "ltx2_causal_vae/", "refiner_diffusers/transformer/",
+                             "gemma3_12b/"],
+               "chunk_causal": ["dit/sana_wm_chunk_causal_1600m_720p.safetensors", "config.yaml"]}
+    for kind, parts in layouts.items():
+        for part in parts:
+            path = root / kind / part
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not part.endswith("/"):
+                path.write_text(teacher_yaml if kind == "chunk_causal" and part == "config.yaml" else "")
+            else:
+                path.mkdir(exist_ok=True)
+    return {kind: str(root / kind) for kind in layouts}
+
+
+def test_release_kind(tmp_path):
+    folders = _release_layouts(tmp_path)
+    assert {kind: G.release_kind(folder) for kind, folder in folders.items()} == {k: k for k in folders}
+    assert G.chunk_causal_settings(folders["chunk_causal"]) == {"chunk_size": 3, "sampler": "chunk_flow_euler",
+                                                                "flow_shift": 9.8}
+    # The bidirectional release's config.yaml (no chunk size) does not make it the teacher.
+    (tmp_path / "bidirectional" / "config.yaml").write_text("model:\n  model: SanaMSVideoCamCtrl_1600M_P1_D20\n")
+    assert G.release_kind(folders["bidirectional"]) == "bidirectional"
+    with pytest.raises(ValueError, match="folder: .* holds none of the SANA-WM releases; expected .*sana_dit/model.pt"):
+        G.release_kind(str(tmp_path))
+    with pytest.raises(ValueError, match="folder: no such folder"):
+        G.release_kind(str(tmp_path / "nowhere"))
+    bad = _release_layouts(tmp_path / "bad", TEACHER_YAML.replace("chunk_size: 3", "chunk_size: three"))
+    with pytest.raises(ValueError, match="model.chunk_size: expected a positive int, got 'three'"):
+        G.chunk_causal_settings(bad["chunk_causal"])
+    # generate.py runs the bidirectional release; the others are named, before any part is looked for.
+    with pytest.raises(ValueError, match="is the SANA-WM streaming release .*generate.py runs the bidirectional"):
+        G._check_release(folders["streaming"])
+    with pytest.raises(ValueError, match="chunk-causal stage-1 teacher .*chunk size 3, sampler chunk_flow_euler, "
+                                         "flow shift 9.8"):
+        G._check_release(folders["chunk_causal"])
+
+
 def test_mismatched_checkpoint_is_one_error_line(models, tmp_path, capsys):
     """A dit/ whose keys do not match the model: the CLI's error names the key problems on one line."""
     from safetensors.torch import load_file, save_file
@@ -294,6 +395,42 @@ def _read_mp4(path):
     with av.open(str(path)) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
         return frames, container.streams.video[0].average_rate
+
+
+def _smooth_frames(n, start, size=(128, 192)):
+    """n smooth moving gradients (H.264 at crf 17 keeps them within a few levels), frame indices from start."""
+    y, x = np.mgrid[0:size[0], 0:size[1]].astype(np.float32)
+    return np.stack([np.stack([127 + 100 * np.sin(x / 30 + 0.2 * i), 127 + 100 * np.cos(y / 25 - 0.1 * i),
+                               np.full_like(x, 4 * i % 256)], -1) for i in range(start, start + n)]).astype(np.uint8)
+
+
+def test_streaming_mp4_is_playable_while_it_grows(tmp_path):
+    """Each chunk is on disk and decodable once write returns: after 2 of 4 chunks the growing file decodes to
+    those 16 frames; a refused chunk leaves the file as it was; after close all 32 frames decode."""
+    path, chunk = tmp_path / "stream.mp4", 8
+    written = [_smooth_frames(chunk, c * chunk) for c in range(4)]
+    with G.StreamingMp4Writer(str(path), 16, 128, 192) as writer:
+        writer.write(torch.from_numpy(written[0]))  # a tensor, as generate() gives
+        writer.write(written[1])
+        frames, fps = _read_mp4(path)
+        assert len(frames) == 2 * chunk and fps == 16
+        assert np.abs(np.stack(frames).astype(float) - np.concatenate(written[:2])).mean() < 3
+        with pytest.raises(ValueError, match=r"frames: expected \(n >= 1, 128, 192, 3\) uint8, got \(8, 128, 190, 3\)"):
+            writer.write(written[2][:, :, :190])
+        assert len(_read_mp4(path)[0]) == 2 * chunk
+        writer.write(written[2])
+        writer.write(written[3])
+    with pytest.raises(ValueError, match="write: the writer of .* is closed"):
+        writer.write(written[0])
+    frames, _ = _read_mp4(path)
+    assert len(frames) == 4 * chunk
+    difference = np.abs(np.stack(frames).astype(float) - np.concatenate(written)).mean(axis=(1, 2, 3))
+    assert difference.max() < 3, difference
+    import av
+    with av.open(str(path)) as container:  # the fragments of the chunks' muxers join into one timeline
+        assert [frame.time for frame in container.decode(video=0)] == [i / 16 for i in range(4 * chunk)]
+    with pytest.raises(ValueError, match="height, width: expected positive even ints"):
+        G.StreamingMp4Writer(str(tmp_path / "odd.mp4"), 16, 127, 192)
 
 
 @pytest.fixture(scope="module")
