@@ -44,8 +44,7 @@ class DiTConfig:
     chunk_plucker_post_attn_blocks: int = 20  # blocks i < this get plucker_proj (negative: all)
     caption_channels: int = 2304
     mlp_ratio: float = 3.0
-    # Where the official releases differ (their code, not the paper; the defaults are diffusers 0.42.1's, the
-    # bidirectional release's; STREAMING_SWITCHES those of the streaming and chunk-causal releases):
+    # Where the releases' code differs (defaults: diffusers 0.42.1's; OFFICIAL_SWITCHES: NVlabs' own code):
     camera_rms_cap: bool = True             # the camera branch caps q/k/v to their pre-UCPE RMS
     softmax_scale_width: int | None = None  # softmax logits * 1/sqrt(this); None: 1/sqrt(D) main, 1/sqrt(128) camera
     camera_k_halo: bool = True              # streaming: the camera K short conv reads the previous chunk's frames
@@ -299,17 +298,17 @@ class DiT(nn.Module):
         return load_pretrained(cls, path, dtype, device, config)
 
 
+# ================================================================================================================
+# Machinery below this line: text cropping, input checks, loading, and the memory mode's driver. The model above is
+# complete without it.
+# ================================================================================================================
+
 # The switches as the official releases' own code runs them (NVlabs/Sana): no camera RMS cap (its fused camera
 # preparation returns the UCPE output as it is; the cap survives only in diffusers' port), softmax logits at 1/sqrt(D)
 # with D = 112 in both branches (its current code; the streaming release's first code padded to 128), the camera K
 # conv reading the previous chunk. The bidirectional release keeps DiTConfig's defaults, diffusers 0.42.1's.
 OFFICIAL_SWITCHES = dict(camera_rms_cap=False, softmax_scale_width=112, camera_k_halo=True)
 
-
-# ================================================================================================================
-# Machinery below this line: text cropping, input checks, loading, and the memory mode's driver. The model above is
-# complete without it.
-# ================================================================================================================
 
 # Keys of the official config.json whose only supported value is the release's, and keys with no effect.
 CONFIG_FIXED = {"patch_size": [1, 1, 1], "ffn_type": "GLUMBConvTemp", "k_conv_only": True, "pos_embed_type": "wan_rope",

@@ -17,6 +17,7 @@ folder `text_encoder/` (config.json + *.safetensors) with its tokenizer files ei
 tokenizer/). With `refiner/` present the refiner runs unless `--no_refiner` is given.
 """
 import argparse
+import dataclasses
 import gc
 import hashlib
 import io
@@ -37,11 +38,12 @@ from tqdm import tqdm
 
 import camera
 import fast
-from dit import (CHI_PROMPT, RELEASE_LAYOUT, DiT, DiTConfig, StreamCache, check_model_folder, encode_negative_prompt,
-                 encode_prompt, forward_chunk, load_gemma2, require_transformers, text_encoder_folder,
-                 tokenizer_folder)
+from attention import chunk_starts
+from dit import (CHI_PROMPT, OFFICIAL_SWITCHES, RELEASE_LAYOUT, DiT, DiTConfig, StreamCache, check_model_folder,
+                 encode_negative_prompt, encode_prompt, forward_chunk, load_gemma2, require_transformers,
+                 text_encoder_folder, tokenizer_folder)
 from refiner import ConnectorsConfig, PromptEncoder, Refiner, RefinerConfig, TextConnectors, refine
-from vae import VAE, VAEConfig
+from vae import VAE, CausalDecodeStream, VAEConfig
 
 HEIGHT, WIDTH = 704, 1280  # the release was trained at this one resolution
 DEFAULT_FOV_DEG = 60.0  # horizontal field of view assumed when no intrinsics are given
@@ -127,13 +129,14 @@ def chunk_offsets(num_chunks: int, steps: int, interval_k: float | None = None) 
 
 @torch.no_grad()
 def chunk_flow_euler(dit, x, sigmas, text, text_mask, raymap, plucker, guidance_scale=5.0, negative_text=None,
-                     negative_mask=None, chunks=(0,), interval_k=None) -> torch.Tensor:
+                     negative_mask=None, chunks=(0,), interval_k=None, part_frames=None) -> torch.Tensor:
     """The chunk-causal teacher's sampler: chunk i starts denoising at global step offsets[i] (chunk_offsets) and
     then runs the len(sigmas) - 1 levels of the schedule; every global step re-runs the DiT over the prefix of
     started chunks (finished ones at level 0), chunk-causal over `chunks` (their first frames), with CFG."""
     T, S = x.shape[2], len(sigmas) - 1
     if len(chunks) <= 1:
-        return sample(dit, x, sigmas, text, text_mask, raymap, plucker, guidance_scale, negative_text, negative_mask)
+        return sample(dit, x, sigmas, text, text_mask, raymap, plucker, guidance_scale, negative_text, negative_mask,
+                      part_frames)
     offsets = chunk_offsets(len(chunks), S, interval_k)
     ends = list(chunks[1:]) + [T]
     padded = torch.cat([sigmas, torch.zeros(1)])            # a finished chunk stays at level 0
@@ -147,11 +150,12 @@ def chunk_flow_euler(dit, x, sigmas, text, text_mask, raymap, plucker, guidance_
         sigma[0] = sigma_next[0] = 0                        # the image frame
         t = (sigma * 1000)[None]
         v = guided_velocity(dit, x[:, :, :end], t, text, text_mask, raymap[:, :end], plucker[:, :, :end],
-                            guidance_scale, negative_text, negative_mask, chunk_size=tuple(chunks[:len(active)]))
+                            guidance_scale, negative_text, negative_mask, part_frames, tuple(chunks[:len(active)]))
         x[:, :, :end] = _euler(x[:, :, :end], v, t[0] / 1000, sigma_next)
     return x
 
 
+SAMPLERS = ("flow_euler", "chunk_flow_euler")
 STREAM_SIGMAS = (1.0, 0.96, 0.889, 0.727)  # the streaming model's 4 levels (its steps 1000, 960, 889, 727), verbatim
 
 
@@ -319,6 +323,22 @@ def check_inputs(prompt: str, action: str | None, c2w, translation_speed: float 
     return c2w
 
 
+def _first_frame_and_camera(pil, c2w, intrinsics, num_frames, height, width, stride, device, dtype):
+    """The first frame as the VAE takes it and the DiT's camera inputs: the trajectory snapped to stride*k + 1
+    frames (at most its length), intrinsics per frame (None: a 60 deg horizontal field of view), the image resized
+    and centre-cropped to height x width in [-1, 1] with the intrinsics moved onto the crop (which also refuses a
+    field of view outside [25, 120] deg). Returns (pixels, c2w, intrinsics, raymap, plucker)."""
+    if intrinsics is None:
+        fx = pil.width / (2 * math.tan(math.radians(DEFAULT_FOV_DEG) / 2))
+        intrinsics = [fx, fx, pil.width / 2, pil.height / 2]
+        print(f"warning: no --intrinsics given; assuming a {DEFAULT_FOV_DEG:g} deg horizontal field of view "
+              f"(fx = fy = {fx:.1f}, principal point at the image centre)", file=sys.stderr)
+    c2w, intrinsics = camera.prepare_trajectory(c2w, intrinsics, min(num_frames, len(c2w)), stride)
+    pixels, intrinsics = camera.preprocess_image(pil, intrinsics, height=height, width=width)
+    raymap, plucker = camera.prepare_camera(c2w, intrinsics, size=(height, width))
+    return pixels, c2w, intrinsics, raymap[None].to(device, dtype), plucker[None].to(device, dtype)
+
+
 @torch.no_grad()
 def generate(dit, vae, tokenizer, text_encoder, image, prompt: str, *, refiner: Stage2 | None = None,
              action: str | None = None, c2w: np.ndarray | None = None, intrinsics=None,
@@ -327,7 +347,8 @@ def generate(dit, vae, tokenizer, text_encoder, image, prompt: str, *, refiner: 
              flow_shift: float | None = None, negative_prompt: str = "", seed: int = 0, fps: float = 16,
              height: int = HEIGHT, width: int = WIDTH, device="cpu", offload: bool = False,
              offload_vae: bool = False, offload_refiner: bool = False, part_frames: int | None = None,
-             decode: bool = True, decode_stage1: bool = False) -> Result:
+             decode: bool = True, decode_stage1: bool = False, sampler: str = "flow_euler",
+             chunk_interval_k: float | None = None) -> Result:
     """First frame `image` (PIL image or path) + `prompt` + camera (`action` string or `c2w` (F, 4, 4)) -> video.
     The action string is rolled out under action_scheme ("v2" the official DSL, "legacy" diffusers 0.42.1's; see
     camera.action_to_c2w), with that scheme's speeds where translation_speed / rotation_speed_deg are None.
@@ -346,7 +367,12 @@ def generate(dit, vae, tokenizer, text_encoder, image, prompt: str, *, refiner: 
     they stay, so the GPU holds only stage 2 and, without offload, the VAE; offload_refiner=True moves the VAE
     off too, so that stage 2 has the GPU to itself. decode_stage1: also decode the stage-1 latents, before the
     refiner touched them (Result.stage1_frames, all num_frames frames; needs `refiner`).
+
+    sampler: "flow_euler" (the bidirectional release) or "chunk_flow_euler" (the chunk-causal teacher: its chunks
+    attention.chunk_starts, each starting chunk_interval_k of the steps after the one before, default 1/chunks).
     """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler: expected one of {SAMPLERS}, got {sampler!r}")
     c2w = check_inputs(prompt, action, c2w, translation_speed, rotation_speed_deg, steps, num_frames, fps,
                        action_scheme, guidance_scale=guidance_scale, flow_shift=flow_shift, seed=seed)
     if decode_stage1 and (refiner is None or not decode):
@@ -357,22 +383,10 @@ def generate(dit, vae, tokenizer, text_encoder, image, prompt: str, *, refiner: 
         fast.accelerate(dit)  # the CUDA kernels and compiled blocks (fast.py); the same model, the same weights
     memory = _PeakMemory(device)
 
-    # Camera trajectory: snapped to 8k + 1 frames (>= 9: both counts were checked), at most the
-    # trajectory's length; the intrinsics per frame.
-    if intrinsics is None:
-        fx = pil.width / (2 * math.tan(math.radians(DEFAULT_FOV_DEG) / 2))
-        intrinsics = [fx, fx, pil.width / 2, pil.height / 2]
-        print(f"warning: no --intrinsics given; assuming a {DEFAULT_FOV_DEG:g} deg horizontal field of view "
-              f"(fx = fy = {fx:.1f}, principal point at the image centre)", file=sys.stderr)
-    c2w, intrinsics = camera.prepare_trajectory(c2w, intrinsics, min(num_frames, len(c2w)))
-    num_frames = len(c2w)
-
-    # First frame: resize + centre crop to H x W in [-1, 1], intrinsics moved onto the crop; this
-    # also refuses a field of view outside [25, 120] deg on the input image.
-    pixels, intrinsics = camera.preprocess_image(pil, intrinsics, height=height, width=width)
-    raymap, plucker = camera.prepare_camera(c2w, intrinsics, size=(height, width))
     dtype = dit.dtype
-    raymap, plucker = raymap[None].to(device, dtype), plucker[None].to(device, dtype)
+    pixels, c2w, intrinsics, raymap, plucker = _first_frame_and_camera(pil, c2w, intrinsics, num_frames, height,
+                                                                       width, 8, device, dtype)
+    num_frames = len(c2w)
 
     with _on(text_encoder, device, offload):
         text, text_mask = encode_prompt(tokenizer, text_encoder, prompt)
@@ -393,9 +407,13 @@ def generate(dit, vae, tokenizer, text_encoder, image, prompt: str, *, refiner: 
 
     with _on(dit, device, offload):
         start = time.perf_counter()
-        sigmas = schedule(steps, FLOW_SHIFT if flow_shift is None else flow_shift)
-        x = sample(dit, x, sigmas.to(device), text, text_mask, raymap, plucker, guidance_scale, negative_text,
-                   negative_mask, part_frames)
+        sigmas = schedule(steps, FLOW_SHIFT if flow_shift is None else flow_shift).to(device)
+        if sampler == "chunk_flow_euler":
+            x = chunk_flow_euler(dit, x, sigmas, text, text_mask, raymap, plucker, guidance_scale, negative_text,
+                                 negative_mask, chunk_starts(T), chunk_interval_k, part_frames)
+        else:
+            x = sample(dit, x, sigmas, text, text_mask, raymap, plucker, guidance_scale, negative_text,
+                       negative_mask, part_frames)
         seconds_per_step = _seconds_since(start, device) / steps
     memory.end("stage 1")
 
@@ -440,6 +458,69 @@ def generate(dit, vae, tokenizer, text_encoder, image, prompt: str, *, refiner: 
         memory.end("decode")
     return Result(x, frames, c2w, intrinsics, seconds_per_step, refine_seconds, decode_seconds, memory.gib,
                   stage1_frames)
+
+
+STREAM_SEED = 42  # the streaming release's default seed
+
+
+@dataclass
+class StreamResult:
+    """What generate_stream made: the latents, the camera of the written frames, the count, the seconds."""
+    latents: torch.Tensor
+    c2w: np.ndarray
+    frames: int
+    seconds: float
+    first_frame_seconds: float
+
+
+@torch.no_grad()
+def generate_stream(dit, vae, tokenizer, text_encoder, image, prompt: str, write: Callable[[torch.Tensor], None], *,
+                    action: str | None = None, c2w: np.ndarray | None = None, intrinsics=None,
+                    translation_speed: float | None = None, rotation_speed_deg: float | None = None,
+                    action_scheme: str = "v2", num_frames: int = 241, seed: int = STREAM_SEED, fps: float = 16,
+                    height: int = HEIGHT, width: int = WIDTH, device="cpu", window: int = 2,
+                    sink: bool = True) -> StreamResult:
+    """The streaming release's stage 1: the video made chunk by chunk (stream_sample: 4 distilled steps per chunk
+    of 3 latent frames, caches instead of recomputation) and decoded as it comes by the causal VAE
+    (vae.CausalDecodeStream, one latent frame at a time); each decoded chunk goes to write((n, H, W, 3) uint8 on
+    the CPU) at once: 24 frames a chunk (the first chunk's decoded image frame is dropped), 8 (T - 1) in all.
+
+    dit: the streaming DiT (dit.OFFICIAL_SWITCHES); vae: a causal decoder (decoder_causal=True). num_frames is
+    snapped to 24k + 1 (whole chunks of 3 latent frames after the image frame). The camera of the written frames
+    is c2w[1:]. A progress line per chunk says how much video is made and the real-time factor so far.
+    """
+    c2w = check_inputs(prompt, action, c2w, translation_speed, rotation_speed_deg, len(STREAM_SIGMAS), num_frames,
+                       fps, action_scheme, guidance_scale=1.0, seed=seed)
+    pil = _load_image(image)
+    if torch.device(device).type == "cuda":
+        fast.accelerate(dit)
+    dtype, vae_dtype = dit.dtype, next(vae.parameters()).dtype
+    decoder = CausalDecodeStream(vae)  # refuses a VAE without a causal decoder, before any work
+    pixels, c2w, intrinsics, raymap, plucker = _first_frame_and_camera(pil, c2w, intrinsics, num_frames, height,
+                                                                       width, 24, device, dtype)
+    if len(c2w) < 25:
+        raise ValueError(f"num_frames: streaming needs at least 25 frames (24k + 1), the camera gives {len(c2w)}")
+    text, text_mask = encode_prompt(tokenizer, text_encoder, prompt)
+    text, text_mask = text.to(device, dtype), text_mask.to(device)
+    # The image latent: the causal encoder on the one frame, untiled (as the official streaming pipeline).
+    image_latent = vae.normalize(vae.encode(pixels[:, :, None].to(device, vae_dtype), tiling=None)).to(dtype)
+    T, h, w = (len(c2w) - 1) // 8 + 1, height // 32, width // 32
+    x = torch.randn((1, image_latent.shape[1], T, h, w), generator=torch.Generator().manual_seed(seed),
+                    dtype=dtype).to(device)  # drawn once, on the CPU: the same video on any device
+    x[:, :, :1] = image_latent
+    latents, written, first_frame = [], 0, None
+    start = time.perf_counter()
+    for s, e, z in stream_sample(dit, x, text, text_mask, raymap, plucker, window=window, sink=sink):
+        video = decoder.decode(vae.denormalize(z.to(vae_dtype)))
+        frames = ((video[0].float() + 1) * 127.5).clamp(0, 255).round().to(torch.uint8).permute(1, 2, 3, 0).cpu()
+        write(frames[1:] if s == 0 else frames)
+        written += len(frames) - (s == 0)
+        latents.append(z)
+        seconds = _seconds_since(start, device)
+        first_frame = seconds if first_frame is None else first_frame
+        print(f"chunk {len(latents)}: {written / fps:.1f} s of video in {seconds:.1f} s, "
+              f"{written / fps / seconds:.2f}x real time", file=sys.stderr)
+    return StreamResult(torch.cat(latents, 2), c2w[1:], written, _seconds_since(start, device), first_frame)
 
 
 def _decode(vae, latents, vae_dtype) -> torch.Tensor:
@@ -570,11 +651,11 @@ def release_kind(folder: str) -> str:
     return kind
 
 
-def chunk_causal_settings(folder: str) -> dict:
-    """The chunk-causal teacher's sampling settings from its config.yaml: {"chunk_size": latent frames per chunk
-    (model.chunk_size), "sampler": scheduler.vis_sampler (the release: chunk_flow_euler), "flow_shift":
-    scheduler.inference_flow_shift}, each checked."""
-    path = os.path.join(folder, "config.yaml")
+def chunk_causal_settings(path: str) -> dict:
+    """The chunk-causal teacher's sampling settings from its config.yaml (a file, or the release folder holding it):
+    {"chunk_size": latent frames per chunk (model.chunk_size), "sampler": scheduler.vis_sampler (the release:
+    chunk_flow_euler), "flow_shift": scheduler.inference_flow_shift}, each checked."""
+    path = os.path.join(path, "config.yaml") if os.path.isdir(path) else path
     config = read_release_yaml(path)
     model, scheduler = config.get("model"), config.get("scheduler")
     chunk_size = model.get("chunk_size") if isinstance(model, dict) else None
@@ -589,9 +670,9 @@ def chunk_causal_settings(folder: str) -> dict:
     return {"chunk_size": chunk_size, "sampler": sampler, "flow_shift": float(shift)}
 
 
-def _check_release(weights: str, text_encoder: str | None = None):
+def _check_release(weights: str, text_encoder: str | None = None, dit_path: str | None = None):
     """Fail before loading anything if --weights is another release or a part of stage 1 is missing, naming it and
-    the flag that gives it."""
+    the flag that gives it (dit/ not needed with --model_path)."""
     if not os.path.isdir(weights):
         raise FileNotFoundError(f"--weights: no such folder {weights!r}")
     kind = _release_kind(weights)
@@ -604,7 +685,7 @@ def _check_release(weights: str, text_encoder: str | None = None):
                        f"{settings['flow_shift']:g}")
         raise ValueError(f"--weights: {weights} is {name} ({layout}{details}); generate.py runs the bidirectional "
                          f"release ({RELEASE_LAYOUT})")
-    for part in ("dit", "vae"):  # either may hold a single native .safetensors without config.json
+    for part in ("vae",) if dit_path else ("dit", "vae"):  # either may hold one native .safetensors, no config
         if not os.path.isdir(os.path.join(weights, part)):
             raise FileNotFoundError(f"--weights: {os.path.join(weights, part)}/ is missing (the release layout is "
                                     f"{RELEASE_LAYOUT})")
@@ -613,15 +694,39 @@ def _check_release(weights: str, text_encoder: str | None = None):
     tokenizer_folder(text_dir, flag)
 
 
-def load_release(weights: str, dtype: torch.dtype, device, text_encoder: str | None = None, vae_device=None):
+def load_release(weights: str, dtype: torch.dtype, device, text_encoder: str | None = None, vae_device=None,
+                 dit_path: str | None = None, official: bool = False):
     """Stage 1's (dit, vae, tokenizer, text_encoder) from the release folder, each loaded onto `device` (the VAE
     onto `vae_device` when given). text_encoder: Gemma-2-2b-it's folder (transformers layout, tokenizer files
-    inside it or in a sibling tokenizer/), default <weights>/text_encoder: the release does not bundle it."""
-    _check_release(weights, text_encoder)
+    inside it or in a sibling tokenizer/), default <weights>/text_encoder: the release does not bundle it.
+    dit_path: the DiT to load instead of <weights>/dit (the chunk-causal teacher's file), with official=True built
+    with dit.OFFICIAL_SWITCHES (a file without config.json)."""
+    _check_release(weights, text_encoder, dit_path)
     tokenizer, gemma = load_gemma2(weights, dtype, device, text_encoder)
-    dit = DiT.from_pretrained(os.path.join(weights, "dit"), dtype=dtype, device=device).eval()
+    config = DiTConfig(**OFFICIAL_SWITCHES) if official else None
+    dit = DiT.from_pretrained(dit_path or os.path.join(weights, "dit"), dtype=dtype, device=device,
+                              config=config).eval()
     vae = VAE.from_pretrained(os.path.join(weights, "vae"), dtype=dtype,
                               device=device if vae_device is None else vae_device).eval()
+    return dit, vae, tokenizer, gemma
+
+
+def load_streaming_release(weights: str, dtype: torch.dtype, device, text_encoder: str | None = None):
+    """The streaming release's stage 1 (dit, vae, tokenizer, text_encoder): sana_dit/model.pt built with
+    dit.OFFICIAL_SWITCHES, the causal VAE ltx2_causal_vae/, and Gemma-2-2b-it (--text_encoder: the release does
+    not bundle it either). Everything is checked before anything loads."""
+    if _release_kind(weights) != "streaming":
+        raise ValueError(f"--weights: {weights} is not the streaming release ({RELEASES['streaming'][1]})")
+    check_model_folder(os.path.join(weights, "ltx2_causal_vae"), "the causal LTX-2 VAE")
+    text_dir, flag = text_encoder_folder(weights, text_encoder)
+    check_model_folder(text_dir, "Gemma-2-2b-it", flag)
+    tokenizer_folder(text_dir, flag)
+    tokenizer, gemma = load_gemma2(weights, dtype, device, text_encoder)
+    dit = DiT.from_pretrained(os.path.join(weights, "sana_dit"), dtype=dtype, device=device,
+                              config=DiTConfig(**OFFICIAL_SWITCHES)).eval()
+    vae = VAE.from_pretrained(os.path.join(weights, "ltx2_causal_vae"), dtype=dtype, device=device).eval()
+    if not vae.cfg.decoder_causal:
+        raise ValueError(f"--weights: {weights}/ltx2_causal_vae/config.json has no causal decoder")
     return dit, vae, tokenizer, gemma
 
 
@@ -692,10 +797,14 @@ DEMO_CONNECTORS = ConnectorsConfig(caption_channels=16, text_proj_in_factor=3, v
                                    audio_connector_attention_head_dim=8)
 
 
-def demo_models(seed: int = 0):
-    """(dit, vae, tokenizer, text_encoder): tiny models with random weights (PyTorch's default init), fp32."""
+def demo_models(seed: int = 0, official: bool = False, causal_vae: bool = False):
+    """(dit, vae, tokenizer, text_encoder): tiny models with random weights (PyTorch's default init), fp32; with
+    official, the DiT has dit.OFFICIAL_SWITCHES (the chunk-causal and streaming releases'), with causal_vae the VAE
+    a causal decoder (the streaming release's)."""
     torch.manual_seed(seed)
-    dit, vae = DiT(DEMO_DIT).eval(), VAE(DEMO_VAE).eval()
+    dit_cfg = dataclasses.replace(DEMO_DIT, **OFFICIAL_SWITCHES) if official else DEMO_DIT
+    dit = DiT(dit_cfg).eval()
+    vae = VAE(dataclasses.replace(DEMO_VAE, decoder_causal=causal_vae)).eval()
     tokenizer, text_encoder = demo_text_encoder(seed, hidden_size=DEMO_DIT.caption_channels)
     return dit, vae, tokenizer, text_encoder
 
@@ -1123,8 +1232,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="degrees per frame for i/k and the turn keys (default: v2 0.6, legacy 1.2)")
     p.add_argument("--no_action_overlay", action="store_true",
                    help="with --action, leave out the W/A/S/D keys and joystick drawn over the video")
-    p.add_argument("--num_frames", type=int, default=161,
-                   help="snapped to 8k+1, at most the trajectory's length; the refiner drops the first frame (160)")
+    p.add_argument("--num_frames", type=int, default=None,
+                   help="snapped to 8k+1 (24k+1 with --stream), at most the trajectory's length; the refiner drops "
+                        "the first frame; when not given, 161 (241 with --stream)")
     p.add_argument("--steps", "--step", type=int, default=60, help="denoising steps of stage 1, in [1, 1000]")
     p.add_argument("--guidance_scale", "--cfg_scale", type=_finite_float, default=5.0,
                    help="classifier-free guidance scale, >= 1 (1 = no guidance)")
@@ -1132,9 +1242,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"the sampler's noise-level shift, > 0; when not given, the release's {FLOW_SHIFT}")
     p.add_argument("--negative_prompt", default="",
                    help="text for the unconditional half of guidance (default: %(default)r)")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=int, default=None,
                    help="stage 1's noise, in [0, 2^63) (the refiner draws from its own fixed seed 42, as the "
-                        "reference does)")
+                        "reference does); when not given, 0 (42 with --stream, as the streaming release)")
     p.add_argument("--fps", type=int, default=16, help="frame rate of the mp4 and of the refiner's time axis")
     p.add_argument("--output_dir", default="outputs",
                    help="where <image stem>_<hash>_seed<seed>.mp4 and its camera path <...>_c2w.npy are written "
@@ -1171,7 +1281,25 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"after the other (slower; a 961-frame step fits a 12 GiB GPU, BENCHMARKS.md)")
     p.add_argument("--demo", action="store_true",
                    help="tiny RANDOM-weight models on the CPU: checks the plumbing, the video is noise")
-    return p.parse_args(argv)
+    p.add_argument("--stream", action="store_true",
+                   help="the streaming release's stage 1: chunks of 3 latent frames, 4 distilled steps each, decoded "
+                        "by the causal VAE into an mp4 (<name>_streaming.mp4) that plays while it grows; automatic "
+                        "when --weights is the streaming release (sana_dit/, ltx2_causal_vae/)")
+    p.add_argument("--model_path", help="the stage-1 DiT file or folder to use instead of <weights>/dit, e.g. the "
+                                        "chunk-causal teacher's dit/sana_wm_chunk_causal_1600m_720p.safetensors")
+    p.add_argument("--config", help="the release's config.yaml beside --model_path (the chunk-causal teacher's "
+                                    "selects chunk_flow_euler, its chunk size and flow shift)")
+    p.add_argument("--sampling_algo", choices=("auto",) + SAMPLERS, default="auto",
+                   help="stage 1's sampler; auto: chunk_flow_euler for a chunk-causal --config, else flow_euler")
+    p.add_argument("--chunk_interval_k", type=_finite_float, default=None,
+                   help="chunk_flow_euler: each chunk starts this fraction of the steps after the one before; when "
+                        "not given, 1 / the number of chunks")
+    args = p.parse_args(argv)
+    streaming = args.stream or (args.weights is not None and _release_kind(args.weights) == "streaming")
+    args.stream = streaming
+    args.num_frames = args.num_frames if args.num_frames is not None else (241 if streaming else 161)
+    args.seed = args.seed if args.seed is not None else (STREAM_SEED if streaming else 0)
+    return args
 
 
 @contextmanager
@@ -1198,10 +1326,11 @@ def run(args: argparse.Namespace) -> str:
         for flag in ("weights", "text_encoder", "refiner_root"):
             if getattr(args, flag) is not None:
                 raise ValueError(f"--demo builds its own random models: drop --{flag}")
-        print("DEMO: tiny models with RANDOM weights on the CPU (stage 1" + ("" if args.no_refiner else " + refiner")
-              + "). The video is noise; this only proves the plumbing.")
+        stages = "streaming stage 1" if args.stream else "stage 1" + ("" if args.no_refiner else " + refiner")
+        print(f"DEMO: tiny models with RANDOM weights on the CPU ({stages}). The video is noise; this only proves "
+              f"the plumbing.")
         if args.action is None and args.camera is None:
-            args.action = "w-8,d-8"
+            args.action = "w-48,d-48" if args.stream else "w-8,d-8"  # streaming: 4 chunks of 24 frames
     else:
         for flag in ("weights", "image", "prompt"):
             if getattr(args, flag) is None:
@@ -1210,6 +1339,24 @@ def run(args: argparse.Namespace) -> str:
             raise ValueError("give exactly one of --action (e.g. 'w-80,dw-40,w-40') or --camera (a c2w .npy)")
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {args.device}: no CUDA device here; use --device cpu")
+    if args.stream:
+        for flag in ("save_stage1", "low_memory", "model_path", "config"):
+            if getattr(args, flag):
+                raise ValueError(f"--{flag}: not with --stream (the streaming release's stage 1)")
+        if args.num_frames < 25:
+            raise ValueError(f"--num_frames: streaming makes 24k + 1 frames, at least 25; got {args.num_frames}")
+    sampler, flow_shift = args.sampling_algo, args.flow_shift
+    if args.config is not None:
+        settings = chunk_causal_settings(args.config)
+        if settings["chunk_size"] != 3:
+            raise ValueError(f"--config: chunk size {settings['chunk_size']}; the releases use 3")
+        sampler = settings["sampler"] if sampler == "auto" else sampler
+        flow_shift = settings["flow_shift"] if flow_shift is None else flow_shift
+    sampler = "flow_euler" if sampler == "auto" else sampler
+    if sampler not in SAMPLERS:
+        raise ValueError(f"--config: scheduler.vis_sampler {sampler!r}; expected one of {SAMPLERS}")
+    if args.model_path is not None and not os.path.exists(args.model_path):
+        raise ValueError(f"--model_path: no such file or folder {args.model_path!r}")
     image = _load_image(args.image) if args.image is not None else demo_image()
     prompt = _read_prompt(args.prompt) if args.prompt is not None else DEMO_PROMPT
     c2w = check_inputs(prompt, args.action, _read_camera(args.camera) if args.camera is not None else None,
@@ -1229,17 +1376,21 @@ def run(args: argparse.Namespace) -> str:
                weights=None if args.demo else os.path.realpath(args.weights),
                text_encoder=args.text_encoder and os.path.realpath(args.text_encoder),
                dtype=None if args.demo else args.dtype,
-               overlay=args.action is not None and not args.no_action_overlay)
+               overlay=args.action is not None and not args.no_action_overlay, stream=args.stream,
+               model_path=args.model_path and os.path.realpath(args.model_path), sampler=sampler,
+               chunk_interval_k=args.chunk_interval_k)
     stem = "demo" if args.image is None else os.path.splitext(os.path.basename(args.image))[0]
-    path = os.path.join(args.output_dir, output_stem(stem, args.seed, key) + ".mp4")
+    path = os.path.join(args.output_dir, output_stem(stem, args.seed, key) + ("_streaming" * args.stream) + ".mp4")
     paths = [path, path[:-4] + "_c2w.npy"] + [path[:-4] + "_stage1.mp4"] * args.save_stage1
     taken = [p for p in paths if os.path.exists(p)]
     if taken and not args.overwrite:
         raise ValueError(f"--output_dir: {taken[0]} exists (the same inputs were run before); give --overwrite to "
                          f"replace it")
 
+    if args.stream:
+        return _run_stream(args, image, prompt, c2w, intrinsics, path, paths[1])
     if args.demo:
-        dit, vae, tokenizer, text_encoder = demo_models()
+        dit, vae, tokenizer, text_encoder = demo_models(official=sampler == "chunk_flow_euler")
         stage2 = None if args.no_refiner else demo_refiner()
         device, size = "cpu", {"height": DEMO_SIZE[0], "width": DEMO_SIZE[1]}
     else:
@@ -1254,17 +1405,19 @@ def run(args: argparse.Namespace) -> str:
         models_device = "cpu" if args.offload else device  # generate() moves each onto the device when it runs
         dit, vae, tokenizer, text_encoder = load_release(
             args.weights, dtype, models_device, args.text_encoder,
-            vae_device="cpu" if args.offload_vae else models_device)
+            vae_device="cpu" if args.offload_vae else models_device, dit_path=args.model_path,
+            official=sampler == "chunk_flow_euler")
 
     with _threads(1 if args.demo else torch.get_num_threads()):
         result = generate(dit, vae, tokenizer, text_encoder, image, prompt, refiner=stage2, c2w=c2w,
                           intrinsics=intrinsics, num_frames=args.num_frames, steps=args.steps,
-                          guidance_scale=args.guidance_scale, flow_shift=args.flow_shift,
+                          guidance_scale=args.guidance_scale, flow_shift=flow_shift,
                           negative_prompt=args.negative_prompt, seed=args.seed, fps=args.fps, device=device,
                           offload=args.offload and not args.demo, offload_vae=args.offload_vae and not args.demo,
                           offload_refiner=args.offload_refiner and not args.demo,
                           part_frames=LOW_MEMORY_PART_FRAMES if args.low_memory else None,
-                          decode_stage1=args.save_stage1, **size)
+                          decode_stage1=args.save_stage1, sampler=sampler, chunk_interval_k=args.chunk_interval_k,
+                          **size)
 
     overlay = args.action is not None and not args.no_action_overlay
     video = draw_action_overlay(result.frames, result.c2w) if overlay else result.frames
@@ -1289,6 +1442,29 @@ def run(args: argparse.Namespace) -> str:
           f"decode {result.decode_seconds:.1f} s, peak GPU memory {memory}"
           + (" [DEMO: random weights]" if args.demo else "")
           + (f"; stage 1: {paths[2]}" if args.save_stage1 else ""))
+    return path
+
+
+def _run_stream(args, image, prompt, c2w, intrinsics, path, camera_path) -> str:
+    """run() for --stream: the streaming release's stage 1 written into the mp4 as it is made."""
+    print("streaming: stage 1 and the causal decoder (the streaming refiner is not run yet)")
+    if args.demo:
+        dit, vae, tokenizer, text_encoder = demo_models(official=True, causal_vae=True)
+        device, size = "cpu", {"height": DEMO_SIZE[0], "width": DEMO_SIZE[1]}
+    else:
+        device, size, dtype = args.device, {}, DTYPES[args.dtype]
+        dit, vae, tokenizer, text_encoder = load_streaming_release(args.weights, dtype, device, args.text_encoder)
+    height, width = size.get("height", HEIGHT), size.get("width", WIDTH)
+    os.makedirs(args.output_dir, exist_ok=True)  # the mp4 grows under its own name: a viewer can open it at once
+    with _threads(1 if args.demo else torch.get_num_threads()), StreamingMp4Writer(path, args.fps, height,
+                                                                                    width) as writer:
+        result = generate_stream(dit, vae, tokenizer, text_encoder, image, prompt, writer.write, c2w=c2w,
+                                 intrinsics=intrinsics, num_frames=args.num_frames, seed=args.seed, fps=args.fps,
+                                 device=device, **size)
+    _write_outputs({camera_path: _save_npy(result.c2w)})
+    print(f"{path}: {result.frames} frames, {width}x{height} at {args.fps} fps, "
+          f"{result.frames / args.fps / result.seconds:.2f}x real time, first frames after "
+          f"{result.first_frame_seconds:.1f} s" + (" [DEMO: random weights]" if args.demo else ""))
     return path
 
 

@@ -916,3 +916,53 @@ def test_chunk_flow_euler(monkeypatch):
     assert not torch.allclose(out[:, :, 4:], x[:, :, 4:])
     whole = G.chunk_flow_euler(dit, x.clone(), sigmas, text, mask, raymap, plucker, guidance_scale=1.0, chunks=(0,))
     assert torch.equal(whole, G.sample(dit, x.clone(), sigmas, text, mask, raymap, plucker, guidance_scale=1.0))
+
+
+def test_demo_stream_mp4_plays_while_it_grows(tmp_path, monkeypatch, capsys):
+    """--demo --stream: 4 chunks of 24 frames; after the second chunk the mp4 on disk already decodes to its 48
+    frames while the stream goes on; at the end 96 frames and the camera of the written frames."""
+    import av
+
+    seen = []
+    write = G.StreamingMp4Writer.write
+
+    def watching(self, frames):
+        write(self, frames)
+        if self.frames_written == 48:  # after chunk 2 of 4: read back what is on disk now
+            with av.open(self.path) as container:
+                seen.append(sum(1 for _ in container.decode(video=0)))
+    monkeypatch.setattr(G.StreamingMp4Writer, "write", watching)
+    assert G.main(["--demo", "--stream", "--output_dir", str(tmp_path)]) == 0
+    out = capsys.readouterr()
+    assert seen == [48] and "chunk 4: 6.0 s of video" in out.err
+    (mp4,) = tmp_path.glob("*_streaming.mp4")
+    with av.open(str(mp4)) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 96
+    assert np.load(str(mp4)[:-4] + "_c2w.npy").shape == (96, 4, 4)
+
+
+@pytest.mark.parametrize("argv,flag", [(["--save_stage1"], "--save_stage1"), (["--low_memory"], "--low_memory"),
+                                       (["--num_frames", "17"], "--num_frames")])
+def test_stream_refuses_flags(tmp_path, capsys, argv, flag):
+    assert G.main(["--demo", "--stream", "--output_dir", str(tmp_path / "out")] + argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and flag in err[0] and not (tmp_path / "out").exists()
+
+
+def test_demo_chunk_causal_teacher(tmp_path):
+    """--sampling_algo chunk_flow_euler (the chunk-causal teacher's sampler) runs end to end on the demo."""
+    assert G.main(["--demo", "--no_refiner", "--steps", "2", "--sampling_algo", "chunk_flow_euler", "--action",
+                   "w-24", "--output_dir", str(tmp_path)]) == 0
+    assert len(list(tmp_path.glob("*.mp4"))) == 1
+
+
+def test_streaming_release_is_checked_before_loading(tmp_path, capsys):
+    """--weights at a streaming release without its causal VAE: one line naming what is missing."""
+    (tmp_path / "sana_dit").mkdir()
+    torch.save({}, tmp_path / "sana_dit" / "model.pt")
+    argv = ["--weights", str(tmp_path), "--image", str(tmp_path / "x.png"), "--prompt", "a road", "--action",
+            "w-48", "--output_dir", str(tmp_path / "out")]
+    G.demo_image().save(tmp_path / "x.png")
+    assert G.main(argv + ["--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ltx2_causal_vae" in err[0]
