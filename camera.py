@@ -420,7 +420,8 @@ def check_field_of_view(intrinsics, width: int, height: int) -> None:
 
 def resize_and_center_crop(image: Image.Image, height: int = 704, width: int = 1280):
     """Scale the image (Lanczos), keeping its aspect ratio, until it covers height x width, then cut out the centre
-    (as the official pipeline). Returns (cropped, (src_w, src_h), (resized_w, resized_h), (left, top)) for crop_intrinsics."""
+    (as the official pipeline). Returns (cropped, (src_w, src_h), (resized_w, resized_h), (left, top)) for
+    crop_intrinsics."""
     if not isinstance(image, Image.Image):
         raise ValueError(f"image must be a PIL image, got {type(image).__name__}")
     if not (isinstance(height, int) and isinstance(width, int) and height > 0 and width > 0):
@@ -437,8 +438,8 @@ def resize_and_center_crop(image: Image.Image, height: int = 704, width: int = 1
 
 def crop_intrinsics(intrinsics, src_size: tuple[int, int], resized_size: tuple[int, int],
                     offset: tuple[int, int]) -> np.ndarray:
-    """[fx, fy, cx, cy] (..., 4) of the original image -> of the resized and cropped one (as the official pipeline): scale by
-    the resize factors, then shift the principal point by the crop offset. float32, like the pipeline."""
+    """[fx, fy, cx, cy] (..., 4) of the original image -> of the resized and cropped one (as the official pipeline):
+    scale by the resize factors, then shift the principal point by the crop offset. float32, like the pipeline."""
     k = np.array(intrinsics, dtype=np.float32)
     if k.ndim not in (1, 2) or k.shape[-1] != 4:
         raise ValueError(f"intrinsics must be [fx, fy, cx, cy] (4,) or (F, 4), got shape {k.shape}")
@@ -452,8 +453,8 @@ def crop_intrinsics(intrinsics, src_size: tuple[int, int], resized_size: tuple[i
 
 
 def preprocess_image(image: Image.Image, intrinsics, height: int = 704, width: int = 1280):
-    """The first frame as the VAE takes it, and the intrinsics that go with it (as the official pipeline; what diffusers calls
-    SanaWMImageProcessor.preprocess_with_intrinsics).
+    """The first frame as the VAE takes it, and the intrinsics that go with it (as the official pipeline; what
+    diffusers calls SanaWMImageProcessor.preprocess_with_intrinsics).
 
     image: any-size PIL image; intrinsics: [fx, fy, cx, cy] (4,) or (F, 4) in its pixels, refused when the field of
     view leaves [25, 120] degrees (check_field_of_view). Returns ((1, 3, height, width) float32 in [-1, 1],

@@ -75,7 +75,8 @@ def test_head_stream_kernel(name):
 @pytest.mark.parametrize("kind,chunk_size", [("softmax", None), ("gdn", None), ("gdn", 2)])
 def test_self_attention_with_kernels(kind, chunk_size, monkeypatch):
     """The self-attention layers with their streams through the kernel (as on CUDA in inference, fast.accelerate)
-    equal the layers as written, with the camera branch; chunk-causal for GDN (the short conv's future stops at chunk ends)."""
+    equal the layers as written, with the camera branch; chunk-causal for GDN (the short conv's future stops at
+    chunk ends)."""
     layer = randomize_(SELF_ATTENTION[kind][1]())
     thw = (5, 2, 3)
     u = torch.randn(2, 30, C, generator=gen(3))
@@ -211,7 +212,8 @@ def test_kernels_on_cuda_equal_the_code_as_written():
 @pytest.mark.gpu
 def test_memory_mode_on_cuda():
     """On CUDA the accelerated memory mode runs the three Triton scan stages one at a time and the stream kernels:
-    the same velocity as the compiled whole-video step (fp32, the whole-model tolerance); 9 frames, so that parts' windows start inside the video."""
+    the same velocity as the compiled whole-video step (fp32, the whole-model tolerance); 9 frames, so that parts'
+    windows start inside the video."""
     overrides, thw, _ = CONFIGS["varied"]
     theirs = tiny_sana_wm_transformer(**overrides)
     ours = fast.accelerate(ours_from(theirs).cuda())
