@@ -749,9 +749,9 @@ def read_out(X, q_rot, q=None, eps=1e-8):
 def gdn_in_parts(layer: GDNSelfAttention, u, thw, rope, camera, chunk_size, part_frames):
     """layer(u, ...) in parts (the memory mode, inference): each part's streams (with the frames the short conv
     reaches on either side) give its frames' scan terms, and only its queries are kept; then the states of all
-    frames; then each part reads out its output. Kept whole: the query streams (two with the camera), the output, and per frame the terms, then
-    the states (fp32 DxD: ~5 MB per frame with the camera at the release size, about the size of the frame's
-    tokens in the four (B, N, C) tensors above)."""
+    frames; then each part reads out its output. Kept whole: the query streams (two with the camera), the output,
+    and per frame the terms, then the states (fp32 DxD: ~5 MB per frame with the camera at the release size, about
+    the size of the frame's tokens in the four (B, N, C) tensors above)."""
     B, N, C = u.shape
     T, S = thw[0], N // thw[0]
     reach = layer.conv_k.weight.shape[-1] - 1
