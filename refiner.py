@@ -419,7 +419,7 @@ class RefinerStream:
         x = ((1.0 - sig[0]) * block.to(dtype).float() + sig[0] * noise.to(block.device).float()).to(dtype)
         for i in range(len(sig) - 1):
             v = block_velocity(self.refiner, self.cache, x, sig[i], s, *self.cond, self.hist)
-            # x̂0 = x − σ·v rounded to the model dtype, Euler on the velocity (x − x̂0)/σ in float32 (§11.4).
+            # x̂0 = x − σ·v rounded to the model dtype, Euler on the velocity (x − x̂0)/σ in float32, as the reference.
             x0 = (x.float() - v.float() * sig[i]).to(dtype)
             x = (x.float() + self.dts[i] * ((x.float() - x0.float()) / sig[i])).to(dtype)
         # (b) Append the refined block's post-RoPE K/V (seen with the same prefix) to the history; trim it.
