@@ -3,8 +3,8 @@
 A stage-1 latent (B, 128, T, h, w) is cleaned block by block by the *video* half of the LTX-2 transformer, which was
 fine-tuned with a rank-384 LoRA (released merged into the dense weights) and is run for 3 Euler steps from a
 truncated noise level σ = 0.909375, so the stage-1 content survives (paper App. A, Eq. 7-11). Sections: 1. config,
-2. RoPE, 3. layers, 4. the sliding-window KV cache, 5. the video transformer, 6. LoRA, 7. refine(). After the
-machinery line: the text input (Gemma-3, LTX-2's text connectors), config parsing, loading, LoRA files, audio.
+2. RoPE, 3. layers, 4. the sliding-window KV cache, 5. the video transformer, 6. LoRA, 7. RefinerStream, refine().
+After the machinery line: the text input (Gemma-3, LTX-2's text connectors), config parsing, loading, LoRA files, audio.
 
     encoder = PromptEncoder.from_pretrained("release/refiner", dtype=torch.bfloat16, device="cuda")
     text, text_mask = encoder("a prompt")          # Gemma-3-12B + connectors, (1, 1024, 3840) and (1, 1024)
@@ -392,56 +392,58 @@ def block_velocity(refiner: Refiner, cache: WindowKVCache, x: torch.Tensor, sigm
     return unpack(v, n, h, w)
 
 
+class RefinerStream:
+    """refine()'s loop one block per call, for stage-1 chunks as they arrive (paper App. A): the clean sink frames
+    (B, C, k, h, w) are captured once; each `refine(block)` refines the next frames in order (from `next_frame`),
+    with one ε from `generator`, and appends their K/V to the history. Arguments as refine()'s."""
+
+    @torch.no_grad()
+    def __init__(self, refiner: Refiner, sink, text, text_mask=None, *, fps: float, block_size: int = 3,
+                 kv_max_frames: int = 11, sigmas=STAGE2_SIGMAS, generator: torch.Generator | None = None):
+        sig = _check_stream(refiner.cfg, sink, text, text_mask, fps, block_size, sigmas)   # float32, as the reference
+        self.sigmas, self.dts = sig.tolist(), (sig[1:] - sig[:-1]).tolist()    # Euler steps formed in float32
+        self.refiner, self.dtype, self.sink_shape = refiner, refiner.proj_in.weight.dtype, sink.shape
+        self.cond = (text.to(self.dtype), text_mask, fps)     # what every forward takes besides the block
+        self.block_size, self.max_hist = block_size, kv_max_frames - sink.shape[2]    # history frames kept
+        self.generator = torch.Generator(sink.device).manual_seed(42) if generator is None else generator
+        self.cache, _ = capture_sink(refiner, sink.to(self.dtype), *self.cond)
+        self.next_frame, self.hist = sink.shape[2], 0   # absolute latent frame of the next block; history frames
+
+    @torch.no_grad()
+    def refine(self, block: torch.Tensor) -> torch.Tensor:
+        """The next stage-1 block (B, C, n ≤ block_size, h, w) → refined, same shape, in the refiner's dtype."""
+        _check_block(self, block)
+        s, n, sig, dtype = self.next_frame, block.shape[2], self.sigmas, self.dtype
+        noise = torch.randn(block.shape, generator=self.generator, device=self.generator.device, dtype=dtype)
+        # x_σ0 = (1 − σ0)·x0 + σ0·ε with x0 = the stage-1 block: the truncated start keeps the stage-1 content.
+        x = ((1.0 - sig[0]) * block.to(dtype).float() + sig[0] * noise.to(block.device).float()).to(dtype)
+        for i in range(len(sig) - 1):
+            v = block_velocity(self.refiner, self.cache, x, sig[i], s, *self.cond, self.hist)
+            # x̂0 = x − σ·v rounded to the model dtype, Euler on the velocity (x − x̂0)/σ in float32, as the reference.
+            x0 = (x.float() - v.float() * sig[i]).to(dtype)
+            x = (x.float() + self.dts[i] * ((x.float() - x0.float()) / sig[i])).to(dtype)
+        # (b) Append the refined block's post-RoPE K/V (seen with the same prefix) to the history; trim it.
+        block_velocity(self.refiner, self.cache, x, 0.0, s, *self.cond, self.hist, capture="history")
+        self.next_frame, self.hist = s + n, self.hist + n
+        if 0 < self.max_hist < self.hist:          # kv_max_frames <= sink: never trimmed, as the reference
+            self.cache.trim_history(self.max_hist * block.shape[3] * block.shape[4])   # h·w tokens per frame
+            self.hist = self.max_hist
+        return x
+
+
 @torch.no_grad()
 def refine(refiner: Refiner, latents: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None = None, *,
            fps: float, sink_size: int = 1, block_size: int = 3, kv_max_frames: int = 11,
            sigmas=STAGE2_SIGMAS, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Refine a stage-1 latent (B, C, T, h, w) (normalised LTX-2 VAE space) and return it, same shape, in the
-    refiner's dtype. Frames < sink_size are copied unchanged; decode, then drop the first `sink_size` pixel frames
-    (and the first camera pose), as the official two-stage pipeline does.
-
-    text/text_mask: PromptEncoder output for the raw prompt. fps: the video frame rate (it scales RoPE time).
-    generator: draws one fresh ε per block in the model dtype; default: seed 42 on the latents' device, as the
-    reference. The CUDA and CPU streams differ, so pass explicit generators to compare across devices.
-
-    Memory plan for one 80 GB GPU (bf16, 704×1280): run PromptEncoder first and free it (Gemma-3-12B 24 GB), then
-    load the video-only Refiner (26.1 GB); the KV cache holds at most kv_max_frames frames per layer (7.6 GB)."""
-    _check_refine(refiner.cfg, latents, text, text_mask, fps, sink_size, block_size, sigmas)
-    dtype, device = refiner.proj_in.weight.dtype, latents.device
-    T, h, w = latents.shape[2:]
-    # σ held as float32, as the reference's scheduler does; Python floats below are these float32 values.
-    sig = torch.tensor(sigmas, dtype=torch.float32)
-    dts = (sig[1:] - sig[:-1]).tolist()             # Euler steps σ_{i+1} − σ_i, formed in float32
-    sig = sig.tolist()
-    if generator is None:
-        generator = torch.Generator(device).manual_seed(42)
-
-    z = latents.to(dtype)
-    out = z.clone()
-    text = text.to(dtype)
-    max_hist = kv_max_frames - sink_size              # history frames kept (not trimmed if <= 0, as the reference)
-    # (a) The attention sink: clean stage-1 frames 0..sink-1 at σ = 0; their K/V are kept before RoPE.
-    cache, _ = capture_sink(refiner, z[:, :, :sink_size], text, text_mask, fps)
-    hist = 0
-    for s in range(sink_size, T, block_size):
-        e = min(s + block_size, T)                    # the last block may be shorter
-        noise = torch.randn(z[:, :, s:e].shape, generator=generator, device=generator.device, dtype=dtype)
-        # x_σ0 = (1 − σ0)·x0 + σ0·ε with x0 = the stage-1 block: the truncated start keeps the stage-1 content.
-        x = ((1.0 - sig[0]) * z[:, :, s:e].float() + sig[0] * noise.to(device).float()).to(dtype)
-        for i in range(len(sig) - 1):
-            v = block_velocity(refiner, cache, x, sig[i], s, text, text_mask, fps, hist)
-            # x̂0 = x − σ·v rounded to the model dtype, Euler on the velocity (x − x̂0)/σ in float32 (§11.4).
-            x0 = (x.float() - v.float() * sig[i]).to(dtype)
-            vel = (x.float() - x0.float()) / sig[i]
-            x = (x.float() + dts[i] * vel).to(dtype)
-        # (b) Append the refined block's post-RoPE K/V (seen with the same prefix) to the history; trim it.
-        block_velocity(refiner, cache, x, 0.0, s, text, text_mask, fps, hist, capture="history")
-        hist += e - s
-        if max_hist > 0 and hist > max_hist:
-            cache.trim_history(max_hist * h * w)      # h·w tokens per latent frame
-            hist = max_hist
-        out[:, :, s:e] = x
-    return out
+    """Refine a stage-1 latent (B, C, T, h, w) (normalised LTX-2 VAE space) with a RefinerStream: same shape, refiner's
+    dtype, frames < sink_size kept (decode, then drop the first `sink_size` pixel frames and the first pose, as the
+    official pipeline does). generator: default seed 42 on the latents' device (CUDA and CPU streams differ). One 80 GB
+    GPU, bf16, 704×1280: free PromptEncoder (24 GB) before loading the Refiner (26.1 GB); KV cache ≤ 7.6 GB."""
+    _check_refine(refiner.cfg, latents, sink_size)
+    stream = RefinerStream(refiner, latents[:, :, :sink_size], text, text_mask, fps=fps, block_size=block_size,
+                           kv_max_frames=kv_max_frames, sigmas=sigmas, generator=generator)
+    blocks = latents[:, :, sink_size:].split(block_size, dim=2)     # in order; the last may be shorter
+    return torch.cat([latents[:, :, :sink_size].to(stream.dtype), *[stream.refine(b) for b in blocks]], dim=2)
 
 
 # ================================================================================================================
@@ -704,16 +706,23 @@ def _check_text_input(cfg: ConnectorsConfig, hidden_states: torch.Tensor, mask: 
     return mask
 
 
-def _check_refine(cfg: RefinerConfig, latents, text, text_mask, fps, sink_size, block_size, sigmas) -> None:
+def _check_refine(cfg: RefinerConfig, latents, sink_size) -> None:
     if latents.dim() != 5 or latents.shape[1] != cfg.in_channels:
         raise ValueError(f"latents must be (B, {cfg.in_channels}, T, h, w), got {tuple(latents.shape)}")
-    B, _, T, h, w = latents.shape
+    T = latents.shape[2]
+    if not 1 <= sink_size < T:
+        raise ValueError(f"sink_size must be in [1, T={T}), got {sink_size}")
+
+
+def _check_stream(cfg: RefinerConfig, sink, text, text_mask, fps, block_size, sigmas) -> torch.Tensor:
+    """The σ as float32 (as the reference's scheduler holds them), after checking the stream's arguments."""
+    if sink.dim() != 5 or sink.shape[1] != cfg.in_channels or sink.shape[2] < 1:
+        raise ValueError(f"sink must be (B, {cfg.in_channels}, k >= 1, h, w), got {tuple(sink.shape)}")
+    B = sink.shape[0]
     if text.dim() != 3 or text.shape[0] != B or text.shape[2] != cfg.caption_channels:
         raise ValueError(f"text must be (B={B}, L, {cfg.caption_channels}), got {tuple(text.shape)}")
     if text_mask is not None and text_mask.shape != text.shape[:2]:
         raise ValueError(f"text_mask: expected (B, L) = {tuple(text.shape[:2])}, got {tuple(text_mask.shape)}")
-    if not 1 <= sink_size < T:
-        raise ValueError(f"sink_size must be in [1, T={T}), got {sink_size}")
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     if not fps > 0:
@@ -721,6 +730,19 @@ def _check_refine(cfg: RefinerConfig, latents, text, text_mask, fps, sink_size, 
     sig = torch.tensor(sigmas, dtype=torch.float32)
     if sig.dim() != 1 or len(sig) < 2 or sig[-1] != 0 or not bool((sig[:-1] > sig[1:]).all()):
         raise ValueError(f"sigmas must decrease strictly and end at 0, got {tuple(sigmas)}")
+    return sig
+
+
+def _check_block(stream: RefinerStream, block) -> None:
+    """Blocks come in order with block_size frames each, so a shorter one can only be the video's last."""
+    B, C, k, h, w = stream.sink_shape
+    if (stream.next_frame - k) % stream.block_size:
+        raise ValueError(f"block: the previous block had fewer than block_size={stream.block_size} frames, so it "
+                         f"was the last; frames {stream.next_frame}.. cannot follow it")
+    if block.dim() != 5 or block.shape[:2] != (B, C) or block.shape[3:] != (h, w) or block.shape[2] < 1:
+        raise ValueError(f"block must be (B={B}, {C}, n, {h}, {w}) like the sink, got {tuple(block.shape)}")
+    if block.shape[2] > stream.block_size:
+        raise ValueError(f"block has {block.shape[2]} frames, more than block_size={stream.block_size}")
 
 
 # Loading: build on the meta device, check every key and shape of the files against the full (audio included)

@@ -1,6 +1,7 @@
 """refiner.py against diffusers 0.42.1 (function by function): RoPE tables, one transformer forward, the text path
 (connectors alone and prompt → embeddings through a tiny Gemma-3), the whole block-by-block refinement of a 15-frame
-latent at the tiny config of §12 and at a second config; LoRA; the release layout; full-config keys and shapes."""
+latent at the tiny config of §12 and at a second config, and that loop driven one block per call (RefinerStream);
+LoRA; the release layout; full-config keys and shapes."""
 import json
 import os
 from pathlib import Path
@@ -190,6 +191,59 @@ def test_refine_explicit_generator_and_bad_input(pipe):
         R.refine(ours, z, text, fps=16, sigmas=(0.9, 0.95, 0.0))
     with pytest.raises(ValueError, match="fps"):
         R.refine(ours, z, text, fps=0)
+
+
+@pytest.mark.parametrize("kv_max_frames", [11, 3], ids=["window11", "window3-trimmed"])
+def test_stream_block_by_block_equals_refine(pipe, kv_max_frames):
+    """Stage-1 chunks fed one by one as they would arrive (T = 1 + 3 + 3 + 2: the last block partial) give refine()'s
+    whole-video result and diffusers'; with kv_max_frames = 3 the history is trimmed to 2 frames after every block."""
+    variant, p, ours, conn = pipe
+    z = torch.randn(1, ours.cfg.in_channels, 9, 2, 3, generator=torch.Generator().manual_seed(8))
+    loop = dict(fps=16.0, block_size=3, kv_max_frames=kv_max_frames)
+    ref = p(z, PROMPT, output_type="latent", sink_size=1, **loop)             # default generator: seed 42 on CPU
+    text, mask = R.PromptEncoder(p.tokenizer, p.text_encoder, conn, p.text_max_sequence_length)(PROMPT)
+    whole = R.refine(ours, z, text, mask, **loop, generator=torch.Generator().manual_seed(42))
+    stream = R.RefinerStream(ours, z[:, :, :1].clone(), text, mask, **loop, generator=torch.Generator().manual_seed(42))
+    blocks, hist = [z[:, :, :1]], []
+    for s, e in [(1, 4), (4, 7), (7, 9)]:
+        assert stream.next_frame == s
+        blocks.append(stream.refine(z[:, :, s:e].clone()))
+        assert max_abs(blocks[-1], whole[:, :, s:e]) <= TOL
+        hist.append(stream.cache.layers[0].hist_k.shape[1] // (2 * 3))     # h·w = 6 tokens per frame
+    assert hist == ([3, 6, 8] if kv_max_frames == 11 else [2, 2, 2])
+    assert max_abs(torch.cat(blocks, dim=2), ref) <= TOL, variant
+    assert max_abs(whole, ref) <= TOL, variant
+
+
+def test_stream_refuses_out_of_order_and_bad_input(pipe):
+    """Refused blocks change nothing (no ε drawn, no K/V kept): the valid blocks after them still equal refine()."""
+    _, _, ours, _ = pipe
+    c, L = ours.cfg.in_channels, ours.cfg.caption_channels
+    g = torch.Generator().manual_seed(9)
+    z, text = torch.randn(1, c, 6, 2, 3, generator=g), torch.randn(1, 4, L, generator=g)
+    whole = R.refine(ours, z, text, fps=16)
+    stream = R.RefinerStream(ours, z[:, :, :1], text, fps=16)
+    with pytest.raises(ValueError, match="block has 4 frames, more than block_size=3"):
+        stream.refine(z[:, :, 1:5])
+    with pytest.raises(ValueError, match="block must be"):
+        stream.refine(z[:, :, 1:4, :1])                                      # another height than the sink's
+    with pytest.raises(ValueError, match="block must be"):
+        stream.refine(z[0, :, 1:4])
+    with pytest.raises(ValueError, match="block must be"):
+        stream.refine(z[:, :, 1:1])
+    assert max_abs(stream.refine(z[:, :, 1:4]), whole[:, :, 1:4]) <= TOL
+    assert max_abs(stream.refine(z[:, :, 4:6]), whole[:, :, 4:6]) <= TOL    # partial: the video's last block
+    with pytest.raises(ValueError, match="block: the previous block had fewer"):
+        stream.refine(z[:, :, 4:6])
+    assert stream.next_frame == 6
+    with pytest.raises(ValueError, match="sink"):
+        R.RefinerStream(ours, z[0, :, :1], text, fps=16)
+    with pytest.raises(ValueError, match="text"):
+        R.RefinerStream(ours, z[:, :, :1], text[:, :, :-1], fps=16)
+    with pytest.raises(ValueError, match="block_size"):
+        R.RefinerStream(ours, z[:, :, :1], text, fps=16, block_size=0)
+    with pytest.raises(ValueError, match="fps"):
+        R.RefinerStream(ours, z[:, :, :1], text, fps=-1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
