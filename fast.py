@@ -31,6 +31,9 @@ from dit import Block, FinalLayer, GLUMBConvTemp, ffn_in_parts, ffn_middle_in_pa
 from gdn import GDNSelfAttention
 
 RECOMPILE_LIMIT = 64  # compiled graphs per function (compiled_on_cuda); Dynamo's default is 8
+# Below this many elements in its first tensor a call runs eagerly: a compiled call costs ~1 ms of CPU (its guards),
+# more than fusing saves on small inputs; the streaming chunks (2,640 tokens) are launch-bound (BENCHMARKS.md).
+COMPILE_MIN_ELEMENTS = 1 << 24
 
 
 def use_kernels(x: torch.Tensor) -> bool:
@@ -61,7 +64,7 @@ def compiled_on_cuda(fn):
         if torch.compiler.is_compiling():                   # called from compiled code: inlined there
             return fn(*args, **kwargs)
         first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
-        if first is None or not first.is_cuda or torch.is_grad_enabled():
+        if first is None or not first.is_cuda or torch.is_grad_enabled() or first.numel() < COMPILE_MIN_ELEMENTS:
             return fn(*args, **kwargs)
         if compiled is None:  # made on first use, so that importing the module stays cheap
             # Sizes as constants (symbolic ones slow the indexing). No layout optimisation: made for conv nets, it
@@ -328,13 +331,12 @@ def _head_stream_kernel(x, taps, norm_w, table, mat, out, plain, infl,
 HEAD_STREAM_LAUNCH = dict(tokens=1, heads=4, warps=1)
 
 
-@torch.library.custom_op("nano_sana_wm::head_stream", mutates_args=())
-def _head_stream_op(x: torch.Tensor, taps: Optional[torch.Tensor], num_frames: int, chunk: int, first_frame: int,
-                    norm_weight: Optional[torch.Tensor], eps: float, relu: bool, scale: float, table: torch.Tensor,
-                    matrix: Optional[torch.Tensor], conjugate: bool, cap: bool, keep_plain: bool, inflation: bool,
-                    dtype: torch.dtype) -> list[torch.Tensor]:
-    """`_head_stream_kernel` as an operator that torch.compile calls as is: [out (B, n, H, D), plain (B, n, H, D),
-    both in dtype, inflation (B, n, H) fp32], the last two empty unless asked for."""
+def _head_stream_launch(x: torch.Tensor, taps: Optional[torch.Tensor], num_frames: int, chunk: int, first_frame: int,
+                        norm_weight: Optional[torch.Tensor], eps: float, relu: bool, scale: float,
+                        table: torch.Tensor, matrix: Optional[torch.Tensor], conjugate: bool, cap: bool,
+                        keep_plain: bool, inflation: bool, dtype: torch.dtype) -> list[torch.Tensor]:
+    """`_head_stream_kernel` launched: [out (B, n, H, D), plain (B, n, H, D), both in dtype, inflation (B, n, H)
+    fp32], the last two empty unless asked for."""
     B, N, H, D = x.shape
     out = x.new_empty(B, N, H, D, dtype=dtype)
     plain = torch.empty_like(out) if keep_plain else x.new_empty(0)
@@ -351,6 +353,11 @@ def _head_stream_op(x: torch.Tensor, taps: Optional[torch.Tensor], num_frames: i
         PLAIN=keep_plain, INFL=inflation, BT=BT, BH=HEAD_STREAM_LAUNCH["heads"], BD=max(16, triton.next_power_of_2(D)),
         num_warps=HEAD_STREAM_LAUNCH["warps"])
     return [out, plain, infl]
+
+
+# An operator for torch.compile to call as it is; eager callers launch directly (the operator's dispatch costs
+# ~0.1 ms of CPU a call, which the streaming chunks, launch-bound, would feel).
+_head_stream_op = torch.library.custom_op("nano_sana_wm::head_stream", _head_stream_launch, mutates_args=())
 
 
 @_head_stream_op.register_fake
@@ -386,7 +393,8 @@ def head_stream(x, table, *, norm=None, relu=False, scale=1.0, conv=None, matrix
         raise ValueError("cap, inflation: apply to the UCPE stream only; give matrix too")
     if matrix is not None and keep_plain:
         raise ValueError("keep_plain: the plain stream is kept for RoPE streams only (matrix None)")
-    out, plain, infl = _head_stream_op(
+    launch = _head_stream_op if torch.compiler.is_compiling() else _head_stream_launch
+    out, plain, infl = launch(
         x, taps, num_frames, chunk_size or first_frame + num_frames, first_frame, None if norm is None else norm.weight,
         0.0 if norm is None else norm.eps, relu, float(scale), table, matrix, conjugate, cap, keep_plain, inflation,
         dtype or x.dtype)
@@ -402,7 +410,8 @@ def depthwise_glu(s: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     the half-width result written (a depthwise conv kernel and the GLU's pointwise ops are three passes)."""
     if bias is None:
         bias = s.new_zeros(s.shape[1])
-    return _depthwise_glu_op(s, weight, bias).permute(0, 3, 1, 2)
+    launch = _depthwise_glu_op if torch.compiler.is_compiling() else _depthwise_glu_launch
+    return launch(s, weight, bias).permute(0, 3, 1, 2)
 
 
 @triton.jit
@@ -433,9 +442,8 @@ def _depthwise_glu_kernel(hidden, taps, bias, out, h, w, half, ssn, ssh, ssw, ss
     tl.store(out + (n * h * w + p)[:, None] * half + c[None, :], result.to(dtype), mask=pmask[:, None] & cmask[None, :])
 
 
-@torch.library.custom_op("nano_sana_wm::depthwise_glu", mutates_args=())
-def _depthwise_glu_op(s: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """depthwise_glu's kernel as an operator that torch.compile calls as is; returns (n, h, w, F) contiguous."""
+def _depthwise_glu_launch(s: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """depthwise_glu's kernel; returns (n, h, w, F) contiguous."""
     n, c2, h, w = s.shape
     out = s.new_empty(n, h, w, c2 // 2)
     taps = weight.view(c2, 9).T.float().contiguous()        # (9, 2F): tap 3*di + dj of every channel
@@ -444,6 +452,9 @@ def _depthwise_glu_op(s: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor)
         s, taps, bias.float().contiguous(), out, h, w, c2 // 2, s.stride(0), s.stride(2), s.stride(3), s.stride(1),
         BP=BP, BC=BC, num_warps=4)
     return out
+
+
+_depthwise_glu_op = torch.library.custom_op("nano_sana_wm::depthwise_glu", _depthwise_glu_launch, mutates_args=())
 
 
 @_depthwise_glu_op.register_fake

@@ -102,10 +102,31 @@ def run(dit, vae, frames, size, device, dtype):
                 cache_gib=tensor_bytes(cache.blocks) / 2 ** 30)
 
 
+@torch.no_grad()
+def profile(dit, frames, size, device, dtype):
+    """The kernels of one chunk's 5 forwards (the 4th chunk: the softmax window full), by total GPU time."""
+    T, (H, W) = (frames - 1) // 8 + 1, size
+    g = torch.Generator().manual_seed(42)
+    x = torch.randn(1, dit.config.in_channels, T, H // 32, W // 32, generator=g).to(device, dtype)
+    text = torch.randn(1, 300, dit.config.caption_channels, generator=g).to(device, dtype)
+    mask = torch.ones(1, 300, dtype=torch.long, device=device)
+    raymap, plucker = G.camera.prepare_camera(G.camera.action_to_c2w(f"w-{frames - 1}"),
+                                              [W * 0.8, W * 0.8, W / 2, H / 2], size=(H, W))
+    chunks = G.stream_sample(dit, x, text, mask, raymap[None].to(device, dtype), plucker[None].to(device, dtype))
+    for _ in range(3):
+        next(chunks)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
+                                            torch.profiler.ProfilerActivity.CPU]) as prof:
+        next(chunks)
+        sync(device)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--frames", default="241,961", help="comma-separated frame counts 24k+1")
     p.add_argument("--tiny", action="store_true", help="CPU, the demo's tiny models (checks the script)")
+    p.add_argument("--profile", action="store_true", help="also profile the 5 forwards of one chunk (the 4th)")
     args = p.parse_args()
     if args.tiny:
         device, dtype = torch.device("cpu"), torch.float32
@@ -124,6 +145,8 @@ def main():
           f"{dit_cfg.caption_channels}) stand in for Gemma-2; switches {OFFICIAL_SWITCHES}", flush=True)
     run(dit, vae, frames[0], size, device, dtype)  # warm-up: compiles the kernels and blocks
     rows = [run(dit, vae, f, size, device, dtype) for f in frames]
+    if args.profile:
+        profile(dit, frames[0], size, device, dtype)
     print("\nframes chunks | stage-1 s/chunk (first) | decode s/chunk | first frame s | real time: stage 1, +decode "
           "| peak GiB | cache GiB")
     for r in rows:

@@ -13,6 +13,12 @@ from test_attention import ATOL, SELF_ATTENTION, C, D, HEADS, camera_transforms,
 from test_dit import CONFIGS, MODEL_ATOL, ours_args, ours_from
 
 
+@pytest.fixture
+def compile_everything(monkeypatch):
+    """The tiny models' tensors are far below fast.COMPILE_MIN_ELEMENTS: compile them anyway, as the release's are."""
+    monkeypatch.setattr(fast, "COMPILE_MIN_ELEMENTS", 0)
+
+
 def test_accelerate_keeps_the_state_dict():
     """accelerate swaps classes in place: the same keys and tensors, every layer fast, idempotent."""
     model = ours_from(tiny_sana_wm_transformer())
@@ -198,7 +204,7 @@ def test_accelerated_dit_with_kernels(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_kernels_on_cuda_equal_the_code_as_written():
+def test_kernels_on_cuda_equal_the_code_as_written(compile_everything):
     """On CUDA in inference the accelerated DiT's streams run through the kernels and its blocks are compiled; the
     tiny DiT's velocity equals the model as written, fp32, at the whole-model tolerance."""
     theirs = tiny_sana_wm_transformer()
@@ -210,7 +216,7 @@ def test_kernels_on_cuda_equal_the_code_as_written():
 
 
 @pytest.mark.gpu
-def test_memory_mode_on_cuda():
+def test_memory_mode_on_cuda(compile_everything):
     """On CUDA the accelerated memory mode runs the three Triton scan stages one at a time and the stream kernels:
     the same velocity as the compiled whole-video step (fp32, the whole-model tolerance); 9 frames, so that parts'
     windows start inside the video."""
@@ -226,7 +232,7 @@ def test_memory_mode_on_cuda():
 
 
 @pytest.mark.gpu
-def test_compiled_blocks_on_cuda_equal_eager():
+def test_compiled_blocks_on_cuda_equal_eager(compile_everything):
     """On CUDA in inference the accelerated DiT's blocks run through torch.compile (fast.compiled_on_cuda); the
     tiny DiT gives the same velocity as with the same code run eagerly (force_eager), at the whole-model fp32
     tolerance."""
@@ -241,7 +247,7 @@ def test_compiled_blocks_on_cuda_equal_eager():
 
 
 @pytest.mark.gpu
-def test_streaming_chunks_on_cuda():
+def test_streaming_chunks_on_cuda(compile_everything):
     """The accelerated DiT's cached chunk-by-chunk forward on CUDA (kernels, compiled pieces) equals the
     chunk-causal forward over the whole video so far, fp32, at the whole-model tolerance; 4+3+3 frames."""
     overrides, (_, h, w), _ = CONFIGS["varied"]
