@@ -462,6 +462,19 @@ def test_chunk_starts_and_windows():
     assert seen[5][2] == [0, 1, 2, 3, 4]
 
 
+def test_short_conv_halo():
+    """The GDN short conv of one chunk over [the previous frames ; the chunk] (gdn_chunk's form) equals the
+    chunk-causal short conv on the whole sequence at the chunk's frames: the past read, nothing after the chunk."""
+    from gdn import short_conv
+    weight = torch.randn(C, 1, 4, generator=gen(1))
+    x = torch.randn(2, 10 * 6, C, generator=gen(2))                 # 10 frames of 6 tokens, chunks (0, 4, 7)
+    whole = short_conv(x, weight, 10, (0, 4, 7))
+    for s, e in ((4, 7), (7, 10)):
+        h = 3                                                       # the halo: K - 1 frames before the chunk
+        part = short_conv(x[:, (s - h) * 6:e * 6], weight, h + e - s, h)
+        assert max_abs(part[:, h * 6:], whole[:, s * 6:e * 6]) <= MODULE_ATOL
+
+
 def test_ffn_chunk_halo():
     """The FFN of one chunk reading the previous frames' z equals the chunk-causal FFN on the whole sequence."""
     ffn = randomize_(GLUMBConvTemp(C, 2 * C, 3))
