@@ -689,6 +689,7 @@ class StreamCache:
     frames: int = 0
     chunks: list = field(default_factory=list)
     blocks: list = field(default_factory=list)
+    rope: torch.Tensor | None = None  # the RoPE table of frames 0.. (grown as the video grows, built once per size)
 
     def window(self, size: int, sink: bool) -> list[int]:
         """The cached chunks a new chunk's softmax queries see: all (size <= 0), else the last `size` - 1 chunks
@@ -719,19 +720,21 @@ def forward_chunk(dit: DiT, x, timestep, text, text_mask, raymap=None, plucker=N
     (equal to DiT.forward over the whole video so far with those chunks, tested), reading the caches. timestep
     (B, f) per frame; raymap (B, T', 20) and plucker (B, 48, T', h, w): the whole video's (T' >= the chunk's end),
     or None. save: also append this chunk to `cache` (run it on the finished chunk at t = 0). window, sink: the
-    softmax keys and values seen, StreamCache.window."""
+    softmax keys and values seen, StreamCache.window. The text is read as given (generate.stream_sample crops
+    its padding once, dit.crop_text)."""
     cfg, dtype = dit.config, dit.dtype
     B, _, f, h, w = x.shape
     start = cache.frames
     end, S, C = start + f, h * w, cfg.hidden_size
     reach = min(cfg.conv_kernel_size - 1, start)            # halo frames of the GDN short convs
     lo = start - reach
-    text, text_mask = crop_text(text, text_mask)
     x = dit.x_embedder(x.to(dtype))
     temb = dit.t_embedder(timestep_sinusoid(timestep.long().float().flatten()).to(dtype))
     t6 = dit.t_block(temb).view(B, f, 6, C)
     y, mask = dit.attention_y_norm(dit.y_embedder(text.to(dtype))), text_mask != 0
-    rope = rope_table(cfg.linear_head_dim, (end, h, w), x.device)[lo * S:]     # absolute positions: halo + chunk
+    if cache.rope is None or cache.rope.shape[0] < end * S:  # grown 64 frames ahead: rebuilt every 64 frames
+        cache.rope = rope_table(cfg.linear_head_dim, (end + 64, h, w), x.device)
+    rope = cache.rope[lo * S:end * S]                       # absolute positions: halo + chunk
     own = slice(reach * S, None)
     camera = pl = None
     if raymap is not None:

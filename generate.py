@@ -40,7 +40,7 @@ import camera
 import fast
 from attention import chunk_starts
 from dit import (CHI_PROMPT, OFFICIAL_SWITCHES, RELEASE_LAYOUT, DiT, DiTConfig, StreamCache, check_model_folder,
-                 encode_negative_prompt, encode_prompt, forward_chunk, load_gemma2, require_transformers,
+                 crop_text, encode_negative_prompt, encode_prompt, forward_chunk, load_gemma2, require_transformers,
                  text_encoder_folder, tokenizer_folder)
 from refiner import ConnectorsConfig, PromptEncoder, Refiner, RefinerConfig, TextConnectors, refine
 from vae import VAE, CausalDecodeStream, VAEConfig
@@ -175,6 +175,7 @@ def stream_sample(dit, x, text, text_mask, raymap, plucker, sigmas=STREAM_SIGMAS
     image latent), reading the caches of the chunks before it (dit.forward_chunk), then one pass over the finished
     chunk at t = 0 writes its caches: len(sigmas) + 1 forwards per chunk. Yields (start, stop, latents) per chunk."""
     cache = StreamCache()
+    text, text_mask = crop_text(text, text_mask)            # once, not in every forward (it waits for the mask)
     levels = torch.tensor(list(sigmas) + [0.0], device=x.device)
     starts = stream_chunks(x.shape[2])
     for start, stop in zip(starts, starts[1:] + (x.shape[2],)):
