@@ -762,10 +762,10 @@ def forward_chunk(dit: DiT, x, timestep, text, text_mask, raymap=None, plucker=N
         if save:
             if isinstance(block.attn, GDNSelfAttention):
                 wide = u if "u" not in entry else torch.cat([entry["u"], u], 1)
-                entry.update(u=wide[:, -(cfg.conv_kernel_size - 1) * S:], states=states)
-            else:
-                entry["kv"].append(kv)
-            entry["z"] = z[:, :, -(cfg.t_kernel_size // 2):]
+                entry.update(u=wide[:, max(0, wide.shape[1] - (cfg.conv_kernel_size - 1) * S):].clone(), states=states)
+            else:  # copies: the views would keep the whole projections alive
+                entry["kv"].append(tuple(None if t is None else t.clone() for t in kv))
+            entry["z"] = z[:, :, z.shape[2] - cfg.t_kernel_size // 2:].clone()
     if save:
         cache.chunks.append((start, end))
         cache.frames = end

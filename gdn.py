@@ -824,7 +824,7 @@ def gdn_chunk(layer: GDNSelfAttention, u, thw, rope, camera, halo=None, states=N
     q_rot, k_rot, v, q, k = (x[:, own] for x in layer.main_streams(wide, h + T, rope, chunks))
     M, U = frame_terms(k_rot, v, beta, k, num_frames=T)
     X = scan_states(M, carry_in(M, U, decay, None if states is None else states[0]), decay)
-    main, out_states = read_out(X, q_rot, q), [X[0, :, :, -1]]
+    main, out_states = read_out(X, q_rot, q), [X[0, :, :, -1].clone()]   # (not a view keeping all states alive)
     cam = None
     if camera is not None:
         own_camera = camera if h == 0 else camera_rows(camera, own)
@@ -836,6 +836,6 @@ def gdn_chunk(layer: GDNSelfAttention, u, thw, rope, camera, halo=None, states=N
         M, U = frame_terms(kh, vh, beta_cam, num_frames=T)
         X = scan_states(M, carry_in(M, U, decay, None if states is None else states[1]), decay)
         cam = read_out(X, qh)
-        out_states.append(X[0, :, :, -1])
+        out_states.append(X[0, :, :, -1].clone())
         camera = own_camera
     return layer.output(u, main, cam, camera), tuple(out_states)

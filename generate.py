@@ -42,7 +42,8 @@ from attention import chunk_starts
 from dit import (CHI_PROMPT, OFFICIAL_SWITCHES, RELEASE_LAYOUT, DiT, DiTConfig, StreamCache, check_model_folder,
                  crop_text, encode_negative_prompt, encode_prompt, forward_chunk, load_gemma2, require_transformers,
                  text_encoder_folder, tokenizer_folder)
-from refiner import ConnectorsConfig, PromptEncoder, Refiner, RefinerConfig, TextConnectors, refine
+from refiner import (ConnectorsConfig, PromptEncoder, Refiner, RefinerConfig, RefinerStream, TextConnectors,
+                     refine)
 from vae import VAE, CausalDecodeStream, VAEConfig
 
 HEIGHT, WIDTH = 704, 1280  # the release was trained at this one resolution
@@ -139,7 +140,7 @@ def chunk_flow_euler(dit, x, sigmas, text, text_mask, raymap, plucker, guidance_
                       part_frames)
     offsets = chunk_offsets(len(chunks), S, interval_k)
     ends = list(chunks[1:]) + [T]
-    padded = torch.cat([sigmas, torch.zeros(1)])            # a finished chunk stays at level 0
+    padded = torch.cat([sigmas, sigmas.new_zeros(1)])       # a finished chunk stays at level 0
     for g in tqdm(range(offsets[-1] + S), desc="sampling", unit="step"):
         active = [i for i, o in enumerate(offsets) if g >= o]
         end = ends[active[-1]]
@@ -480,7 +481,7 @@ def generate_stream(dit, vae, tokenizer, text_encoder, image, prompt: str, write
                     translation_speed: float | None = None, rotation_speed_deg: float | None = None,
                     action_scheme: str = "v2", num_frames: int = 241, seed: int = STREAM_SEED, fps: float = 16,
                     height: int = HEIGHT, width: int = WIDTH, device="cpu", window: int = 2,
-                    sink: bool = True) -> StreamResult:
+                    sink: bool = True, refiner: Stage2 | None = None) -> StreamResult:
     """The streaming release's stage 1: the video made chunk by chunk (stream_sample: 4 distilled steps per chunk
     of 3 latent frames, caches instead of recomputation) and decoded as it comes by the causal VAE
     (vae.CausalDecodeStream, one latent frame at a time); each decoded chunk goes to write((n, H, W, 3) uint8 on
@@ -489,6 +490,8 @@ def generate_stream(dit, vae, tokenizer, text_encoder, image, prompt: str, write
     dit: the streaming DiT (dit.OFFICIAL_SWITCHES); vae: a causal decoder (decoder_causal=True). num_frames is
     snapped to 24k + 1 (whole chunks of 3 latent frames after the image frame). The camera of the written frames
     is c2w[1:]. A progress line per chunk says how much video is made and the real-time factor so far.
+    refiner: stage 2 in the stream (refiner.RefinerStream): each stage-1 chunk's new frames are refined as one block
+    of the refiner's AR loop (the image frame its sink) before they are decoded; None for stage 1 only.
     """
     c2w = check_inputs(prompt, action, c2w, translation_speed, rotation_speed_deg, len(STREAM_SIGMAS), num_frames,
                        fps, action_scheme, guidance_scale=1.0, seed=seed)
@@ -509,9 +512,18 @@ def generate_stream(dit, vae, tokenizer, text_encoder, image, prompt: str, write
     x = torch.randn((1, image_latent.shape[1], T, h, w), generator=torch.Generator().manual_seed(seed),
                     dtype=dtype).to(device)  # drawn once, on the CPU: the same video on any device
     x[:, :, :1] = image_latent
+    runner = None
+    if refiner is not None:  # Gemma-3 + connectors encode the plain prompt, then leave; the transformer stays
+        encoder = refiner.load_prompt_encoder()
+        refiner_text, refiner_mask = encoder(prompt)
+        del encoder
+        runner = RefinerStream(refiner.load_refiner(), image_latent, refiner_text, refiner_mask, fps=fps,
+                               generator=torch.Generator(device).manual_seed(REFINER_SEED))
     latents, written, first_frame = [], 0, None
     start = time.perf_counter()
     for s, e, z in stream_sample(dit, x, text, text_mask, raymap, plucker, window=window, sink=sink):
+        if runner is not None:  # the chunk's new frames are the refiner's next block; the image frame its sink
+            z = torch.cat([z[:, :, :1].to(runner.dtype), runner.refine(z[:, :, 1:])], 2) if s == 0 else runner.refine(z)
         video = decoder.decode(vae.denormalize(z.to(vae_dtype)))
         frames = ((video[0].float() + 1) * 127.5).clamp(0, 255).round().to(torch.uint8).permute(1, 2, 3, 0).cpu()
         write(frames[1:] if s == 0 else frames)
@@ -710,6 +722,18 @@ def load_release(weights: str, dtype: torch.dtype, device, text_encoder: str | N
     vae = VAE.from_pretrained(os.path.join(weights, "vae"), dtype=dtype,
                               device=device if vae_device is None else vae_device).eval()
     return dit, vae, tokenizer, gemma
+
+
+def streaming_refiner(weights: str, dtype: torch.dtype, device) -> Stage2:
+    """The streaming release's refiner (refiner_diffusers/ transformer/ + connectors/, Gemma-3 in gemma3_12b/ with
+    its tokenizer): its files checked now, the models loaded when generate_stream reaches them."""
+    folder, gemma3 = os.path.join(weights, "refiner_diffusers"), os.path.join(weights, "gemma3_12b")
+    for part, what in (("transformer", "LTX-2 refiner"), ("connectors", "refiner text connectors")):
+        check_model_folder(os.path.join(folder, part), what)
+    check_model_folder(gemma3, "Gemma-3-12B")
+    tokenizer_folder(gemma3, "--weights")
+    return Stage2(lambda: PromptEncoder.from_pretrained(folder, dtype=dtype, device=device, text_encoder=gemma3),
+                  lambda: Refiner.from_pretrained(folder, dtype=dtype, device=device))
 
 
 def load_streaming_release(weights: str, dtype: torch.dtype, device, text_encoder: str | None = None):
@@ -1283,9 +1307,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--demo", action="store_true",
                    help="tiny RANDOM-weight models on the CPU: checks the plumbing, the video is noise")
     p.add_argument("--stream", action="store_true",
-                   help="the streaming release's stage 1: chunks of 3 latent frames, 4 distilled steps each, decoded "
-                        "by the causal VAE into an mp4 (<name>_streaming.mp4) that plays while it grows; automatic "
-                        "when --weights is the streaming release (sana_dit/, ltx2_causal_vae/)")
+                   help="the streaming release: chunks of 3 latent frames, 4 distilled steps each, each refined "
+                        "(unless --no_refiner) and decoded by the causal VAE into an mp4 (<name>_streaming.mp4) "
+                        "that plays while it grows; automatic when --weights is the streaming release (sana_dit/, "
+                        "ltx2_causal_vae/, refiner_diffusers/, gemma3_12b/)")
     p.add_argument("--model_path", help="the stage-1 DiT file or folder to use instead of <weights>/dit, e.g. the "
                                         "chunk-causal teacher's dit/sana_wm_chunk_causal_1600m_720p.safetensors")
     p.add_argument("--config", help="the release's config.yaml beside --model_path (the chunk-causal teacher's "
@@ -1327,7 +1352,7 @@ def run(args: argparse.Namespace) -> str:
         for flag in ("weights", "text_encoder", "refiner_root"):
             if getattr(args, flag) is not None:
                 raise ValueError(f"--demo builds its own random models: drop --{flag}")
-        stages = "streaming stage 1" if args.stream else "stage 1" + ("" if args.no_refiner else " + refiner")
+        stages = ("streaming " if args.stream else "") + "stage 1" + ("" if args.no_refiner else " + refiner")
         print(f"DEMO: tiny models with RANDOM weights on the CPU ({stages}). The video is noise; this only proves "
               f"the plumbing.")
         if args.action is None and args.camera is None:
@@ -1354,6 +1379,8 @@ def run(args: argparse.Namespace) -> str:
         sampler = settings["sampler"] if sampler == "auto" else sampler
         flow_shift = settings["flow_shift"] if flow_shift is None else flow_shift
     sampler = "flow_euler" if sampler == "auto" else sampler
+    # The chunk-causal teacher (its --config, or its sampler) is built with the official code's switches.
+    teacher = args.config is not None or sampler == "chunk_flow_euler"
     if sampler not in SAMPLERS:
         raise ValueError(f"--config: scheduler.vis_sampler {sampler!r}; expected one of {SAMPLERS}")
     if args.model_path is not None and not os.path.exists(args.model_path):
@@ -1391,7 +1418,7 @@ def run(args: argparse.Namespace) -> str:
     if args.stream:
         return _run_stream(args, image, prompt, c2w, intrinsics, path, paths[1])
     if args.demo:
-        dit, vae, tokenizer, text_encoder = demo_models(official=sampler == "chunk_flow_euler")
+        dit, vae, tokenizer, text_encoder = demo_models(official=teacher)
         stage2 = None if args.no_refiner else demo_refiner()
         device, size = "cpu", {"height": DEMO_SIZE[0], "width": DEMO_SIZE[1]}
     else:
@@ -1407,7 +1434,7 @@ def run(args: argparse.Namespace) -> str:
         dit, vae, tokenizer, text_encoder = load_release(
             args.weights, dtype, models_device, args.text_encoder,
             vae_device="cpu" if args.offload_vae else models_device, dit_path=args.model_path,
-            official=sampler == "chunk_flow_euler")
+            official=teacher)
 
     with _threads(1 if args.demo else torch.get_num_threads()):
         result = generate(dit, vae, tokenizer, text_encoder, image, prompt, refiner=stage2, c2w=c2w,
@@ -1447,13 +1474,15 @@ def run(args: argparse.Namespace) -> str:
 
 
 def _run_stream(args, image, prompt, c2w, intrinsics, path, camera_path) -> str:
-    """run() for --stream: the streaming release's stage 1 written into the mp4 as it is made."""
-    print("streaming: stage 1 and the causal decoder (the streaming refiner is not run yet)")
+    """run() for --stream: the streaming release written into the mp4 as it is made (stage 1, the refiner unless
+    --no_refiner, the causal decoder)."""
     if args.demo:
         dit, vae, tokenizer, text_encoder = demo_models(official=True, causal_vae=True)
+        stage2 = None if args.no_refiner else demo_refiner()
         device, size = "cpu", {"height": DEMO_SIZE[0], "width": DEMO_SIZE[1]}
     else:
         device, size, dtype = args.device, {}, DTYPES[args.dtype]
+        stage2 = None if args.no_refiner else streaming_refiner(args.weights, dtype, device)  # checked, not loaded
         dit, vae, tokenizer, text_encoder = load_streaming_release(args.weights, dtype, device, args.text_encoder)
     height, width = size.get("height", HEIGHT), size.get("width", WIDTH)
     os.makedirs(args.output_dir, exist_ok=True)  # the mp4 grows under its own name: a viewer can open it at once
@@ -1461,7 +1490,7 @@ def _run_stream(args, image, prompt, c2w, intrinsics, path, camera_path) -> str:
                                                                                     width) as writer:
         result = generate_stream(dit, vae, tokenizer, text_encoder, image, prompt, writer.write, c2w=c2w,
                                  intrinsics=intrinsics, num_frames=args.num_frames, seed=args.seed, fps=args.fps,
-                                 device=device, **size)
+                                 device=device, refiner=stage2, **size)
     _write_outputs({camera_path: _save_npy(result.c2w)})
     print(f"{path}: {result.frames} frames, {width}x{height} at {args.fps} fps, "
           f"{result.frames / args.fps / result.seconds:.2f}x real time, first frames after "

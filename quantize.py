@@ -271,7 +271,7 @@ def _check_nvfp4(packed: torch.Tensor, scale: torch.Tensor, scale_2: torch.Tenso
         raise ValueError(f"scale_2: expected one fp32 value, got {scale_2.dtype} {tuple(scale_2.shape)}")
 
 
-@torch.compiler.disable  # inside a compiled DiT block (attention.fused_on_cuda) this stays an eager call
+@torch.compiler.disable  # inside a compiled DiT block (fast.compiled_on_cuda) this stays an eager call
 def nvfp4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, scale_2: torch.Tensor,
                  bias: torch.Tensor | None, kernel: str) -> torch.Tensor:
     """NVFP4Linear's matmul. kernel: "auto" = the Triton kernel on CUDA (sm_89+, for the FP8 scale loads), the

@@ -595,22 +595,24 @@ class PromptEncoder:
         return self.connectors(torch.stack(states, dim=-1), mask)
 
     @classmethod
-    def from_pretrained(cls, path, dtype=torch.bfloat16, device="cpu", max_length: int = 1024) -> "PromptEncoder":
+    def from_pretrained(cls, path, dtype=torch.bfloat16, device="cpu", max_length: int = 1024,
+                        text_encoder=None) -> "PromptEncoder":
         """Release `refiner/` folder: tokenizer/ (or the tokenizer files inside text_encoder/), text_encoder/
-        (Gemma3ForConditionalGeneration), connectors/."""
+        (Gemma3ForConditionalGeneration), connectors/. text_encoder: Gemma-3's folder when it lies elsewhere (the
+        streaming release's gemma3_12b/ beside refiner_diffusers/), its tokenizer files inside it."""
         try:
             from transformers import AutoTokenizer, Gemma3ForConditionalGeneration
         except ImportError as err:
             raise ImportError("the refiner's text encoder (Gemma-3) needs `transformers`: "
                               "pip install 'transformers>=4.56'") from err
         path = Path(path)
-        tok_dir = path / "tokenizer" if (path / "tokenizer").is_dir() else path / "text_encoder"
-        if not (path / "text_encoder").is_dir():
+        text_dir = path / "text_encoder" if text_encoder is None else Path(text_encoder)
+        tok_dir = path / "tokenizer" if text_encoder is None and (path / "tokenizer").is_dir() else text_dir
+        if not text_dir.is_dir():
             raise ValueError(f"path must be the release refiner/ folder with text_encoder/, got {path}")
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-        text_encoder = Gemma3ForConditionalGeneration.from_pretrained(path / "text_encoder", dtype=dtype)
-        text_encoder = text_encoder.to(device).eval()
-        return cls(tokenizer, text_encoder, TextConnectors.from_pretrained(path, dtype, device), max_length)
+        gemma = Gemma3ForConditionalGeneration.from_pretrained(text_dir, dtype=dtype).to(device).eval()
+        return cls(tokenizer, gemma, TextConnectors.from_pretrained(path, dtype, device), max_length)
 
 
 # Config parsing and checks ---------------------------------------------------------------------------------------

@@ -487,13 +487,14 @@ def test_ffn_chunk_halo():
     assert max_abs(torch.cat([first, second], 1), whole) <= MODULE_ATOL
 
 
-@pytest.mark.parametrize("frames,camera", [(10, True), (12, True), (10, False)])
-def test_cached_chunks_equal_the_chunk_causal_forward(frames, camera):
+@pytest.mark.parametrize("frames,camera,kernel", [(10, True, 3), (12, True, 3), (10, False, 3), (10, True, 4)])
+def test_cached_chunks_equal_the_chunk_causal_forward(frames, camera, kernel):
     """Chunk by chunk with caches (the streaming model's forward) == the chunk-causal DiT over the whole video so
     far (finished chunks at t = 0, the new one at its own timesteps), for every chunk: 4+3+3 frames, and 4+3+5 (a
-    short last chunk merged); batch 2, with and without the camera; all history in the softmax window."""
+    short last chunk merged); batch 2, with and without the camera; all history in the softmax window; the GDN
+    short conv of 3 taps and the release's 4 (a halo as long as the chunk: gdn_chunk's uniform-chunk form)."""
     overrides, (_, h, w), _ = CONFIGS["varied"]
-    ours = ours_from(tiny_sana_wm_transformer(**overrides))
+    ours = ours_from(tiny_sana_wm_transformer(**dict(overrides, conv_kernel_size=kernel)))
     x, _, text, mask, raymap, plucker = ours_args(tiny_dit_inputs(thw=(frames, h, w), in_channels=6,
                                                                  caption_channels=24))
     if not camera:

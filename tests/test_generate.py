@@ -919,8 +919,9 @@ def test_chunk_flow_euler(monkeypatch):
 
 
 def test_demo_stream_mp4_plays_while_it_grows(tmp_path, monkeypatch, capsys):
-    """--demo --stream: 4 chunks of 24 frames; after the second chunk the mp4 on disk already decodes to its 48
-    frames while the stream goes on; at the end 96 frames and the camera of the written frames."""
+    """--demo --stream (stage 1 and the refiner): 4 chunks of 24 frames; after the second chunk the mp4 on disk
+    already decodes to its 48 frames while the stream goes on; at the end 96 frames and the camera of the written
+    frames."""
     import av
 
     seen = []
@@ -957,12 +958,31 @@ def test_demo_chunk_causal_teacher(tmp_path):
 
 
 def test_streaming_release_is_checked_before_loading(tmp_path, capsys):
-    """--weights at a streaming release without its causal VAE: one line naming what is missing."""
+    """--weights at a streaming release without its causal VAE or its refiner: one line naming what is missing."""
     (tmp_path / "sana_dit").mkdir()
     torch.save({}, tmp_path / "sana_dit" / "model.pt")
     argv = ["--weights", str(tmp_path), "--image", str(tmp_path / "x.png"), "--prompt", "a road", "--action",
             "w-48", "--output_dir", str(tmp_path / "out")]
     G.demo_image().save(tmp_path / "x.png")
-    assert G.main(argv + ["--device", "cpu"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "ltx2_causal_vae" in err[0]
+    for extra, missing in ((["--no_refiner"], "ltx2_causal_vae"), ([], "refiner_diffusers")):
+        assert G.main(argv + ["--device", "cpu"] + extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and missing in err[0], err
+
+
+def test_stream_with_the_refiner_equals_refine_on_the_whole_video():
+    """generate_stream with the refiner: each stage-1 chunk's new frames refined as one block as they come equal
+    refine() over the whole stage-1 video (same seeds); 4 chunks, 96 frames written."""
+    dit, vae, tokenizer, gemma = G.demo_models(official=True, causal_vae=True)
+    kwargs = dict(action="w-48,d-48", num_frames=97, height=G.DEMO_SIZE[0], width=G.DEMO_SIZE[1])
+    written = []
+    stage1 = G.generate_stream(dit, vae, tokenizer, gemma, G.demo_image(), G.DEMO_PROMPT, lambda f: None, **kwargs)
+    stage2 = G.demo_refiner()
+    refined = G.generate_stream(dit, vae, tokenizer, gemma, G.demo_image(), G.DEMO_PROMPT, written.append,
+                                refiner=stage2, **kwargs)
+    assert [len(f) for f in written] == [24] * 4 and refined.frames == 96
+    text, mask = stage2.load_prompt_encoder()(G.DEMO_PROMPT)
+    expected = G.refine(stage2.load_refiner(), stage1.latents, text, mask, fps=16,
+                        generator=torch.Generator().manual_seed(G.REFINER_SEED))
+    assert (refined.latents - expected).abs().max() <= 1e-5
+    assert not torch.allclose(refined.latents[:, :, 1:], stage1.latents[:, :, 1:])
