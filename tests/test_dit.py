@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 import dit
 from attention import chunk_starts
+from gdn import GDNSelfAttention
 from dit import (CaptionEmbedder, DiT, DiTConfig, FinalLayer, GLUMBConvTemp, PatchEmbed, TimestepEmbedder,
                  timestep_sinusoid)
 from reference import (TINY_DIT, load_sana_wm_native, max_rel_err, randomize_, tiny_dit_inputs,
@@ -513,3 +514,25 @@ def test_cached_chunks_equal_the_chunk_causal_forward(frames, camera, kernel):
             dit.forward_chunk(ours, x[:, :, s:e], torch.zeros(2, e - s), text, mask, raymap, plucker, cache=cache,
                               save=True)
     assert cache.frames == frames and len(cache.chunks) == len(starts)
+
+
+def test_streaming_window_sees_the_sink_and_the_last_chunk(monkeypatch):
+    """With the official window (2, sink on) each chunk's softmax blocks read chunk 0 and the chunk before only, and
+    the cache keeps no other chunk's keys and values (they are dropped as they leave every later window)."""
+    overrides, (_, h, w), _ = CONFIGS["varied"]
+    ours = ours_from(tiny_sana_wm_transformer(**overrides))
+    x, _, text, mask, raymap, plucker = ours_args(tiny_dit_inputs(thw=(16, h, w), in_channels=6,
+                                                                 caption_channels=24))
+    seen, softmax_chunk = [], dit.softmax_chunk
+    monkeypatch.setattr(dit, "softmax_chunk", lambda layer, u, rope, camera, past: seen.append(
+        [p[0].shape[2] // (h * w) for p in past]) or softmax_chunk(layer, u, rope, camera, past))
+    starts, cache = chunk_starts(16), dit.StreamCache()
+    with torch.no_grad():
+        for s, e in zip(starts, starts[1:] + (16,)):
+            seen.clear()
+            dit.forward_chunk(ours, x[:, :, s:e], torch.zeros(2, e - s), text, mask, raymap, plucker, cache=cache,
+                              save=True, window=2)
+            assert seen[0] == {0: [], 4: [4], 7: [4, 3]}.get(s, [4, 3]), (s, seen[0])
+            softmax = next(e for b, e in zip(ours.blocks, cache.blocks) if not isinstance(b.attn, GDNSelfAttention))
+            kept = [i for i, kv in enumerate(softmax["kv"]) if kv is not None]
+            assert kept == ([0, len(cache.chunks) - 1] if len(cache.chunks) > 1 else [0])
