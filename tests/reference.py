@@ -171,7 +171,7 @@ def tiny_refiner_pipeline(variant="spec", seed=1):
                              scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), text_max_sequence_length=max_len)
 
 
-# === attention.py: attention.head_stream's pipeline composed from the layers' readable pieces ===
+# === fast.py: fast.head_stream's pipeline composed from the layers' readable pieces ===
 
 def readable_stream(x, table, norm=None, relu=False, scale=1.0, conv=None, matrix=None, conjugate=False, cap=False):
     """What head_stream fuses, as the layers' readable code composes it, for x (B, N, H, D): (out, plain stream,
