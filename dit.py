@@ -712,6 +712,12 @@ def ffn_chunk(mlp: GLUMBConvTemp, m, thw, halo=None):
     return out.permute(0, 2, 3, 1).reshape(B, N, C), z
 
 
+def _last_frames(halo, x, dim: int, frames: int, tokens: int):
+    """A copy of the last `frames` frames (`tokens` rows each along `dim`) of [halo ; x]: the next chunk's halo."""
+    wide = x if halo is None else torch.cat([halo, x], dim)
+    return wide.narrow(dim, max(0, wide.shape[dim] - frames * tokens), min(wide.shape[dim], frames * tokens)).clone()
+
+
 @torch.no_grad()
 def forward_chunk(dit: DiT, x, timestep, text, text_mask, raymap=None, plucker=None, *, cache: StreamCache,
                   save: bool = False, window: int = -1, sink: bool = True):
@@ -759,13 +765,12 @@ def forward_chunk(dit: DiT, x, timestep, text, text_mask, raymap=None, plucker=N
         x = block.after_attention(x, gated(gate_msa, a), y, mask, pl)
         m, z = ffn_chunk(block.mlp, modulate(x, shift_mlp, scale_mlp, f), (f, h, w), entry.get("z"))
         x = x + gated(gate_mlp, m)
-        if save:
+        if save:  # (copies: views would keep whole projections and scans alive)
             if isinstance(block.attn, GDNSelfAttention):
-                wide = u if "u" not in entry else torch.cat([entry["u"], u], 1)
-                entry.update(u=wide[:, max(0, wide.shape[1] - (cfg.conv_kernel_size - 1) * S):].clone(), states=states)
-            else:  # copies: the views would keep the whole projections alive
+                entry.update(u=_last_frames(entry.get("u"), u, 1, cfg.conv_kernel_size - 1, S), states=states)
+            else:
                 entry["kv"].append(tuple(None if t is None else t.clone() for t in kv))
-            entry["z"] = z[:, :, z.shape[2] - cfg.t_kernel_size // 2:].clone()
+            entry["z"] = _last_frames(entry.get("z"), z, 2, cfg.t_kernel_size // 2, 1)
     if save:
         cache.chunks.append((start, end))
         cache.frames = end
