@@ -264,3 +264,24 @@ def test_streaming_chunks_on_cuda(compile_everything):
             assert max_abs(got, expected) <= MODEL_ATOL
             dit.forward_chunk(ours, x[:, :, s:e], t.new_zeros(2, e - s), text, mask, raymap, plucker, cache=cache,
                               save=True)
+
+
+def test_streaming_chunks_with_kernels(monkeypatch):
+    """The accelerated DiT's cached chunks with the kernels on (the interpreter here; the release's 4-tap short
+    conv, whose halo the kernel reads as an earlier chunk) equal the chunk-causal forward as written."""
+    overrides, (_, h, w), _ = CONFIGS["varied"]
+    theirs = tiny_sana_wm_transformer(**dict(overrides, conv_kernel_size=4))
+    written, ours = ours_from(theirs), fast.accelerate(ours_from(theirs))
+    x, _, text, mask, raymap, plucker = ours_args(tiny_dit_inputs(thw=(10, h, w), in_channels=6, caption_channels=24))
+    monkeypatch.setattr(fast, "use_kernels", lambda x: True)
+    monkeypatch.setitem(fast.HEAD_STREAM_LAUNCH, "tokens", 16)
+    starts, cache = (0, 4, 7), dit.StreamCache()
+    with torch.no_grad():
+        for s, e in zip(starts, (4, 7, 10)):
+            t = torch.rand(2, e - s, generator=gen(s)) * 1000
+            got = dit.forward_chunk(ours, x[:, :, s:e], t, text, mask, raymap, plucker, cache=cache)
+            expected = written(x[:, :, :e], torch.cat([torch.zeros(2, s), t], 1), text, mask, raymap[:, :e],
+                               plucker[:, :, :e], chunk_size=tuple(c for c in starts if c < e))[:, :, s:]
+            assert max_abs(got, expected) <= MODEL_ATOL
+            dit.forward_chunk(ours, x[:, :, s:e], torch.zeros(2, e - s), text, mask, raymap, plucker, cache=cache,
+                              save=True)
