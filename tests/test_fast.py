@@ -247,11 +247,13 @@ def test_compiled_blocks_on_cuda_equal_eager(compile_everything):
 
 
 @pytest.mark.gpu
-def test_streaming_chunks_on_cuda(compile_everything):
+@pytest.mark.parametrize("kernel", [3, 4])
+def test_streaming_chunks_on_cuda(compile_everything, kernel):
     """The accelerated DiT's cached chunk-by-chunk forward on CUDA (kernels, compiled pieces) equals the
-    chunk-causal forward over the whole video so far, fp32, at the whole-model tolerance; 4+3+3 frames."""
+    chunk-causal forward over the whole video so far, fp32, at the whole-model tolerance; 4+3+3 frames; a short
+    conv of 3 taps (its halo a chunk of its own) and the release's 4 (the halo read by the kernel)."""
     overrides, (_, h, w), _ = CONFIGS["varied"]
-    ours = fast.accelerate(ours_from(tiny_sana_wm_transformer(**overrides)).cuda())
+    ours = fast.accelerate(ours_from(tiny_sana_wm_transformer(**dict(overrides, conv_kernel_size=kernel))).cuda())
     x, _, text, mask, raymap, plucker = (a.cuda() for a in ours_args(tiny_dit_inputs(
         thw=(10, h, w), in_channels=6, caption_channels=24)))
     starts, cache = (0, 4, 7), dit.StreamCache()
