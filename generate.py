@@ -898,7 +898,8 @@ class StreamingMp4Writer:
     A fragmented mp4: the header (ftyp + an empty moov) comes with the first chunk, then each chunk is one
     fragment (moof + mdat) that starts with a keyframe, so a player or decoder opening the file at any moment
     finds every chunk written so far, complete. The file is written under its final name (what the user watches
-    while a long video is generated; it replaces an existing file). There is nothing to finish: after every write
+    while a long video is generated), opened with the first chunk (a failure before it leaves no file and an
+    existing one untouched; then it is replaced). There is nothing to finish: after every write
     the file is a valid video of the frames so far, so if generation fails, or the process dies, the file left
     is a playable prefix of the video, and it stays: those frames are results, and the user may be watching them.
     A writer refusing a chunk (frames of the wrong shape) leaves the file as it was."""
@@ -911,13 +912,12 @@ class StreamingMp4Writer:
             raise ValueError(f"height, width: expected positive even ints (yuv420p halves the colour planes), got "
                              f"{height!r}, {width!r}")
         self.path, self.fps, self.height, self.width = path, fps, height, width
-        self.frames_written = 0
-        self._fragments = 0
-        self._file = open(path, "wb")
+        self.frames_written, self._fragments, self._closed = 0, 0, False
+        self._file = None                                  # opened by the first write
 
     def write(self, frames):
         """Append a chunk of (n, H, W, 3) uint8 frames (a tensor or an array) and flush it to the file."""
-        if self._file is None:
+        if self._closed:
             raise ValueError(f"write: the writer of {self.path} is closed")
         array = frames.cpu().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
         if array.dtype != np.uint8 or array.ndim != 4 or array.shape[1:] != (self.height, self.width, 3) \
@@ -946,6 +946,9 @@ class StreamingMp4Writer:
         # file takes the first one.
         keep = {"moof", "mdat"} | ({"ftyp", "moov"} if self._fragments == 0 else set())
         boxes = _mp4_boxes(memory.getvalue())
+        if self._file is None:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            self._file = open(self.path, "wb")
         self._file.write(b"".join(box for kind, box in boxes if kind in keep))
         self._file.flush()
         self._fragments += sum(kind == "moof" for kind, _ in boxes)
@@ -953,6 +956,7 @@ class StreamingMp4Writer:
 
     def close(self):
         """Close the file (again: nothing). The file is complete after every write; nothing is added here."""
+        self._closed = True
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -1088,6 +1092,8 @@ def output_stem(image_stem: str, seed: int, key: dict) -> str:
 def _check_output_dir(folder: str):
     """--output_dir can be made and written: the nearest part of it that exists is a writable folder. Nothing is
     created here, so a run refused later leaves nothing behind."""
+    if not folder:
+        raise ValueError("--output_dir: empty; give a folder ('.' for this one)")
     existing = os.path.abspath(folder)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
@@ -1366,9 +1372,12 @@ def run(args: argparse.Namespace) -> str:
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {args.device}: no CUDA device here; use --device cpu")
     if args.stream:
-        for flag in ("save_stage1", "low_memory", "model_path", "config"):
-            if getattr(args, flag):
-                raise ValueError(f"--{flag}: not with --stream (the streaming release's stage 1)")
+        for flag in ("save_stage1", "low_memory", "model_path", "config", "refiner_root", "chunk_interval_k",
+                     "flow_shift", "offload", "offload_vae", "offload_refiner"):
+            if getattr(args, flag) not in (None, False):
+                raise ValueError(f"--{flag}: not with --stream (the streaming release's own models and sampler)")
+        if args.sampling_algo != "auto":
+            raise ValueError("--sampling_algo: not with --stream (its sampler is the distilled model's own)")
         if args.num_frames < 25:
             raise ValueError(f"--num_frames: streaming makes 24k + 1 frames, at least 25; got {args.num_frames}")
     sampler, flow_shift = args.sampling_algo, args.flow_shift
@@ -1394,12 +1403,14 @@ def run(args: argparse.Namespace) -> str:
     intrinsics = _read_intrinsics(args.intrinsics)
     if intrinsics is not None:
         camera.check_field_of_view(intrinsics, *image.size)
+        # (refuses per-frame intrinsics fewer than the frames made, before any model loads)
+        camera.prepare_trajectory(c2w, intrinsics, min(args.num_frames, len(c2w)), 24 if args.stream else 8)
 
     key = dict(prompt=prompt, negative_prompt=args.negative_prompt, image=np.asarray(image).tobytes(),
                image_size=image.size, c2w=np.ascontiguousarray(c2w, np.float64).tobytes(),
                intrinsics=np.asarray(intrinsics if intrinsics is not None else [], np.float64).tobytes(),
                num_frames=args.num_frames, steps=args.steps, guidance_scale=args.guidance_scale,
-               flow_shift=args.flow_shift, fps=args.fps,
+               flow_shift=flow_shift, config=args.config and os.path.realpath(args.config), fps=args.fps,
                refiner=not args.no_refiner and (args.refiner_root or "default"),
                weights=None if args.demo else os.path.realpath(args.weights),
                text_encoder=args.text_encoder and os.path.realpath(args.text_encoder),
@@ -1424,7 +1435,7 @@ def run(args: argparse.Namespace) -> str:
     else:
         device, size = args.device, {}
         dtype = DTYPES[args.dtype]
-        _check_release(args.weights, args.text_encoder)
+        _check_release(args.weights, args.text_encoder, args.model_path)
         if args.save_stage1 and args.refiner_root is None and not os.path.isdir(os.path.join(args.weights,
                                                                                               "refiner")):
             raise ValueError(f"--save_stage1: {args.weights} has no refiner/ (and no --refiner_root is given), so "
@@ -1485,7 +1496,6 @@ def _run_stream(args, image, prompt, c2w, intrinsics, path, camera_path) -> str:
         stage2 = None if args.no_refiner else streaming_refiner(args.weights, dtype, device)  # checked, not loaded
         dit, vae, tokenizer, text_encoder = load_streaming_release(args.weights, dtype, device, args.text_encoder)
     height, width = size.get("height", HEIGHT), size.get("width", WIDTH)
-    os.makedirs(args.output_dir, exist_ok=True)  # the mp4 grows under its own name: a viewer can open it at once
     with _threads(1 if args.demo else torch.get_num_threads()), StreamingMp4Writer(path, args.fps, height,
                                                                                     width) as writer:
         result = generate_stream(dit, vae, tokenizer, text_encoder, image, prompt, writer.write, c2w=c2w,

@@ -986,3 +986,30 @@ def test_stream_with_the_refiner_equals_refine_on_the_whole_video():
                         generator=torch.Generator().manual_seed(G.REFINER_SEED))
     assert (refined.latents - expected).abs().max() <= 1e-5
     assert not torch.allclose(refined.latents[:, :, 1:], stage1.latents[:, :, 1:])
+
+
+def test_stream_failure_before_the_first_chunk_leaves_no_file(tmp_path, monkeypatch, capsys):
+    """The growing mp4 is opened with the first chunk: a failure before it leaves no file (and an existing one as
+    it was); per-frame intrinsics too few for the video are refused before any model loads; an empty --output_dir
+    is refused."""
+    np.save(tmp_path / "k.npy", np.tile(np.array([[200.0, 0, 96], [0, 200.0, 64], [0, 0, 1]]), (5, 1, 1)))
+    assert G.main(["--demo", "--stream", "--no_refiner", "--intrinsics", str(tmp_path / "k.npy"),
+                   "--output_dir", str(tmp_path / "out")]) == 2
+    assert "intrinsics" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    monkeypatch.setattr(G, "stream_sample", lambda *a, **k: (_ for _ in ()).throw(ValueError("stop")))
+    assert G.main(["--demo", "--stream", "--no_refiner", "--output_dir", str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.mp4"))
+    assert G.main(["--demo", "--output_dir", ""]) == 2
+    assert "--output_dir" in capsys.readouterr().err
+
+
+def test_model_path_replaces_the_release_dit(tmp_path, capsys):
+    """With --model_path the release folder needs no dit/: the next missing part (Gemma-2) is what is named."""
+    (tmp_path / "w" / "vae").mkdir(parents=True)
+    (tmp_path / "m.safetensors").write_bytes(b"")
+    G.demo_image().save(tmp_path / "x.png")
+    assert G.main(["--weights", str(tmp_path / "w"), "--model_path", str(tmp_path / "m.safetensors"), "--image",
+                   str(tmp_path / "x.png"), "--prompt", "a road", "--action", "w-16", "--device", "cpu",
+                   "--output_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "dit/" not in err[0] and "--text_encoder" in err[0], err
