@@ -246,44 +246,42 @@ def test_compiled_blocks_on_cuda_equal_eager(compile_everything):
     assert max_abs(fused, eager) <= MODEL_ATOL
 
 
+def check_cached_chunks(ours, written, device):
+    """ours' cached chunks (4+3+3 frames) == written's chunk-causal forward over the whole video so far, fp32."""
+    overrides, (_, h, w), _ = CONFIGS["varied"]
+    x, _, text, mask, raymap, plucker = (a.to(device) for a in ours_args(tiny_dit_inputs(
+        thw=(10, h, w), in_channels=6, caption_channels=24)))
+    starts, cache = (0, 4, 7), dit.StreamCache()
+    with torch.no_grad():
+        for s, e in zip(starts, (4, 7, 10)):
+            t = torch.rand(2, e - s, generator=gen(s)).to(device) * 1000
+            got = dit.forward_chunk(ours, x[:, :, s:e], t, text, mask, raymap, plucker, cache=cache)
+            expected = written(x[:, :, :e], torch.cat([t.new_zeros(2, s), t], 1), text, mask, raymap[:, :e],
+                               plucker[:, :, :e], chunk_size=tuple(c for c in starts if c < e))[:, :, s:]
+            assert max_abs(got, expected) <= MODEL_ATOL
+            dit.forward_chunk(ours, x[:, :, s:e], t.new_zeros(2, e - s), text, mask, raymap, plucker, cache=cache,
+                              save=True)
+
+
+def tiny_pair(kernel, device="cpu"):
+    """(accelerated, as written) copies of one tiny DiT with a short conv of `kernel` taps."""
+    theirs = tiny_sana_wm_transformer(**dict(CONFIGS["varied"][0], conv_kernel_size=kernel))
+    return fast.accelerate(ours_from(theirs).to(device)), ours_from(theirs).to(device)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernel", [3, 4])
 def test_streaming_chunks_on_cuda(compile_everything, kernel):
     """The accelerated DiT's cached chunk-by-chunk forward on CUDA (kernels, compiled pieces) equals the
     chunk-causal forward over the whole video so far, fp32, at the whole-model tolerance; 4+3+3 frames; a short
     conv of 3 taps (its halo a chunk of its own) and the release's 4 (the halo read by the kernel)."""
-    overrides, (_, h, w), _ = CONFIGS["varied"]
-    ours = fast.accelerate(ours_from(tiny_sana_wm_transformer(**dict(overrides, conv_kernel_size=kernel))).cuda())
-    x, _, text, mask, raymap, plucker = (a.cuda() for a in ours_args(tiny_dit_inputs(
-        thw=(10, h, w), in_channels=6, caption_channels=24)))
-    starts, cache = (0, 4, 7), dit.StreamCache()
-    with torch.no_grad():
-        for s, e in zip(starts, (4, 7, 10)):
-            t = torch.rand(2, e - s, generator=gen(s)).cuda() * 1000
-            got = dit.forward_chunk(ours, x[:, :, s:e], t, text, mask, raymap, plucker, cache=cache)
-            expected = ours(x[:, :, :e], torch.cat([t.new_zeros(2, s), t], 1), text, mask, raymap[:, :e],
-                            plucker[:, :, :e], chunk_size=tuple(c for c in starts if c < e))[:, :, s:]
-            assert max_abs(got, expected) <= MODEL_ATOL
-            dit.forward_chunk(ours, x[:, :, s:e], t.new_zeros(2, e - s), text, mask, raymap, plucker, cache=cache,
-                              save=True)
+    ours, _ = tiny_pair(kernel, "cuda")
+    check_cached_chunks(ours, ours, "cuda")
 
 
 def test_streaming_chunks_with_kernels(monkeypatch):
     """The accelerated DiT's cached chunks with the kernels on (the interpreter here; the release's 4-tap short
     conv, whose halo the kernel reads as an earlier chunk) equal the chunk-causal forward as written."""
-    overrides, (_, h, w), _ = CONFIGS["varied"]
-    theirs = tiny_sana_wm_transformer(**dict(overrides, conv_kernel_size=4))
-    written, ours = ours_from(theirs), fast.accelerate(ours_from(theirs))
-    x, _, text, mask, raymap, plucker = ours_args(tiny_dit_inputs(thw=(10, h, w), in_channels=6, caption_channels=24))
     monkeypatch.setattr(fast, "use_kernels", lambda x: True)
     monkeypatch.setitem(fast.HEAD_STREAM_LAUNCH, "tokens", 16)
-    starts, cache = (0, 4, 7), dit.StreamCache()
-    with torch.no_grad():
-        for s, e in zip(starts, (4, 7, 10)):
-            t = torch.rand(2, e - s, generator=gen(s)) * 1000
-            got = dit.forward_chunk(ours, x[:, :, s:e], t, text, mask, raymap, plucker, cache=cache)
-            expected = written(x[:, :, :e], torch.cat([torch.zeros(2, s), t], 1), text, mask, raymap[:, :e],
-                               plucker[:, :, :e], chunk_size=tuple(c for c in starts if c < e))[:, :, s:]
-            assert max_abs(got, expected) <= MODEL_ATOL
-            dit.forward_chunk(ours, x[:, :, s:e], torch.zeros(2, e - s), text, mask, raymap, plucker, cache=cache,
-                              save=True)
+    check_cached_chunks(*tiny_pair(4), "cpu")
