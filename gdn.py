@@ -819,8 +819,8 @@ def gdn_chunk(layer: GDNSelfAttention, u, thw, rope, camera, halo=None, states=N
     # The halo frames are an earlier chunk; as uniform chunks of h frames where the chunk is no longer (the
     # streaming model's 3 + 3), the form the CUDA kernels take.
     chunks = None if h == 0 else (h if T <= h else (0, h))
-    beta, decay = layer.gates(wide, h + T)
-    beta, decay = beta[:, own], decay[:, h:]
+    beta_wide, decay = layer.gates(wide, h + T)
+    beta, decay = beta_wide[:, own], decay[:, h:]
     q_rot, k_rot, v, q, k = (x[:, own] for x in layer.main_streams(wide, h + T, rope, chunks))
     M, U = frame_terms(k_rot, v, beta, k, num_frames=T)
     X = scan_states(M, carry_in(M, U, decay, None if states is None else states[0]), decay)
@@ -829,7 +829,6 @@ def gdn_chunk(layer: GDNSelfAttention, u, thw, rope, camera, halo=None, states=N
     if camera is not None:
         own_camera = camera if h == 0 else camera_rows(camera, own)
         if camera_halo:
-            beta_wide = beta if h == 0 else torch.cat([beta.new_ones(B, h * S, beta.shape[-1]), beta], 1)
             qh, kh, vh, beta_cam = (x[:, own] for x in layer.camera_streams(wide, h + T, camera, beta_wide, chunks))
         else:
             qh, kh, vh, beta_cam = layer.camera_streams(u, T, own_camera, beta, None)
