@@ -524,8 +524,7 @@ def generate_stream(dit, vae, tokenizer, text_encoder, image, prompt: str, write
     for s, e, z in stream_sample(dit, x, text, text_mask, raymap, plucker, window=window, sink=sink):
         if runner is not None:  # the chunk's new frames are the refiner's next block; the image frame its sink
             z = torch.cat([z[:, :, :1].to(runner.dtype), runner.refine(z[:, :, 1:])], 2) if s == 0 else runner.refine(z)
-        video = decoder.decode(vae.denormalize(z.to(vae_dtype)))
-        frames = ((video[0].float() + 1) * 127.5).clamp(0, 255).round().to(torch.uint8).permute(1, 2, 3, 0).cpu()
+        frames = _uint8_frames(decoder.decode(vae.denormalize(z.to(vae_dtype))))
         write(frames[1:] if s == 0 else frames)
         written += len(frames) - (s == 0)
         latents.append(z)
@@ -538,7 +537,11 @@ def generate_stream(dit, vae, tokenizer, text_encoder, image, prompt: str, write
 
 def _decode(vae, latents, vae_dtype) -> torch.Tensor:
     """Normalised latents (1, C, T, h, w) -> (F, H, W, 3) uint8 frames on the CPU."""
-    video = vae.decode(vae.denormalize(latents.to(vae_dtype)))  # (1, 3, F, H, W) in [-1, 1]
+    return _uint8_frames(vae.decode(vae.denormalize(latents.to(vae_dtype))))
+
+
+def _uint8_frames(video: torch.Tensor) -> torch.Tensor:
+    """A decoded video (1, 3, F, H, W) in [-1, 1] -> (F, H, W, 3) uint8 frames on the CPU."""
     frames = ((video[0].float() + 1) * 127.5).clamp(0, 255).round().to(torch.uint8)
     return frames.permute(1, 2, 3, 0).contiguous().cpu()
 
