@@ -33,10 +33,10 @@ def rope_table(head_dim: int, thw: tuple[int, int, int], device=None, theta: flo
     n_t = head_dim // 2 - 2 * n_hw
 
     def axis(n_pairs: int, length: int) -> torch.Tensor:
-        # Built on the CPU in fp32 like the reference's precomputed table, then moved: identical bits everywhere.
+        # Built on the CPU in fp32 like the reference's table (identical bits everywhere), moved without a wait.
         inv = 1.0 / theta ** (torch.arange(0, 2 * n_pairs, 2, dtype=torch.float32) / (2 * n_pairs))
         angles = torch.outer(torch.arange(length), inv)
-        return torch.view_as_real(torch.polar(torch.ones_like(angles), angles)).to(device)
+        return torch.view_as_real(torch.polar(torch.ones_like(angles), angles)).to(device, non_blocking=True)
 
     T, h, w = thw
     parts = (axis(n_t, T).view(T, 1, 1, -1, 2).expand(T, h, w, -1, 2),

@@ -17,6 +17,7 @@ folder `text_encoder/` (config.json + *.safetensors) with its tokenizer files ei
 tokenizer/). With `refiner/` present the refiner runs unless `--no_refiner` is given.
 """
 import argparse
+import collections
 import dataclasses
 import gc
 import hashlib
@@ -28,7 +29,7 @@ import re
 import sys
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -481,7 +482,7 @@ def generate_stream(dit, vae, tokenizer, text_encoder, image, prompt: str, write
                     translation_speed: float | None = None, rotation_speed_deg: float | None = None,
                     action_scheme: str = "v2", num_frames: int = 241, seed: int = STREAM_SEED, fps: float = 16,
                     height: int = HEIGHT, width: int = WIDTH, device="cpu", window: int = 2,
-                    sink: bool = True, refiner: Stage2 | None = None) -> StreamResult:
+                    sink: bool = True, refiner: Stage2 | None = None, overlap: bool = True) -> StreamResult:
     """The streaming release's stage 1: the video made chunk by chunk (stream_sample: 4 distilled steps per chunk
     of 3 latent frames, caches instead of recomputation) and decoded as it comes by the causal VAE
     (vae.CausalDecodeStream, one latent frame at a time); each decoded chunk goes to write((n, H, W, 3) uint8 on
@@ -489,9 +490,10 @@ def generate_stream(dit, vae, tokenizer, text_encoder, image, prompt: str, write
 
     dit: the streaming DiT (dit.OFFICIAL_SWITCHES); vae: a causal decoder (decoder_causal=True). num_frames is
     snapped to 24k + 1 (whole chunks of 3 latent frames after the image frame). The camera of the written frames
-    is c2w[1:]. A progress line per chunk says how much video is made and the real-time factor so far.
+    is c2w[1:]. A progress line per chunk says how much video is written and its real-time factor so far.
     refiner: stage 2 in the stream (refiner.RefinerStream): each stage-1 chunk's new frames are refined as one block
     of the refiner's AR loop (the image frame its sink) before they are decoded; None for stage 1 only.
+    overlap: stage 1, the refiner and the decoder on CUDA streams of their own (run_stream); the same frames.
     """
     c2w = check_inputs(prompt, action, c2w, translation_speed, rotation_speed_deg, len(STREAM_SIGMAS), num_frames,
                        fps, action_scheme, guidance_scale=1.0, seed=seed)
@@ -519,31 +521,158 @@ def generate_stream(dit, vae, tokenizer, text_encoder, image, prompt: str, write
         del encoder
         runner = RefinerStream(refiner.load_refiner(), image_latent, refiner_text, refiner_mask, fps=fps,
                                generator=torch.Generator(device).manual_seed(REFINER_SEED))
-    latents, written, first_frame = [], 0, None
-    start = time.perf_counter()
-    for s, e, z in stream_sample(dit, x, text, text_mask, raymap, plucker, window=window, sink=sink):
-        if runner is not None:  # the chunk's new frames are the refiner's next block; the image frame its sink
-            z = torch.cat([z[:, :, :1].to(runner.dtype), runner.refine(z[:, :, 1:])], 2) if s == 0 else runner.refine(z)
-        frames = _uint8_frames(decoder.decode(vae.denormalize(z.to(vae_dtype))))
-        write(frames[1:] if s == 0 else frames)
-        written += len(frames) - (s == 0)
-        latents.append(z)
-        seconds = _seconds_since(start, device)
-        first_frame = seconds if first_frame is None else first_frame
-        print(f"chunk {len(latents)}: {written / fps:.1f} s of video in {seconds:.1f} s, "
-              f"{written / fps / seconds:.2f}x real time", file=sys.stderr)
-    return StreamResult(torch.cat(latents, 2), c2w[1:], written, _seconds_since(start, device), first_frame)
+    latents = x.new_empty(x.shape, dtype=dtype if runner is None else runner.dtype)
+    chunks = stream_sample(dit, x, text, text_mask, raymap, plucker, window=window, sink=sink)
+    frames, seconds, first_frame = run_stream(chunks, runner, decoder, write, latents, fps=fps, overlap=overlap)
+    return StreamResult(latents, c2w[1:], frames, seconds, first_frame)
+
+
+@torch.no_grad()
+def run_stream(chunks, runner: RefinerStream | None, decoder: CausalDecodeStream, write, latents, *, fps: float,
+               overlap: bool = True) -> tuple[int, float, float]:
+    """The stream after its set-up: each stage-1 chunk (start, stop, z) of `chunks` (stream_sample) refined by
+    `runner` (refine_chunk; None: as it is) into latents[:, :, start:stop], decoded by `decoder` (chunk_frames)
+    and given to write((n, H, W, 3) uint8 on the CPU), with a progress line. overlap: the same steps as a
+    pipeline on three CUDA streams (_overlapped_stream: stage 1 of the next chunk runs while this one is refined
+    and the one before decoded; on the CPU one after the other): the same frames as this loop, which is the
+    reference. Returns (frames written, seconds, seconds to the first written frame)."""
+    written = _StreamProgress(write, fps)
+    if overlap:
+        _overlapped_stream(chunks, lambda s, z: refine_chunk(runner, s, z), lambda s, z: chunk_frames(decoder, s, z),
+                           written, latents)
+    else:
+        for s, e, z in chunks:
+            latents[:, :, s:e] = refine_chunk(runner, s, z)
+            written(chunk_frames(decoder, s, latents[:, :, s:e]).cpu())
+    return written.frames, _seconds_since(written.start, latents.device), written.first_frame
+
+
+def refine_chunk(runner: RefinerStream | None, start: int, z: torch.Tensor) -> torch.Tensor:
+    """A stage-1 chunk's latents (frames start.. of the video) refined: its new frames are the refiner's next block;
+    the image frame of the first chunk is the refiner's sink, kept as it is. Without a runner, z."""
+    if runner is None:
+        return z
+    if start == 0:
+        return torch.cat([z[:, :, :1].to(runner.dtype), runner.refine(z[:, :, 1:])], 2)
+    return runner.refine(z)
+
+
+def chunk_frames(decoder: CausalDecodeStream, start: int, z: torch.Tensor) -> torch.Tensor:
+    """A chunk's final latents (normalised) -> its video frames (n, H, W, 3) uint8 on z's device, the first chunk's
+    decoded image frame dropped (the input image; with the refiner, its unrefined sink)."""
+    vae = decoder.vae
+    frames = _uint8_frames(decoder.decode(vae.denormalize(z.to(next(vae.parameters()).dtype))))
+    return frames[1:] if start == 0 else frames
 
 
 def _decode(vae, latents, vae_dtype) -> torch.Tensor:
     """Normalised latents (1, C, T, h, w) -> (F, H, W, 3) uint8 frames on the CPU."""
-    return _uint8_frames(vae.decode(vae.denormalize(latents.to(vae_dtype))))
+    return _uint8_frames(vae.decode(vae.denormalize(latents.to(vae_dtype)))).cpu()
 
 
 def _uint8_frames(video: torch.Tensor) -> torch.Tensor:
-    """A decoded video (1, 3, F, H, W) in [-1, 1] -> (F, H, W, 3) uint8 frames on the CPU."""
+    """A decoded video (1, 3, F, H, W) in [-1, 1] -> (F, H, W, 3) uint8 frames, on the video's device."""
     frames = ((video[0].float() + 1) * 127.5).clamp(0, 255).round().to(torch.uint8)
-    return frames.permute(1, 2, 3, 0).contiguous().cpu()
+    return frames.permute(1, 2, 3, 0).contiguous()
+
+
+class _StreamProgress:
+    """write() that counts: the frames written, the seconds to the first, and a progress line per chunk with the
+    real-time factor of what has been written (seconds of video written / wall seconds since the stream started).
+    It reads the host's clock only: the frames are on the CPU when they come, so nothing waits for the GPU."""
+
+    def __init__(self, write: Callable[[torch.Tensor], None], fps: float):
+        self.write, self.fps = write, fps
+        self.frames, self.chunks, self.first_frame = 0, 0, None
+        self.start = time.perf_counter()
+
+    def __call__(self, frames: torch.Tensor):
+        self.write(frames)
+        self.frames, self.chunks = self.frames + len(frames), self.chunks + 1
+        seconds = time.perf_counter() - self.start
+        self.first_frame = seconds if self.first_frame is None else self.first_frame
+        print(f"chunk {self.chunks}: {self.frames / self.fps:.1f} s of video in {seconds:.1f} s, "
+              f"{self.frames / self.fps / seconds:.2f}x real time", file=sys.stderr)
+
+
+def _overlapped_stream(chunks, refine, decode, write, latents):
+    """run_stream's loop as a pipeline on three CUDA streams linked by events (streaming.md §7.1, as the official
+    streaming pipeline): step t enqueues stage-1 chunk t (the next(chunks) call runs its forwards on the stage-1
+    stream), refiner block t (after chunk t's event) and the decode of chunk t - 1 (after block t - 1's event) with
+    a non-blocking copy of its frames into pinned host memory, then writes, in order, every decoded chunk whose copy
+    has landed (event.query, no wait). So on the GPU stage 1 of chunk t + 1 runs beside the refiner on chunk t and
+    the decoder on chunk t - 1. One host thread enqueues everything: it waits for the GPU only at the end, for the
+    chunks still in flight (and where the steps themselves read values back: see bench/stream.py --sync_debug).
+    Off CUDA there are no streams or events: the same steps run one after the other, the same results as the
+    reference loop (only the order of the steps differs: chunk t is written after chunk t + 1 is made).
+
+    Lifetimes: what one stream hands to another is a slice of two buffers made before the streams start, on the
+    default stream they first wait for, and alive until they have all finished: `made` (stage 1's latents, written
+    on the stage-1 stream, read by the refiner) and `latents` (the refined ones, read by the decoder), as the
+    official mirror buffers. Everything else a stream makes is freed to that stream's pool and reused only by its
+    later work, in order. The host frames stay referenced in `pending` until their event has completed; then
+    written."""
+    device = latents.device
+    cuda = device.type == "cuda"
+    streams = [torch.cuda.Stream(device) if cuda else None for _ in range(3)]
+    stage1, refiner, decoder = streams
+    made = torch.empty_like(latents)
+    if cuda:  # the set-up work (noise, text, the refiner's sink, the buffers) was enqueued on the default stream
+        for stream in streams:
+            stream.wait_stream(torch.cuda.current_stream(device))
+
+    def on(stream):
+        return torch.cuda.stream(stream) if stream is not None else nullcontext()
+
+    def record(stream):
+        if stream is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(stream)
+        return event
+
+    def after(event, stream):  # the stream's next work waits for the event (on the GPU; the host goes on)
+        if stream is not None:
+            stream.wait_event(event)
+
+    chunks = iter(chunks)
+    pending = collections.deque()  # (event, frames on the host): decoded chunks in order, until written
+    to_decode = None  # (start, stop, event) of the block the refiner took in the step before
+    try:
+        while True:
+            with on(stage1):
+                chunk = next(chunks, None)
+                if chunk is not None:
+                    s, e, z = chunk
+                    made[:, :, s:e] = z
+            refined = None
+            if chunk is not None:
+                after(record(stage1), refiner)
+                with on(refiner):
+                    latents[:, :, s:e] = refine(s, made[:, :, s:e])
+                refined = (s, e, record(refiner))
+            if to_decode is not None:
+                ds, de, refined_event = to_decode
+                after(refined_event, decoder)
+                with on(decoder):
+                    frames = decode(ds, latents[:, :, ds:de])
+                    if cuda:  # the copy is the decode stream's last step; read only once its event has completed
+                        frames = torch.empty(frames.shape, dtype=frames.dtype, pin_memory=True).copy_(
+                            frames, non_blocking=True)
+                pending.append((record(decoder), frames))
+            while pending and (pending[0][0] is None or pending[0][0].query()):
+                write(pending.popleft()[1])
+            if chunk is None:
+                break
+            to_decode = refined
+        while pending:
+            event, frames = pending.popleft()
+            if event is not None:
+                event.synchronize()
+            write(frames)
+    finally:  # later work on the default stream (which reuses the buffers once freed) comes after the streams'
+        for stream in streams if cuda else ():
+            torch.cuda.current_stream(device).wait_stream(stream)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -89,7 +89,7 @@ def video_rope(frames, height: int, width: int, fps: float, cfg: RefinerConfig, 
     [max(8f+1−8, 0), 8(f+1)+1−8)/fps (the causal VAE's first frame spans one pixel frame), rows/columns
     [32y, 32y+32). Angle 3k + a = (2·frac_a − 1)·θ_k, frac = (t/20, y/2048, x/2048). Computed in float32."""
     st, sy, sx = cfg.vae_scale_factors
-    f = torch.as_tensor(frames, dtype=torch.float32, device=device)
+    f = torch.as_tensor(frames, dtype=torch.float32).to(device, non_blocking=True)  # (device= would wait for the GPU)
     t0 = (f * st + cfg.causal_offset - st).clamp(min=0) / float(fps)
     t1 = ((f + 1) * st + cfg.causal_offset - st).clamp(min=0) / float(fps)
     y = torch.arange(height, dtype=torch.float32, device=device)

@@ -10,21 +10,34 @@ Run from the repository root on a CUDA machine:
     python bench/stream.py                  # 241 and 961 frames
     python bench/stream.py --frames 241     # one length
     python bench/stream.py --refiner        # stage 1 + refiner + decode
+    python bench/stream.py --refiner --overlap   # + a row for the overlapped stream (three CUDA streams)
+    python bench/stream.py --refiner --frames 241 --sync_debug   # where the overlapped stream waits for the GPU
     python bench/stream.py --tiny           # CPU, the demo's tiny models: checks the script runs
-Per length: seconds per chunk (the 5 DiT forwards; the refiner's block; the decode), time to the first decoded frame (from the first
-chunk's start: model loading, prompt and image encoding not counted), the real-time factor at 16 fps (stage 1 alone,
-and stage 1 + decode), peak GPU memory (torch.cuda.max_memory_allocated, weights included) and the cache sizes.
+Per length and mode: the real-time factor of the whole stream at 16 fps (seconds of video over wall seconds), the
+time to the first (refined) frames on the host, peak GPU memory (torch.cuda.max_memory_allocated, weights included)
+and the cache sizes; the clock starts before the refiner's sink capture (model loading, prompt and image encoding
+not counted). The sequential row (generate.run_stream's reference loop) also gives the seconds per chunk of each
+part (the 5 DiT forwards; the refiner's block; the decode with the copy to the host), from CUDA events between the
+parts, and the real-time factor of stage 1 alone; the overlapped row (generate.run_stream(overlap=True)) has no
+per-part times: there the parts run at once and share the GPU. Nothing is encoded to mp4 (the CLI's host also
+encodes each chunk with libx264).
 """
 import argparse
+import collections
+import contextlib
 import dataclasses
+import io
 import pathlib
 import statistics
 import sys
 import time
+import traceback
+import warnings
 
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+HERE = pathlib.Path(__file__).resolve()
+ROOT = HERE.parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import fast  # noqa: E402
 import generate as G  # noqa: E402
@@ -57,70 +70,34 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-@torch.no_grad()
-def run(dit, vae, frames, size, device, dtype, refiner=None):
-    T, (H, W) = (frames - 1) // 8 + 1, size
-    h, w = H // 32, W // 32
-    g = torch.Generator().manual_seed(42)
-    x = torch.randn(1, dit.config.in_channels, T, h, w, generator=g).to(device, dtype)
-    text = torch.randn(1, 300, dit.config.caption_channels, generator=g).to(device, dtype)
-    mask = torch.ones(1, 300, dtype=torch.long, device=device)
-    c2w = G.camera.action_to_c2w(f"w-{frames - 1}")
-    raymap, plucker = G.camera.prepare_camera(c2w, [W * 0.8, W * 0.8, W / 2, H / 2], size=(H, W))
-    raymap, plucker = raymap[None].to(device, dtype), plucker[None].to(device, dtype)
-    stream = CausalDecodeStream(vae)
-    caches = []
-    forward_chunk = G.forward_chunk
-    G.forward_chunk = lambda *a, **k: caches.append(k["cache"]) or forward_chunk(*a, **k)  # keep the cache to size
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    stage1, refine, decode, first_frame, written = [], [], [], None, 0
-    sync(device)
-    start = time.perf_counter()
-    runner = None
-    if refiner is not None:  # the sink: the image frame (here the noise's frame 0 stands in for the image latent)
-        rtext = torch.randn(1, 1024, refiner.cfg.caption_channels, generator=g).to(device, dtype)
-        runner = RefinerStream(refiner, x[:, :, :1], rtext, torch.ones(1, 1024, dtype=torch.long, device=device),
-                               fps=FPS, generator=torch.Generator(device).manual_seed(42))
-    chunks = G.stream_sample(dit, x, text, mask, raymap, plucker)
-    while True:
-        t0 = time.perf_counter()
-        try:
-            s, e, z = next(chunks)
-        except StopIteration:
-            break
-        sync(device)
-        t1 = time.perf_counter()
-        if runner is not None:
-            z = torch.cat([z[:, :, :1], runner.refine(z[:, :, 1:])], 2) if s == 0 else runner.refine(z)
-            sync(device)
-        refine.append(time.perf_counter() - t1)
-        t1 = time.perf_counter()
-        pixels = stream.decode(vae.denormalize(z.to(vae.decoder.conv_in.conv.weight.dtype)))
-        video = ((pixels[0].float() + 1) * 127.5).clamp(0, 255).to(torch.uint8).cpu()  # what a writer gets
-        written += video.shape[1] - (s == 0)  # the first chunk's image frame is dropped
-        t2 = time.perf_counter()
-        if first_frame is None:
-            first_frame = t2 - start
-        stage1.append(t1 - t0)
-        decode.append(t2 - t1)
-    assert written == frames - 1, (written, frames)
-    total = time.perf_counter() - start
-    G.forward_chunk = forward_chunk
-    seconds = (frames - 1) / FPS
-    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
-    cache = caches[-1]
-    steady = lambda ts: statistics.median(ts[1:] or ts)  # noqa: E731
-    return dict(frames=frames, chunks=len(stage1), stage1_chunk=steady(stage1), refine_chunk=steady(refine),
-                first_chunk=stage1[0], decode_chunk=steady(decode), first_frame=first_frame,
-                rt_stage1=seconds / sum(stage1), rt_total=seconds / total, peak=peak,
-                cache_gib=tensor_bytes(cache.blocks) / 2 ** 30)
+class PartClock:
+    """Marks between the parts of the sequential stream: CUDA events on the current stream (the loop does not wait
+    for them; read at the end), or the host's clock on the CPU (where each op finishes before the next)."""
+
+    def __init__(self, device):
+        self.cuda, self.marks = device.type == "cuda", []
+
+    def mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def seconds(self, parts: int) -> list[list[float]]:
+        """Per part, its seconds in each chunk (one mark before the first chunk, then one after each part)."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            between = [a.elapsed_time(b) / 1000 for a, b in zip(self.marks, self.marks[1:])]
+        else:
+            between = [b - a for a, b in zip(self.marks, self.marks[1:])]
+        per_chunk = [between[i:i + parts] for i in range(0, len(between), parts)]
+        return [list(part) for part in zip(*per_chunk)]
 
 
-@torch.no_grad()
-def profile(dit, frames, size, device, dtype, refiner=None):
-    """The kernels of one chunk's 5 forwards (the 4th chunk: the softmax window full), by total GPU time; with a
-    refiner, then the kernels of its 4th block."""
+def stream_inputs(dit, frames, size, device, dtype):
+    """Noise (its frame 0 stands in for the image latent), random text of Gemma-2's shape, the camera of a walk."""
     T, (H, W) = (frames - 1) // 8 + 1, size
     g = torch.Generator().manual_seed(42)
     x = torch.randn(1, dit.config.in_channels, T, H // 32, W // 32, generator=g).to(device, dtype)
@@ -128,7 +105,76 @@ def profile(dit, frames, size, device, dtype, refiner=None):
     mask = torch.ones(1, 300, dtype=torch.long, device=device)
     raymap, plucker = G.camera.prepare_camera(G.camera.action_to_c2w(f"w-{frames - 1}"),
                                               [W * 0.8, W * 0.8, W / 2, H / 2], size=(H, W))
-    chunks = G.stream_sample(dit, x, text, mask, raymap[None].to(device, dtype), plucker[None].to(device, dtype))
+    return x, text, mask, raymap[None].to(device, dtype), plucker[None].to(device, dtype)
+
+
+def refiner_runner(refiner, x, device, dtype):
+    """The refiner's stream (its sink captured: one forward), random embeddings of the connectors' output shape."""
+    if refiner is None:
+        return None
+    rtext = torch.randn(1, 1024, refiner.cfg.caption_channels, generator=torch.Generator().manual_seed(43))
+    return RefinerStream(refiner, x[:, :, :1], rtext.to(device, dtype), torch.ones(1, 1024, dtype=torch.long,
+                         device=device), fps=FPS, generator=torch.Generator(device).manual_seed(42))
+
+
+@torch.no_grad()
+def run(dit, vae, frames, size, device, dtype, refiner=None, overlap=False):
+    """One stream: overlap=False the sequential loop of generate.run_stream (refine_chunk, chunk_frames, the frames
+    copied to the host), with marks between the parts; overlap=True generate.run_stream on three CUDA streams
+    (its progress lines silenced). The clock starts before the refiner's sink capture; nothing is encoded."""
+    x, text, mask, raymap, plucker = stream_inputs(dit, frames, size, device, dtype)
+    caches = []
+    forward_chunk = G.forward_chunk
+    G.forward_chunk = lambda *a, **k: caches.append(k["cache"]) or forward_chunk(*a, **k)  # keep the cache to size
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    first_frame, written, chunks_written, clock = None, 0, 0, PartClock(device)
+
+    def write(video):
+        nonlocal first_frame, written, chunks_written
+        written, chunks_written = written + len(video), chunks_written + 1
+        first_frame = time.perf_counter() - start if first_frame is None else first_frame
+
+    sync(device)
+    start = time.perf_counter()
+    runner = refiner_runner(refiner, x, device, dtype)
+    chunks = G.stream_sample(dit, x, text, mask, raymap, plucker)
+    decoder = CausalDecodeStream(vae)
+    latents = x.new_empty(x.shape)
+    if overlap:
+        with contextlib.redirect_stderr(io.StringIO()):
+            G.run_stream(chunks, runner, decoder, write, latents, fps=FPS, overlap=True)
+    else:
+        clock.mark()
+        for s, e, z in chunks:  # run_stream's loop, the parts marked: stage 1 (in next), refiner, decode
+            clock.mark()
+            z = G.refine_chunk(runner, s, z)
+            clock.mark()
+            write(G.chunk_frames(decoder, s, z).cpu())
+            clock.mark()
+    sync(device)
+    total = time.perf_counter() - start
+    G.forward_chunk = forward_chunk
+    assert written == frames - 1, (written, frames)
+    seconds = (frames - 1) / FPS
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
+    row = dict(mode="overlapped" if overlap else "sequential", frames=frames, chunks=chunks_written,
+               first_frame=first_frame, rt_total=seconds / total, peak=peak,
+               cache_gib=tensor_bytes(caches[-1].blocks) / 2 ** 30)
+    if not overlap:
+        stage1, refine, decode = clock.seconds(3)
+        steady = lambda ts: statistics.median(ts[1:] or ts)  # noqa: E731
+        row.update(stage1_chunk=steady(stage1), first_chunk=stage1[0], refine_chunk=steady(refine),
+                   decode_chunk=steady(decode), rt_stage1=seconds / sum(stage1))
+    return row
+
+
+@torch.no_grad()
+def profile(dit, frames, size, device, dtype, refiner=None):
+    """The kernels of one chunk's 5 forwards (the 4th chunk: the softmax window full), by total GPU time; with a
+    refiner, then the kernels of its 4th block."""
+    x, text, mask, raymap, plucker = stream_inputs(dit, frames, size, device, dtype)
+    chunks = G.stream_sample(dit, x, text, mask, raymap, plucker)
     for _ in range(3):
         next(chunks)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
@@ -138,8 +184,7 @@ def profile(dit, frames, size, device, dtype, refiner=None):
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60))
     if refiner is None:
         return
-    rtext = torch.randn(1, 1024, refiner.cfg.caption_channels, generator=g).to(device, dtype)
-    runner = RefinerStream(refiner, x[:, :, :1], rtext, None, fps=FPS)
+    runner = refiner_runner(refiner, x, device, dtype)
     for i in range(3):
         runner.refine(x[:, :, 1 + 3 * i:4 + 3 * i])
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
@@ -149,12 +194,49 @@ def profile(dit, frames, size, device, dtype, refiner=None):
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60))
 
 
+def find_syncs(dit, vae, frames, size, device, dtype, refiner=None):
+    """Where the overlapped stream makes the host wait for the GPU without being asked (a read-back, a blocking
+    copy: torch.cuda.set_sync_debug_mode), each such wait a gap in what the host enqueues: per call site (the
+    innermost line of the project's files) over one stream, with its count. Explicit waits (the end of the
+    stream) are not listed."""
+    sites = collections.Counter()
+
+    def note(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):
+            return
+        ours = [f for f in traceback.extract_stack()[:-1]
+                if f.filename.startswith(str(ROOT)) and pathlib.Path(f.filename).resolve() != HERE]
+        site = ours[-1] if ours else None
+        sites[f"{pathlib.Path(site.filename).name}:{site.lineno} {site.name}: {site.line}" if site
+              else f"{filename}:{lineno}"] += 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = note
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run(dit, vae, frames, size, device, dtype, refiner, overlap=True)
+        finally:
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+    print(f"\nimplicit waits for the GPU in the overlapped stream of {frames} frames (count, site):")
+    for site, count in sites.most_common():
+        print(f"{count:6d}  {site}")
+    if not sites:
+        print("  none" + (" (on the CPU there is nothing to wait for)" if device.type != "cuda" else ""))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--frames", default="241,961", help="comma-separated frame counts 24k+1")
     p.add_argument("--tiny", action="store_true", help="CPU, the demo's tiny models (checks the script)")
     p.add_argument("--profile", action="store_true", help="also profile the 5 forwards of one chunk (the 4th)")
     p.add_argument("--refiner", action="store_true", help="refine each chunk in the stream (random LTX-2 refiner)")
+    p.add_argument("--overlap", action="store_true",
+                   help="also run the overlapped stream (three CUDA streams), a row beside the sequential one")
+    p.add_argument("--sync_debug", action="store_true",
+                   help="list where the overlapped stream waits for the GPU implicitly (one run of the first length)")
     args = p.parse_args()
     if args.tiny:
         device, dtype = torch.device("cpu"), torch.float32
@@ -177,16 +259,26 @@ def main():
     if refiner is not None:
         print("refiner: random weights; random (1, 1024, 3840) embeddings stand in for Gemma-3 + connectors")
     run(dit, vae, frames[0], size, device, dtype, refiner)  # warm-up: compiles the kernels and blocks
-    rows = [run(dit, vae, f, size, device, dtype, refiner) for f in frames]
+    rows = [run(dit, vae, f, size, device, dtype, refiner, overlap) for f in frames
+            for overlap in ((False, True) if args.overlap else (False,))]
+    if args.sync_debug:
+        find_syncs(dit, vae, frames[0], size, device, dtype, refiner)
     if args.profile:
         profile(dit, max(frames[0], 121), size, device, dtype, refiner)  # 5 chunks at least
-    print("\nframes chunks | stage-1 s/chunk (first) | refiner s/chunk | decode s/chunk | first frame s | "
+    print("\nmode       frames chunks | stage-1 s/chunk (first) | refiner s/chunk | decode s/chunk | first frame s | "
           "real time: stage 1, all | peak GiB | cache GiB")
     for r in rows:
-        print(f"{r['frames']:6d} {r['chunks']:6d} | {r['stage1_chunk']:8.3f} ({r['first_chunk']:6.3f})      | "
-              f"{r['refine_chunk']:8.3f}        | {r['decode_chunk']:8.3f}       | {r['first_frame']:8.3f}      | "
-              f"{r['rt_stage1']:6.2f}x {r['rt_total']:6.2f}x        | {r['peak']:7.2f}  | {r['cache_gib']:6.3f}")
-
+        if r["mode"] == "sequential":
+            parts = (f"{r['stage1_chunk']:8.3f} ({r['first_chunk']:6.3f})      | {r['refine_chunk']:8.3f}        | "
+                     f"{r['decode_chunk']:8.3f}       |", f"{r['rt_stage1']:6.2f}x")
+        else:
+            parts = f"{'-':>8s} {'':8s}      | {'-':>8s}        | {'-':>8s}       |", f"{'-':>6s} "
+        print(f"{r['mode']:10s} {r['frames']:6d} {r['chunks']:6d} | {parts[0]} {r['first_frame']:8.3f}      | "
+              f"{parts[1]} {r['rt_total']:6.2f}x        | {r['peak']:7.2f}  | {r['cache_gib']:6.3f}")
+    print("per part: the median over chunks after the first, from CUDA events between the parts of the sequential "
+          "loop;\nmeaningful there only: in the overlapped stream the parts run at once and share the GPU. first "
+          "frame:\nseconds from the start (the refiner's sink capture included) to the first frames on the host. "
+          "real time:\nseconds of video (16 fps) over wall seconds. Peak: max_memory_allocated, weights included.")
 
 if __name__ == "__main__":
     main()

@@ -988,6 +988,71 @@ def test_stream_with_the_refiner_equals_refine_on_the_whole_video():
     assert not torch.allclose(refined.latents[:, :, 1:], stage1.latents[:, :, 1:])
 
 
+@pytest.mark.parametrize("refined", [False, True], ids=["stage1", "refiner"])
+def test_overlapped_stream_writes_the_sequential_mp4(tmp_path, refined):
+    """The stream as a pipeline (overlap=True; on the CPU its steps one after the other, in the pipeline's order)
+    writes an mp4 whose frames equal the sequential reference loop's bit for bit (overlap must not change
+    results), with and without the refiner: the chunks given to write and the latents as well."""
+    dit, vae, tokenizer, gemma = G.demo_models(official=True, causal_vae=True)
+    kwargs = dict(action="w-48,d-24", num_frames=73, height=G.DEMO_SIZE[0], width=G.DEMO_SIZE[1],
+                  refiner=G.demo_refiner() if refined else None)
+    runs = []
+    for overlap in (False, True):
+        chunks, path = [], tmp_path / f"overlap_{overlap}.mp4"
+        with G.StreamingMp4Writer(str(path), 16, *G.DEMO_SIZE) as writer:
+            result = G.generate_stream(dit, vae, tokenizer, gemma, G.demo_image(), G.DEMO_PROMPT,
+                                       lambda f: chunks.append(f.clone()) or writer.write(f), overlap=overlap,
+                                       **kwargs)
+        runs.append((torch.cat(chunks), result.latents, np.stack(_read_mp4(path)[0])))
+    (frames, latents, mp4), (o_frames, o_latents, o_mp4) = runs
+    assert len(chunks) == 3 and frames.shape[0] == mp4.shape[0] == 72
+    assert torch.equal(o_frames, frames) and torch.equal(o_latents, latents) and np.array_equal(o_mp4, mp4)
+
+
+def test_overlapped_stream_order():
+    """The pipeline's order of work, what lets the GPU overlap the parts: step t makes chunk t, refines it and
+    decodes chunk t - 1; a decoded chunk is written once ready (at once off CUDA), in order; the last step decodes
+    and writes the last chunk. Stage 1 hands its latents to the refiner, the refiner its own to the decoder."""
+    log = []
+
+    def chunks():
+        for t in range(3):
+            log.append(f"make {t}")
+            yield 3 * t, 3 * t + 3, torch.full((1, 1, 3, 1, 1), 10.0 * t)
+
+    latents = torch.zeros(1, 1, 9, 1, 1)
+    G._overlapped_stream(chunks(), lambda s, z: log.append(f"refine {s // 3}") or z + 1,
+                         lambda s, z: log.append(f"decode {s // 3}") or z.flatten(),
+                         lambda f: log.append(f"write {f.tolist()}"), latents)
+    assert log == ["make 0", "refine 0",
+                   "make 1", "refine 1", "decode 0", "write [1.0, 1.0, 1.0]",
+                   "make 2", "refine 2", "decode 1", "write [11.0, 11.0, 11.0]",
+                   "decode 2", "write [21.0, 21.0, 21.0]"]
+    assert torch.equal(latents.flatten(), torch.tensor([1.0, 11.0, 21.0]).repeat_interleave(3))
+
+
+@pytest.mark.gpu
+def test_overlapped_stream_equals_sequential_on_cuda():
+    """On CUDA (three streams, events, pinned host copies) the overlapped stream writes the sequential run's frames
+    bit for bit, with and without the refiner; the sequential run first repeats itself (else the comparison would
+    say nothing)."""
+    dit, vae, tokenizer, gemma = G.demo_models(official=True, causal_vae=True)
+    dit, vae = dit.cuda(), vae.cuda()
+    stage2 = G.demo_refiner()
+    encoder, refiner = stage2.load_prompt_encoder(), stage2.load_refiner().cuda()
+    on_cuda = G.Stage2(lambda: lambda prompt: tuple(t.cuda() for t in encoder(prompt)), lambda: refiner)
+    for refined in (None, on_cuda):
+        runs = []
+        for overlap in (False, False, True):
+            chunks = []
+            G.generate_stream(dit, vae, tokenizer, gemma, G.demo_image(), G.DEMO_PROMPT, chunks.append,
+                              action="w-72,d-48", num_frames=121, height=G.DEMO_SIZE[0], width=G.DEMO_SIZE[1],
+                              device="cuda", refiner=refined, overlap=overlap)
+            runs.append(torch.cat(chunks))
+        assert runs[0].shape[0] == 120 and torch.equal(runs[1], runs[0])
+        assert torch.equal(runs[2], runs[0])
+
+
 def test_stream_failure_before_the_first_chunk_leaves_no_file(tmp_path, monkeypatch, capsys):
     """The growing mp4 is opened with the first chunk: a failure before it leaves no file (and an existing one as
     it was); per-frame intrinsics too few for the video are refused before any model loads; an empty --output_dir
