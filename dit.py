@@ -700,6 +700,23 @@ class StreamCache:
         return [0] + list(range(c - size + 1, c)) if sink else list(range(max(c - size, 0), c))
 
 
+def span_camera(dit: DiT, raymap, plucker, rope, hw, window, frames):
+    """The blocks' camera inputs (DiT.forward's `camera` and `plucker` tuples, or None) of a span of a longer video:
+    the UCPE ray matrices of the frames window = (lo, hi) (rope: their rows), the Plücker tokens of frames = (start,
+    end). raymap (B, T', 20) and plucker (B, 48, T', h, w) are the whole video's."""
+    camera = pl = None
+    if raymap is not None:
+        lo, hi = window
+        P = ray_matrices(raymap[:, lo:hi].to(dit.dtype), (hi - lo, *hw))
+        camera = (P, P.transpose(-1, -2), se3_inverse(P), camera_rope_table(rope, dit.config.linear_head_dim))
+    if plucker is not None:
+        start, end = frames
+        embed = dit.plucker_embedder.proj
+        pl = (plucker[:, :, start:end].to(dit.dtype).flatten(2).transpose(1, 2).contiguous(), embed.weight.flatten(1),
+              embed.bias)
+    return camera, pl
+
+
 def ffn_chunk(mlp: GLUMBConvTemp, m, thw, halo=None):
     """mlp(m, ...) for one chunk: its temporal conv reads the previous frames' z (halo, (B, C, p, S); None for the
     first chunk) and nothing after the chunk. Returns (out (B, N, C), the chunk's z (B, C, T, S))."""
@@ -742,14 +759,7 @@ def forward_chunk(dit: DiT, x, timestep, text, text_mask, raymap=None, plucker=N
         cache.rope = rope_table(cfg.linear_head_dim, (end + 64, h, w), x.device)
     rope = cache.rope[lo * S:end * S]                       # absolute positions: halo + chunk
     own = slice(reach * S, None)
-    camera = pl = None
-    if raymap is not None:
-        P = ray_matrices(raymap[:, lo:end].to(dtype), (end - lo, h, w))
-        camera = (P, P.transpose(-1, -2), se3_inverse(P), camera_rope_table(rope, cfg.linear_head_dim))
-    if plucker is not None:
-        embed = dit.plucker_embedder.proj
-        pl = (plucker[:, :, start:end].to(dtype).flatten(2).transpose(1, 2).contiguous(), embed.weight.flatten(1),
-              embed.bias)
+    camera, pl = span_camera(dit, raymap, plucker, rope, (h, w), (lo, end), (start, end))
     if not cache.blocks:
         cache.blocks = [{"kv": []} for _ in dit.blocks]
     visible = cache.window(window, sink)

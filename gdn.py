@@ -723,24 +723,30 @@ _scan_op.register_autograd(_scan_op_backward, setup_context=_scan_op_setup)
 
 # The three stages one at a time, for inference in parts of frames (the DiT's memory mode): the per-frame terms are
 # independent across frames, so those of consecutive parts are concatenated (dim 2) before the states are scanned,
-# and a part's output needs only its frames' states. Triton on CUDA (no autograd there), torch otherwise.
+# and a part's output needs only its frames' states. Triton on CUDA when no autograd graph is recorded (these kernel
+# launches have no backward), torch otherwise: the CPU, and training across ranks (parallel.py), which scans in
+# stages too.
+
+def _kernels(x):
+    return x.is_cuda and not torch.is_grad_enabled()
+
 
 def frame_terms(k_rot, v, beta, k=None, *, num_frames):
     """Stage 1: per-frame M (B,H,T,NA,D,D) and U (B,H,T,R,D), float32, of num_frames whole frames of tokens."""
-    return (_frame_terms_triton if v.is_cuda else _frame_terms)(k_rot, v, beta, k, num_frames)
+    return (_frame_terms_triton if _kernels(v) else _frame_terms)(k_rot, v, beta, k, num_frames)
 
 
 def scan_states(M, U, decay, chunk_size=None):
     """Stage 2: the states X (2,B,H,T,R,D) read by each frame, from all frames' terms and decay (B, T, H)."""
     g = _fp32(decay).transpose(1, 2).contiguous()
-    if U.is_cuda and not isinstance(chunk_size, tuple):
+    if _kernels(U) and not isinstance(chunk_size, tuple):
         return _scan_triton(M, U, g, decay.shape[1] if chunk_size is None else chunk_size, grad=False)
     return _scan_torch(M, U, g, chunk_size)
 
 
 def read_out(X, q_rot, q=None, eps=1e-8):
     """Stage 3: the output (B, n, H, D) in q_rot's dtype of the tokens q_rot (and q) of X's frames."""
-    if X.is_cuda:
+    if _kernels(X):
         return _read_out_triton(X.contiguous(), q_rot, q, eps, q_rot.dtype)
     return _read_out(X, q_rot, q, X.shape[3], eps).to(q_rot.dtype)
 

@@ -19,6 +19,7 @@ tokenizer/). With `refiner/` present the refiner runs unless `--no_refiner` is g
 import argparse
 import collections
 import dataclasses
+import functools
 import gc
 import hashlib
 import io
@@ -34,11 +35,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFilter, ImageFont, UnidentifiedImageError
 from tqdm import tqdm
 
 import camera
 import fast
+import parallel
 from attention import chunk_starts
 from dit import (CHI_PROMPT, OFFICIAL_SWITCHES, RELEASE_LAYOUT, DiT, DiTConfig, StreamCache, check_model_folder,
                  crop_text, encode_negative_prompt, encode_prompt, forward_chunk, load_gemma2, require_transformers,
@@ -351,7 +354,7 @@ def generate(dit, vae, tokenizer, text_encoder, image, prompt: str, *, refiner: 
              height: int = HEIGHT, width: int = WIDTH, device="cpu", offload: bool = False,
              offload_vae: bool = False, offload_refiner: bool = False, part_frames: int | None = None,
              decode: bool = True, decode_stage1: bool = False, sampler: str = "flow_euler",
-             chunk_interval_k: float | None = None) -> Result:
+             chunk_interval_k: float | None = None, group=None) -> Result:
     """First frame `image` (PIL image or path) + `prompt` + camera (`action` string or `c2w` (F, 4, 4)) -> video.
     The action string is rolled out under action_scheme ("v2" the official DSL, "legacy" diffusers 0.42.1's; see
     camera.action_to_c2w), with that scheme's speeds where translation_speed / rotation_speed_deg are None.
@@ -373,6 +376,10 @@ def generate(dit, vae, tokenizer, text_encoder, image, prompt: str, *, refiner: 
 
     sampler: "flow_euler" (the bidirectional release) or "chunk_flow_euler" (the chunk-causal teacher: its chunks
     attention.chunk_starts, each starting chunk_interval_k of the steps after the one before, default 1/chunks).
+
+    group: a torch.distributed process group (e.g. dist.group.WORLD under torchrun) over which stage 1's latent
+    frames are split (parallel.velocity; every rank calls generate with the same arguments and its own `device`).
+    Rank 0 alone refines and decodes; the other ranks return the latents only (Result.frames None).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler: expected one of {SAMPLERS}, got {sampler!r}")
@@ -381,6 +388,9 @@ def generate(dit, vae, tokenizer, text_encoder, image, prompt: str, *, refiner: 
     if decode_stage1 and (refiner is None or not decode):
         raise ValueError("decode_stage1 (--save_stage1): needs the refiner and decode=True; without the refiner the "
                          "video is stage 1's")
+    model = dit if group is None else _split_frames(dit, group, part_frames)
+    if group is not None and dist.get_rank(group) != 0:
+        refiner, decode, decode_stage1 = None, False, False
     pil = _load_image(image)
     if torch.device(device).type == "cuda":
         fast.accelerate(dit)  # the CUDA kernels and compiled blocks (fast.py); the same model, the same weights
@@ -412,10 +422,10 @@ def generate(dit, vae, tokenizer, text_encoder, image, prompt: str, *, refiner: 
         start = time.perf_counter()
         sigmas = schedule(steps, FLOW_SHIFT if flow_shift is None else flow_shift).to(device)
         if sampler == "chunk_flow_euler":
-            x = chunk_flow_euler(dit, x, sigmas, text, text_mask, raymap, plucker, guidance_scale, negative_text,
+            x = chunk_flow_euler(model, x, sigmas, text, text_mask, raymap, plucker, guidance_scale, negative_text,
                                  negative_mask, chunk_starts(T), chunk_interval_k, part_frames)
         else:
-            x = sample(dit, x, sigmas, text, text_mask, raymap, plucker, guidance_scale, negative_text,
+            x = sample(model, x, sigmas, text, text_mask, raymap, plucker, guidance_scale, negative_text,
                        negative_mask, part_frames)
         seconds_per_step = _seconds_since(start, device) / steps
     memory.end("stage 1")
@@ -461,6 +471,15 @@ def generate(dit, vae, tokenizer, text_encoder, image, prompt: str, *, refiner: 
         memory.end("decode")
     return Result(x, frames, c2w, intrinsics, seconds_per_step, refine_seconds, decode_seconds, memory.gib,
                   stage1_frames)
+
+
+def _split_frames(dit, group, part_frames):
+    """The DiT as the samplers call it, its frames split over the ranks of `group` (parallel.velocity). Only stage 1
+    is split (at 961 frames one GPU spends ~390 s there, ~32 s refining, ~8 s decoding: BENCHMARKS.md); the refiner
+    and the VAE decode run on rank 0 as in one process (README: "Several GPUs")."""
+    if part_frames is not None:
+        raise ValueError("part_frames (--low_memory): the memory mode runs in one process, not with a process group")
+    return functools.partial(parallel.velocity, dit, group=group)
 
 
 STREAM_SEED = 42  # the streaming release's default seed
@@ -1558,6 +1577,7 @@ def run(args: argparse.Namespace) -> str:
         raise ValueError(f"--output_dir: {taken[0]} exists (the same inputs were run before); give --overwrite to "
                          f"replace it")
 
+    group = _torchrun_group(args)
     if args.stream:
         return _run_stream(args, image, prompt, c2w, intrinsics, path, paths[1])
     if args.demo:
@@ -1588,7 +1608,9 @@ def run(args: argparse.Namespace) -> str:
                           offload_refiner=args.offload_refiner and not args.demo,
                           part_frames=LOW_MEMORY_PART_FRAMES if args.low_memory else None,
                           decode_stage1=args.save_stage1, sampler=sampler, chunk_interval_k=args.chunk_interval_k,
-                          **size)
+                          group=group, **size)
+    if group is not None and dist.get_rank(group) != 0:
+        return path                                         # rank 0 writes the outputs
 
     overlay = args.action is not None and not args.no_action_overlay
     video = draw_action_overlay(result.frames, result.c2w) if overlay else result.frames
@@ -1614,6 +1636,23 @@ def run(args: argparse.Namespace) -> str:
           + (" [DEMO: random weights]" if args.demo else "")
           + (f"; stage 1: {paths[2]}" if args.save_stage1 else ""))
     return path
+
+
+def _torchrun_group(args):
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL for CUDA, gloo on the CPU), take the GPU
+    LOCAL_RANK, and return the group over which stage 1's frames are split (parallel.py); None in one process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    for flag in ("stream", "low_memory"):
+        if getattr(args, flag):
+            raise ValueError(f"--{flag}: runs in one process; under torchrun stage 1's frames are split instead")
+    cuda = not args.demo and args.device.startswith("cuda")
+    if args.device == "cuda" and cuda:
+        args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+        torch.cuda.set_device(args.device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.group.WORLD
 
 
 def _run_stream(args, image, prompt, c2w, intrinsics, path, camera_path) -> str:
@@ -1652,6 +1691,9 @@ def main(argv=None) -> int:
     except (ValueError, OSError, ImportError) as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, even for a key list
         return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

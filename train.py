@@ -3,6 +3,7 @@
     python train.py precompute --clips CLIPS --out DATA --weights RELEASE --stage 2     # once: VAE + text encoder
     python train.py train --data DATA --out RUN --weights RELEASE/dit --stage 2        # one GPU
     torchrun --nproc_per_node 8 train.py train --data DATA --out RUN --weights RELEASE/dit --stage 3  # FSDP2
+    torchrun --nproc_per_node 8 train.py train ... --stage 3 --sequence_parallel 4  # and each clip's frames on 4 GPUs
     python train.py train --model refiner --data DATA --out RUN --weights RELEASE/refiner --lora_rank 384
 
 Paper: arXiv 2605.15178 (four progressive stages; refiner fine-tuned with a LoRA). The flow convention, shift and
@@ -360,13 +361,16 @@ def dit_sample_noise(item: dict, generator: torch.Generator, args) -> dict:
     return dict(noise=eps, sigma=sigma, drop_text=torch.tensor(drop))
 
 
-def dit_loss(model, batch: dict, use_camera: bool, chunk_size: int | None) -> torch.Tensor:
+def dit_loss(model, batch: dict, use_camera: bool, chunk_size: int | None, group=None) -> torch.Tensor:
     """Flow-matching loss of the DiT on one micro-batch (dict of stacked tensors, see dit_sample_noise).
 
     x_σ[:, :, t] = (1 − σ_t)·x0[:, :, t] + σ_t·ε[:, :, t]   per latent frame t, σ_0 = 0 (the clean image frame)
     target        = ε − x0
     loss          = mean over the noisy frames t ≥ 1 of (v_θ − target)²  (frame 0 is given, not predicted)
     Text dropout swaps the caption for the empty prompt's embedding (the CFG negative).
+    group: sequence parallelism (parallel.py; the model `parallel.attach`ed): this rank's frames' share of the loss
+    (the shares of the group's ranks sum to it) times the group's size, so that FSDP's mean over all processes of the
+    gradients is the mean over the clips.
     """
     x0, eps = batch["latents"], batch["noise"]
     sigma = batch["sigma"][:, None, :, None, None]                       # (B, 1, T, 1, 1)
@@ -378,8 +382,14 @@ def dit_loss(model, batch: dict, use_camera: bool, chunk_size: int | None) -> to
         mask = torch.where(drop[..., 0], batch["null_text_mask"], mask)
     raymap, plucker = (batch["raymap"], batch["plucker"]) if use_camera else (None, None)
     # The model reads timesteps on its 0..1000 scale (and truncates them to integers, as at inference).
-    v = model(x_sigma, batch["sigma"] * 1000, text, mask, raymap=raymap, plucker=plucker, chunk_size=chunk_size)
-    return (v.float() - (eps - x0))[:, :, 1:].pow(2).mean()
+    if group is None:
+        v = model(x_sigma, batch["sigma"] * 1000, text, mask, raymap=raymap, plucker=plucker, chunk_size=chunk_size)
+        return (v.float() - (eps - x0))[:, :, 1:].pow(2).mean()
+    from parallel import Split
+    split = Split.of(group, x0.shape[2])
+    v = model.parallel_forward(x_sigma, batch["sigma"] * 1000, text, mask, raymap, plucker, chunk_size)
+    error = (v.float() - (eps - x0)[:, :, split.start:split.stop])[:, :, max(0, 1 - split.start):]
+    return error.pow(2).sum() * (len(split.spans) / eps[:, :, 1:].numel())
 
 
 def refiner_sample_noise(item: dict, generator: torch.Generator, args) -> dict:
@@ -480,16 +490,19 @@ def build_model(args, device) -> tuple[nn.Module, list[str]]:
     return model.train(), names
 
 
-def checkpoint_blocks(blocks: nn.ModuleList) -> None:
+def checkpoint_blocks(blocks: nn.ModuleList, method: str = "forward") -> None:
     """Activation checkpointing: each block keeps only its input and recomputes its activations in the backward.
-    The instance's forward is wrapped (not the module), so parameter names and the state dict stay unchanged."""
+    The instance's forward (or `method`) is wrapped (not the module), so parameter names and the state dict stay
+    unchanged."""
     for block in blocks:
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+        setattr(block, method, functools.partial(checkpoint, getattr(block, method), use_reentrant=False))
 
 
-def shard_model(model: nn.Module, blocks: nn.ModuleList, precision: str) -> None:
+def shard_model(model: nn.Module, blocks: nn.ModuleList, precision: str, method: str | None = None) -> None:
     """FSDP2: each block, then the rest, becomes one all-gathered unit; parameters, gradients and optimizer state are
-    sharded over the processes. bf16: parameters are gathered and computed in bf16, gradients reduced in fp32."""
+    sharded over the processes. bf16: parameters are gathered and computed in bf16, gradients reduced in fp32.
+    method: a forward other than `forward` that the model and the blocks run (parallel.attach's
+    `parallel_forward`), given FSDP's hooks too."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     # No casting of forward inputs: the timesteps must stay fp32 (bf16 would round 909.375 to 908, and everything
     # in [512, 1024) to a multiple of 4), and casting rebuilds dataclass arguments, while the refiner's blocks must
@@ -499,6 +512,10 @@ def shard_model(model: nn.Module, blocks: nn.ModuleList, precision: str) -> None
     for block in blocks:
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
+    if method is not None:
+        from torch.distributed.fsdp import register_fsdp_forward_method
+        for module in (*blocks, model):
+            register_fsdp_forward_method(module, method)
     # The models return a permuted view; the losses read it out of place, which is what this warning asks for.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
@@ -607,6 +624,22 @@ def _setup_distributed() -> torch.device:
     return torch.device("cpu")
 
 
+def _sequence_parallel(args, world: int):
+    """(the process group of this rank's clips, the blocks' forward method, the number of such groups): with
+    --sequence_parallel N, consecutive groups of N processes share clips and split their latent frames
+    (parallel.py); otherwise every process reads its own clips."""
+    n = args.sequence_parallel
+    if n == 1:
+        return None, "forward", world
+    if world % n:
+        raise ValueError(f"sequence_parallel: expected a divisor of the {world} processes, got {n}")
+    if (args.num_frames - 1) // 8 + 1 < n:
+        raise ValueError(f"sequence_parallel: {args.num_frames} frames are {(args.num_frames - 1) // 8 + 1} latent "
+                         f"frames, fewer than the {n} processes that would split them")
+    group, _ = dist.new_subgroups(n)
+    return group, "parallel_forward", world // n
+
+
 def _make_batch(dataset, positions: list[int], args, device) -> dict:
     items = []
     for p in positions:
@@ -645,17 +678,22 @@ def train(args) -> tuple[list[float], nn.Module]:
         raise ValueError(f"data: {args.data} holds {meta['num_frames']} frames at {meta['height']}x{meta['width']}, "
                          f"the run asks for {args.num_frames} at {args.height}x{args.width}; precompute with the "
                          f"same stage / flags")
-    if args.global_batch % (args.grad_accum * world):
-        raise ValueError(f"global_batch: expected a multiple of grad_accum x processes = {args.grad_accum} x {world}, "
+    frames_group, method, clips = _sequence_parallel(args, world)     # `clips` processes read different clips
+    if args.global_batch % (args.grad_accum * clips):
+        readers = "processes" if clips == world else "process groups (processes / sequence_parallel)"
+        raise ValueError(f"global_batch: expected a multiple of grad_accum x {readers} = {args.grad_accum} x {clips}, "
                          f"got {args.global_batch}")
-    micro = args.global_batch // (args.grad_accum * world)  # clips per process per micro-step
+    micro = args.global_batch // (args.grad_accum * clips)  # clips per process (per group) per micro-step
 
     model, trained = build_model(args, device)
     blocks = model.blocks if args.model == "dit" else model.transformer_blocks
+    if frames_group is not None:
+        from parallel import attach
+        attach(model, frames_group)
     if args.activation_checkpointing:
-        checkpoint_blocks(blocks)
+        checkpoint_blocks(blocks, method)
     if world > 1:
-        shard_model(model, blocks, args.precision)
+        shard_model(model, blocks, args.precision, None if frames_group is None else method)
     named = dict(model.named_parameters())
     params = [named[n] for n in trained]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(args.beta1, args.beta2), eps=1e-8,
@@ -683,14 +721,14 @@ def train(args) -> tuple[list[float], nn.Module]:
             group["lr"] = lr
         total = torch.zeros((), device=device)
         for m in range(args.grad_accum):
-            # this rank's slice of the micro-step's global positions [position, position + micro * world)
-            start = position + m * micro * world + rank * micro
+            # this rank's (group's) slice of the micro-step's global positions [position, position + micro * clips)
+            start = position + m * micro * clips + rank // (world // clips) * micro
             batch = _make_batch(dataset, list(range(start, start + micro)), args, device)
             if world > 1:  # reduce-scatter the gradients only after the last micro-step
                 model.set_requires_gradient_sync(m == args.grad_accum - 1)
             with autocast:
                 if args.model == "dit":
-                    loss = dit_loss(model, batch, args.camera, args.chunk_size)
+                    loss = dit_loss(model, batch, args.camera, args.chunk_size, frames_group)
                 else:
                     loss = refiner_loss(model, batch, args.sink_size, fps, args.refiner_weighting, dtype)
             (loss / args.grad_accum).backward()
@@ -797,6 +835,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="bf16: autocast (one process) or FSDP mixed precision; master weights stay fp32")
     tr.add_argument("--activation_checkpointing", action=argparse.BooleanOptionalAction, default=True)
     tr.add_argument("--chunk_size", type=int, help="latent frames per causal chunk: trains the chunk-causal DiT")
+    tr.add_argument("--sequence_parallel", type=int, default=1,
+                    help="processes (under torchrun) that split each clip's latent frames (parallel.py), the DiT only")
     tr.add_argument("--shift", type=_finite_float, default=TRAIN_SHIFT, help="flow shift of the σ sampling")
     tr.add_argument("--sigma_sampling", choices=("uniform", "logit_normal"), default="uniform")
     tr.add_argument("--text_dropout", type=_finite_float, default=0.1,
@@ -829,6 +869,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error("--chunk_size must be >= 1")
         if args.chunk_size is not None and args.model == "refiner":
             parser.error("--chunk_size is a DiT option (the refiner always runs block by block)")
+        if args.sequence_parallel < 1 or (args.sequence_parallel > 1 and args.model == "refiner"):
+            parser.error("--sequence_parallel must be >= 1, and 1 for the refiner (it trains on windows of 3 frames)")
         if args.config is not None and args.model == "refiner" and args.weights is not None:
             parser.error("--config: the refiner loaded from --weights uses the release's config.json; give --config "
                          "only for a refiner built from scratch")

@@ -266,23 +266,43 @@ def test_resume_is_bit_identical(data, tmp_path):
     assert all(torch.equal(p, a["model"][k]) for k, p in exported.named_parameters())
 
 
-def test_torchrun_two_processes_match_one(data, tmp_path):
-    """FSDP2 over 2 gloo processes with global batch 4 (2 per process) = one process with batch 4."""
-    extra = ("--steps", "3", "--lr", "1e-3", "--global_batch", "4", "--text_dropout", "0.5")
-    T.train(T.parse_args(dit_argv(data, tmp_path / "one", *extra)))
+TORCHRUN_STEPS = ("--steps", "3", "--lr", "1e-3", "--global_batch", "4", "--text_dropout", "0.5")
+
+
+@pytest.fixture(scope="module")
+def one_process(data, tmp_path_factory):
+    """The run that the torchrun tests repeat on two processes, in this one."""
+    out = tmp_path_factory.mktemp("one")
+    T.train(T.parse_args(dit_argv(data, out, *TORCHRUN_STEPS)))
+    return out
+
+
+def _torchrun_matches(data, one, out, *extra):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "train.py"), *dit_argv(data, tmp_path / "two", *extra)]
+           str(ROOT / "train.py"), *dit_argv(data, out, *TORCHRUN_STEPS, *extra)]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=170)
     assert result.returncode == 0, result.stderr[-3000:]
-    one = [json.loads(x)["loss"] for x in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
-    two = [json.loads(x)["loss"] for x in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
-    assert len(one) == len(two) == 3
-    assert max(abs(x - y) for x, y in zip(one, two)) <= 1e-5, (one, two)
+    logs = [[json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()] for run in (one, out)]
+    assert len(logs[0]) == len(logs[1]) == 3
+    for key in ("loss", "grad_norm"):
+        assert max(abs(x[key] - y[key]) for x, y in zip(*logs)) <= 1e-5 * logs[0][0][key], (key, logs)
     # rank 0 gathered the full (unsharded) tensors into the checkpoint
-    a, b = _checkpoint(tmp_path / "one" / "checkpoint.pt"), _checkpoint(tmp_path / "two" / "checkpoint.pt")
+    a, b = _checkpoint(one / "checkpoint.pt"), _checkpoint(out / "checkpoint.pt")
     assert {k: v.shape for k, v in a["model"].items()} == {k: v.shape for k, v in b["model"].items()}
     assert {k: v.shape for k, v in a["ema"].items()} == {k: v.shape for k, v in b["ema"].items()}
+
+
+def test_torchrun_two_processes_match_one(data, one_process, tmp_path):
+    """FSDP2 over 2 gloo processes with global batch 4 (2 per process) = one process with batch 4."""
+    _torchrun_matches(data, one_process, tmp_path / "two")
+
+
+def test_torchrun_sequence_parallel_matches_one(data, one_process, tmp_path):
+    """FSDP2 over 2 gloo processes that split each clip's 3 latent frames (2 + 1; parallel.py), global batch 4 as 4
+    micro-steps of one clip (which both read: without the split, 2 processes could not share 4 micro-steps of 1)
+    = one process with batch 4: the loss and the gradient norm of each step."""
+    _torchrun_matches(data, one_process, tmp_path / "two", "--sequence_parallel", "2", "--grad_accum", "4")
 
 
 def test_cli_errors_exit_2(data, tmp_path, capsys):
@@ -290,6 +310,8 @@ def test_cli_errors_exit_2(data, tmp_path, capsys):
     assert "global_batch" in capsys.readouterr().err
     assert T.main(dit_argv(data, tmp_path, "--resume")) == 2
     assert "checkpoint.pt does not exist" in capsys.readouterr().err
+    assert T.main(dit_argv(data, tmp_path, "--sequence_parallel", "2")) == 2     # one process
+    assert "sequence_parallel: expected a divisor of the 1 processes" in capsys.readouterr().err
     wrong = dit_argv(data, tmp_path)
     wrong[wrong.index("--height") + 1] = "96"
     assert T.main(wrong) == 2
@@ -307,6 +329,9 @@ def test_cli_errors_exit_2(data, tmp_path, capsys):
     with pytest.raises(SystemExit, match="2"):  # --config would be silently ignored: refused by the parser
         T.main(refiner)
     assert "--config" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="2"):
+        T.main(refiner[:-2] + ["--sequence_parallel", "2"])
+    assert "--sequence_parallel must be >= 1, and 1 for the refiner" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------------------------
