@@ -8,8 +8,9 @@ SanaWMLTX2Refiner runs it on the stage-1 latents, with a memory plan that keeps 
     python generate.py --weights RELEASE --image in.png --prompt "a desert road" --action "w-80,dw-40,w-40"
 
 Reading order: text encoding (Gemma-2 with the chi prefix), the sampler (`schedule` + `sample`), `generate` (the
-whole pipeline as one function: stage 1, the refiner, decoding), then model loading (the release, or tiny random
-models for the demo), the output (the action overlay, the mp4 writer) and the command line (`main`).
+whole pipeline as one function: stage 1, the refiner, decoding), the memory machinery (`WeightStream`: block-wise
+weight streaming; `plan_memory`: what --gpu_memory picks), then model loading (the release, or tiny random models
+for the demo), the output (the action overlay, the mp4 writer) and the command line (`main`).
 
 The release folder (`--weights`) holds `dit/`, `vae/`, the stage-1 text encoder Gemma-2-2b-it as a transformers
 folder `text_encoder/` (config.json + *.safetensors) with its tokenizer files either inside it or in a sibling
@@ -36,6 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 from PIL import Image, ImageDraw, ImageFilter, ImageFont, UnidentifiedImageError
 from tqdm import tqdm
 
@@ -48,7 +50,7 @@ from dit import (CHI_PROMPT, OFFICIAL_SWITCHES, RELEASE_LAYOUT, DiT, DiTConfig, 
                  text_encoder_folder, tokenizer_folder)
 from refiner import (ConnectorsConfig, PromptEncoder, Refiner, RefinerConfig, RefinerStream, TextConnectors,
                      refine)
-from vae import VAE, CausalDecodeStream, VAEConfig
+from vae import VAE, CausalDecodeStream, VAEConfig, decode_pieces
 
 HEIGHT, WIDTH = 704, 1280  # the release was trained at this one resolution
 DEFAULT_FOV_DEG = 60.0  # horizontal field of view assumed when no intrinsics are given
@@ -223,17 +225,22 @@ class Result:
     seconds_per_step: float  # stage 1's sampler
     refine_seconds: float | None = None  # stage 2's refinement loop (loading not counted); None without stage 2
     decode_seconds: float | None = None
-    peak_memory_gib: dict = field(default_factory=dict)  # {"stage 1"|"stage 2"|"decode": GiB}, on CUDA only
+    peak_memory_gib: dict = field(default_factory=dict)  # {"stage 1"|"refiner prompt"|"stage 2"|"decode": GiB}, CUDA
     stage1_frames: torch.Tensor | None = None  # (F, H, W, 3) uint8: stage 1 decoded, with decode_stage1=True
 
 
 @contextmanager
-def _on(model, device, offload: bool):
-    """Run `model` on `device`; with offload, send it back to the CPU afterwards so only one model uses the GPU."""
-    model.to(device)
+def _on(model, device, offload: bool, streamed_blocks: int = 0):
+    """Run `model` on `device`; with offload, send it back to the CPU afterwards so only one model uses the GPU.
+    streamed_blocks > 0: that many of model.blocks keep their weights in host memory and stream (WeightStream)."""
+    stream = WeightStream(model, model.blocks, device, streamed_blocks) if streamed_blocks else None
+    if stream is None:
+        model.to(device)
     try:
         yield model
     finally:
+        if stream is not None:
+            stream.close()
         if offload:
             model.to("cpu")
             _free_memory(device)
@@ -354,7 +361,7 @@ def generate(dit, vae, tokenizer, text_encoder, image, prompt: str, *, refiner: 
              height: int = HEIGHT, width: int = WIDTH, device="cpu", offload: bool = False,
              offload_vae: bool = False, offload_refiner: bool = False, part_frames: int | None = None,
              decode: bool = True, decode_stage1: bool = False, sampler: str = "flow_euler",
-             chunk_interval_k: float | None = None, group=None) -> Result:
+             chunk_interval_k: float | None = None, group=None, stream_dit_blocks: int = 0) -> Result:
     """First frame `image` (PIL image or path) + `prompt` + camera (`action` string or `c2w` (F, 4, 4)) -> video.
     The action string is rolled out under action_scheme ("v2" the official DSL, "legacy" diffusers 0.42.1's; see
     camera.action_to_c2w), with that scheme's speeds where translation_speed / rotation_speed_deg are None.
@@ -364,8 +371,9 @@ def generate(dit, vae, tokenizer, text_encoder, image, prompt: str, *, refiner: 
     or (F, 3, 3), in pixels of the input image; None assumes a 60 deg horizontal field of view. The models run in
     their own dtype; with offload=True they live on the CPU and only the one running sits on `device`;
     offload_vae=True does that for the VAE alone (pass it on the CPU). part_frames: the DiT's memory mode
-    (dit.DiT.forward; CFG halves one at a time), None = the fastest. flow_shift: the sampler's shift (schedule),
-    None = the release's 9.8.
+    (dit.DiT.forward; CFG halves one at a time), None = the fastest. stream_dit_blocks: that many of the DiT's blocks
+    keep their weights in host memory and stream to the device as the blocks run (WeightStream; exact). flow_shift:
+    the sampler's shift (schedule), None = the release's 9.8.
 
     refiner: stage 2, None for stage 1 only. It refines the stage-1 latents at `fps` (the
     video's frame rate: it scales the refiner's RoPE time axis); the decoded video then loses its first frame
@@ -383,6 +391,7 @@ def generate(dit, vae, tokenizer, text_encoder, image, prompt: str, *, refiner: 
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler: expected one of {SAMPLERS}, got {sampler!r}")
+    _check_streamed("stream_dit_blocks", stream_dit_blocks)
     c2w = check_inputs(prompt, action, c2w, translation_speed, rotation_speed_deg, steps, num_frames, fps,
                        action_scheme, guidance_scale=guidance_scale, flow_shift=flow_shift, seed=seed)
     if decode_stage1 and (refiner is None or not decode):
@@ -418,7 +427,7 @@ def generate(dit, vae, tokenizer, text_encoder, image, prompt: str, *, refiner: 
     x = torch.randn((1, image_latent.shape[1], T, h, w), generator=generator, dtype=dtype).to(device)
     x[:, :, :1] = image_latent
 
-    with _on(dit, device, offload):
+    with _on(dit, device, offload, stream_dit_blocks):
         start = time.perf_counter()
         sigmas = schedule(steps, FLOW_SHIFT if flow_shift is None else flow_shift).to(device)
         if sampler == "chunk_flow_euler":
@@ -445,6 +454,7 @@ def generate(dit, vae, tokenizer, text_encoder, image, prompt: str, *, refiner: 
         refiner_text, refiner_mask = encoder(prompt)
         del encoder
         _free_memory(device)
+        memory.end("refiner prompt")
         model = refiner.load_refiner()
         start = time.perf_counter()
         with _counting_calls(model, "refining", " forward"):  # 1 + 4 per block of 3 latent frames (§7)
@@ -585,8 +595,19 @@ def chunk_frames(decoder: CausalDecodeStream, start: int, z: torch.Tensor) -> to
 
 
 def _decode(vae, latents, vae_dtype) -> torch.Tensor:
-    """Normalised latents (1, C, T, h, w) -> (F, H, W, 3) uint8 frames on the CPU."""
-    return _uint8_frames(vae.decode(vae.denormalize(latents.to(vae_dtype)))).cpu()
+    """Normalised latents (1, C, T, h, w) -> (F, H, W, 3) uint8 frames on the CPU, the same as
+    _uint8_frames(vae.decode(...)) but streamed: each temporal window's frames go to the host as uint8 as soon as they
+    are decoded (vae.decode_pieces), so the decoded video never exists whole on the device (at 961 frames it would be
+    4.8 GiB in bf16, and its conversion twice that again in fp32)."""
+    (T, h, w), cfg = latents.shape[2:], vae.cfg
+    r = cfg.spatial_compression_ratio
+    frames = torch.empty(1 + (T - 1) * cfg.temporal_compression_ratio, h * r, w * r, 3, dtype=torch.uint8)
+    done = 0
+    for piece in decode_pieces(vae, vae.denormalize(latents.to(vae_dtype))):
+        frames[done:done + piece.shape[2]] = _uint8_frames(piece)
+        done += piece.shape[2]
+        del piece  # free this window on the device before the next one is decoded
+    return frames
 
 
 def _uint8_frames(video: torch.Tensor) -> torch.Tensor:
@@ -692,6 +713,253 @@ def _overlapped_stream(chunks, refine, decode, write, latents):
     finally:  # later work on the default stream (which reuses the buffers once freed) comes after the streams'
         for stream in streams if cuda else ():
             torch.cuda.current_stream(device).wait_stream(stream)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory: block-wise weight streaming (exact bf16 under a memory cap), and the plan --gpu_memory picks
+
+class WeightStream:
+    """A model whose blocks' weights live in pinned host memory and come to the device one block ahead of use.
+
+        stream = WeightStream(refiner, refiner.transformer_blocks, "cuda", streamed=26)
+        refine(refiner, ...)                # as before: 26 of the 48 blocks are copied in as they run
+        stream.close()                      # (or: with WeightStream(...): ...)
+
+    `blocks` is the nn.ModuleList that the model's forward runs by iterating it in order (Refiner.forward,
+    DiT.forward in both modes and dit.forward_chunk, Gemma-3's decoder layers): one mechanism for every model.
+    `streamed` of them (all if more), spread evenly, keep their weights in pinned host memory; everything else of
+    `model` moves to `device`. When the forward reaches block i its weights are there (the compute stream waits for
+    their copy's event), and the copy of the next streamed block starts on a side CUDA stream, overlapping the
+    compute of the blocks up to it; once block i has run, its device copy is dropped (record_stream: the memory is
+    reused when the kernels queued on it are done). The last streamed block fetches the first for the next forward.
+    So at most two streamed blocks are on the device (a third may wait to be reused), and the outputs are the
+    resident model's bit for bit: the same weights, the same kernels. close() ends the stream; the streamed blocks'
+    weights stay in host memory. On the CPU (the tests, the demo) the copies are plain copies."""
+
+    def __init__(self, model: nn.Module, blocks: nn.ModuleList, device, streamed: int):
+        if type(blocks) is not nn.ModuleList or not any(m is blocks for m in model.modules()):
+            raise ValueError("blocks: expected an nn.ModuleList of model (the blocks its forward iterates), not "
+                             "already streamed")
+        _check_streamed("streamed", streamed, least=1)
+        self.device, self.blocks = torch.device(device), blocks
+        n = len(blocks)
+        k = min(streamed, n)
+        self.streamed = [(2 * j + 1) * n // (2 * k) for j in range(k)]  # spread: resident blocks between copies
+        # the block whose copy starts when block i starts: the next streamed one, cyclically
+        self._next = [next((j for j in self.streamed if j > i), self.streamed[0]) for i in range(n)]
+        self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._host, self._copies, moved = {}, {}, set()
+        for i in self.streamed:
+            self._host[i] = []
+            for module in blocks[i].modules():
+                moved.add(module)
+                for slot, name, tensor in _own_tensors(module):
+                    host = tensor.detach().cpu()
+                    host = host.pin_memory() if self._side is not None else host  # asynchronous copies need pinning
+                    _assign(module, slot, name, host)
+                    self._host[i].append((module, slot, name, host))
+        for module in model.modules():
+            if module not in moved:
+                for slot, name, tensor in _own_tensors(module):
+                    _assign(module, slot, name, tensor.to(self.device))
+        blocks.__class__, blocks._weight_stream = _StreamedBlocks, self
+
+    def _fetch(self, i: int):
+        """Start copying block i's weights to the device (on the side stream), unless they are there."""
+        if i in self._copies:
+            return
+        side = torch.cuda.stream(self._side) if self._side is not None else nullcontext()
+        with side:
+            copies = [torch.empty_like(h, device=self.device).copy_(h, non_blocking=True) for *_, h in self._host[i]]
+            self._copies[i] = (copies, self._side.record_event() if self._side is not None else None)
+
+    def _run(self):
+        """The blocks in order, each with its weights on the device while the caller runs it."""
+        for i, block in enumerate(self.blocks._modules.values()):
+            if i in self._host:
+                self._fetch(i)
+                copies, copied = self._copies[i]
+                if copied is not None:
+                    compute = torch.cuda.current_stream(self.device)
+                    compute.wait_event(copied)
+                    for t in copies:
+                        t.record_stream(compute)
+                for (module, slot, name, _), t in zip(self._host[i], copies):
+                    _assign(module, slot, name, t)
+            self._fetch(self._next[i])
+            try:
+                yield block
+            finally:
+                if i in self._host:
+                    for module, slot, name, host in self._host[i]:
+                        _assign(module, slot, name, host)
+                    del self._copies[i]
+
+    def close(self):
+        """Stop streaming: the blocks are a plain nn.ModuleList again, the streamed ones' weights in host memory."""
+        self._copies.clear()
+        self.blocks.__class__ = nn.ModuleList
+        del self.blocks._weight_stream
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class _StreamedBlocks(nn.ModuleList):
+    """The blocks of a WeightStream: iterating them (as the model's forward does) streams their weights."""
+
+    def __iter__(self):
+        return self._weight_stream._run()
+
+    def __getitem__(self, idx):
+        if isinstance(idx, slice):  # transformers' Gemma-3 iterates layers[:num_hidden_layers], all of them
+            if range(len(self))[idx] != range(len(self)):
+                raise ValueError("a streamed block list (WeightStream) runs whole, not a slice of it")
+            return self
+        return super().__getitem__(idx)
+
+
+def _own_tensors(module: nn.Module):
+    """(slot, name, tensor) of the module's own parameters and buffers (not its children's)."""
+    for slot in ("_parameters", "_buffers"):
+        for name, tensor in getattr(module, slot).items():
+            if tensor is not None:
+                yield slot, name, tensor
+
+
+def _assign(module: nn.Module, slot: str, name: str, tensor: torch.Tensor):
+    """Point a parameter (the same Parameter object, so optimisers and hooks keep it) or a buffer at `tensor`."""
+    if slot == "_parameters":
+        module._parameters[name].data = tensor
+    else:
+        module._buffers[name] = tensor
+
+
+def _check_streamed(name: str, value, least: int = 0):
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        raise ValueError(f"{name}: expected a number of blocks >= {least} (0: none streamed), got {value!r}")
+
+
+def stream_stage2(stage2: Stage2, device, gemma3_streamed: int, refiner_streamed: int) -> Stage2:
+    """stage2, whose loaders give their models on the CPU, with the models put on `device` when loaded: Gemma-3's
+    decoder layers (gemma3_streamed of them) and the refiner's blocks (refiner_streamed) streamed by WeightStream,
+    the rest moved there (0: all of the model). Gemma-3's vision tower, never run for a prompt, stays on the CPU.
+    The streams end with the models, which generate() frees after use."""
+    _check_streamed("gemma3_streamed", gemma3_streamed)
+    _check_streamed("refiner_streamed", refiner_streamed)
+
+    def load_prompt_encoder():
+        encoder = stage2.load_prompt_encoder()
+        text = encoder.text_encoder.model.language_model  # transformers' Gemma-3: its text decoder
+        if gemma3_streamed:
+            WeightStream(text, text.layers, device, gemma3_streamed)  # (held by text.layers until freed)
+        else:
+            text.to(device)
+        encoder.connectors.to(device)
+        return encoder
+
+    def load_refiner():
+        model = stage2.load_refiner()
+        if refiner_streamed:
+            WeightStream(model, model.transformer_blocks, device, refiner_streamed)
+            return model
+        return model.to(device)
+    return Stage2(load_prompt_encoder, load_refiner)
+
+
+# What each stage needs at its peak, GiB allocated (torch.cuda.max_memory_allocated), bf16, for a minute of video
+# (961 frames at 704x1280): the models' parameter counts x 2 bytes, and the working memory measured on an H200 (issue
+# 22: bench/generate.py --refiner --frames 961; BENCHMARKS.md: the memory mode, the VAE decode). Precision: the weight
+# sizes are bf16's; lower-precision transformers (--stage1_precision / --refiner_precision, when they exist) shrink
+# DIT_BLOCK_GIB / REFINER_BLOCK_GIB by their bytes per weight, which is all plan_memory needs to know of them.
+GEMMA2_GIB = 4.87                                                           # Gemma-2-2b-it, 2.61 B parameters
+VAE_GIB = 2.28                                                              # encoder + decoder, 1.22 B
+DIT_BLOCKS, DIT_BLOCK_GIB, DIT_REST_GIB = 20, 0.244, 0.087                  # 2.66 B in all
+REFINER_BLOCKS, REFINER_BLOCK_GIB, REFINER_REST_GIB = 48, 0.500, 0.283      # 13.04 B (video only)
+GEMMA3_LAYERS, GEMMA3_LAYER_GIB = 48, 0.418  # Gemma-3-12B's text decoder, 11.4 B; its vision tower stays on the CPU
+GEMMA3_REST_GIB = 1.88 + 2.01                # its embeddings, and the refiner's text connectors
+WORKING_GIB = {                              # beyond the weights
+    "stage 1": 11.44,             # the DiT step, CFG halves batched: 16.4 GiB with --offload (issue 22) - the DiT
+    "stage 1 low_memory": 4.40,   # the memory mode: 9.36 GiB (BENCHMARKS.md, dit_step --part-frames 16) - the DiT
+    "refiner prompt": 3.0,        # not measured: Gemma-3's 49 hidden states of 1024 tokens, normalised in fp32
+    "refiner": 9.63,              # 36.2 GiB (issue 22, the VAE on the GPU) - refiner - VAE: the KV window is 7.1
+    "decode": 3.86,               # bench/vae.py at 121 latent frames: 10.98 GiB - the whole video (4.84) - VAE
+}
+MARGIN_GIB = 1.5  # the CUDA context and workspaces outside PyTorch's allocator (~1 GiB) and its fragmentation
+IN_FLIGHT = 3     # streamed blocks on the device at once: computing, being copied, freed but not yet reusable
+MINUTE = 961      # frames the table is for; longer videos scale stage 1's working memory, shorter ones need less
+
+
+@dataclass
+class MemoryPlan:
+    """--gpu_memory's choice: generate()'s offload and memory mode, how many blocks of each model stream (0: none),
+    and the peak (GiB) each stage is expected to reach. Decoding always streams (generate._decode)."""
+    gpu_memory: float
+    offload: bool = False
+    part_frames: int | None = None
+    dit_streamed: int = 0
+    gemma3_streamed: int = 0
+    refiner_streamed: int = 0
+    peaks: dict = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """The one line generate.py prints."""
+        def model(name, streamed, total, unit):
+            return f"{name} {streamed} of {total} {unit} streamed" if streamed else f"{name} on the GPU"
+        parts = ["--offload" if self.offload else "no offload"] + ["--low_memory"] * (self.part_frames is not None)
+        parts.append(model("DiT", self.dit_streamed, DIT_BLOCKS, "blocks"))
+        if "refiner" in self.peaks:
+            parts += [model("Gemma-3", self.gemma3_streamed, GEMMA3_LAYERS, "layers"),
+                      model("refiner", self.refiner_streamed, REFINER_BLOCKS, "blocks")]
+        peaks = ", ".join(f"{stage} {gib:.1f}" for stage, gib in self.peaks.items())
+        return (f"--gpu_memory {self.gpu_memory:g}: {'; '.join(parts)}; decoded frames streamed to the host; "
+                f"expected peak GiB: {peaks}")
+
+
+def plan_memory(gpu_memory: float, num_frames: int = MINUTE, refiner: bool = True) -> MemoryPlan:
+    """The fastest settings whose expected peaks (the table above) fit a GPU of gpu_memory GiB with MARGIN_GIB to
+    spare. Stage 1: everything on the GPU; else --offload (one model on the GPU at a time) with as few DiT blocks
+    streamed as fit (cheap: a block's copy takes ~5 ms over PCIe, its compute ~0.3 s at 961 frames); else the memory
+    mode (--low_memory, 1.14x the step) too. Gemma-3 and the refiner stream as few blocks as fit (spread evenly,
+    so the copies overlap the resident blocks' compute). ValueError naming --gpu_memory when a stage cannot fit."""
+    if not (isinstance(gpu_memory, (int, float)) and math.isfinite(gpu_memory) and gpu_memory > 0):
+        raise ValueError(f"--gpu_memory: expected a positive number of GiB, got {gpu_memory!r}")
+    usable, scale = gpu_memory - MARGIN_GIB, max(1.0, num_frames / MINUTE)
+
+    def fewest_streamed(rest: float, n: int, block: float, working: float):
+        """(blocks streamed, peak): the fewest of n blocks streamed that fit, else all n (and a peak too high)."""
+        for k in range(n + 1):
+            peak = rest + working + (n - k + min(k, IN_FLIGHT)) * block
+            if peak <= usable:
+                break
+        return k, peak
+
+    plan = MemoryPlan(gpu_memory)
+    stage1 = GEMMA2_GIB + VAE_GIB + DIT_REST_GIB + DIT_BLOCKS * DIT_BLOCK_GIB + WORKING_GIB["stage 1"] * scale
+    if stage1 > usable:
+        plan.offload, plan.peaks["Gemma-2"] = True, GEMMA2_GIB
+        plan.dit_streamed, stage1 = fewest_streamed(DIT_REST_GIB, DIT_BLOCKS, DIT_BLOCK_GIB,
+                                                    WORKING_GIB["stage 1"] * scale)
+        if stage1 > usable:
+            plan.part_frames = LOW_MEMORY_PART_FRAMES
+            plan.dit_streamed, stage1 = fewest_streamed(DIT_REST_GIB, DIT_BLOCKS, DIT_BLOCK_GIB,
+                                                        WORKING_GIB["stage 1 low_memory"] * scale)
+    plan.peaks["stage 1"] = stage1
+    if refiner:
+        vae = 0.0 if plan.offload else VAE_GIB  # without offload the VAE stays on the GPU through stage 2
+        plan.gemma3_streamed, plan.peaks["refiner prompt"] = fewest_streamed(
+            vae + GEMMA3_REST_GIB, GEMMA3_LAYERS, GEMMA3_LAYER_GIB, WORKING_GIB["refiner prompt"])
+        plan.refiner_streamed, plan.peaks["refiner"] = fewest_streamed(
+            vae + REFINER_REST_GIB, REFINER_BLOCKS, REFINER_BLOCK_GIB, WORKING_GIB["refiner"])
+    plan.peaks["decode"] = VAE_GIB + WORKING_GIB["decode"]
+    stage, peak = max(plan.peaks.items(), key=lambda item: item[1])
+    if peak > usable:
+        raise ValueError(f"--gpu_memory {gpu_memory:g}: {stage} needs at least {peak + MARGIN_GIB:.1f} GiB in bf16"
+                         + ("; add --no_refiner" if stage.startswith("refiner") else ""))
+    return plan
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1458,6 +1726,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--offload_refiner", action="store_true",
                    help="stage 2 alone on the GPU: the VAE leaves it before the refiner loads (Gemma-2 and the DiT "
                         "always leave it, and the refiner's models are always freed before decoding)")
+    p.add_argument("--gpu_memory", type=_finite_float, default=None, metavar="GiB",
+                   help="the GPU's memory: picks --offload, --low_memory and the block-wise weight streaming of the "
+                        "DiT, Gemma-3 and the refiner (exact, slower) to fit it, and prints what it chose (README: "
+                        "a table by GPU size); the decoded frames always stream to the host")
     p.add_argument("--low_memory", action="store_true",
                    help=f"the DiT's memory mode: {LOW_MEMORY_PART_FRAMES} latent frames at a time, CFG halves one "
                         f"after the other (slower; a 961-frame step fits a 12 GiB GPU, BENCHMARKS.md)")
@@ -1524,7 +1796,7 @@ def run(args: argparse.Namespace) -> str:
             raise ValueError(f"--device {args.device}: no CUDA device here; use --device cpu")
     if args.stream:
         for flag in ("save_stage1", "low_memory", "model_path", "config", "refiner_root", "chunk_interval_k",
-                     "flow_shift", "offload", "offload_vae", "offload_refiner"):
+                     "flow_shift", "offload", "offload_vae", "offload_refiner", "gpu_memory"):
             if getattr(args, flag) not in (None, False):
                 raise ValueError(f"--{flag}: not with --stream (the streaming release's own models and sampler)")
         if args.sampling_algo != "auto":
@@ -1552,6 +1824,7 @@ def run(args: argparse.Namespace) -> str:
                        args.action_scheme, guidance_scale=args.guidance_scale, flow_shift=args.flow_shift,
                        seed=args.seed)
     intrinsics = _read_intrinsics(args.intrinsics)
+    plan = _memory_plan(args)
     if intrinsics is not None:
         camera.check_field_of_view(intrinsics, *image.size)
         # (refuses per-frame intrinsics fewer than the frames made, before any model loads)
@@ -1578,6 +1851,8 @@ def run(args: argparse.Namespace) -> str:
                          f"replace it")
 
     group = _torchrun_group(args)
+    if plan is not None:
+        print(plan.describe() + (" [DEMO: applied to the tiny models on the CPU]" if args.demo else ""))
     if args.stream:
         return _run_stream(args, image, prompt, c2w, intrinsics, path, paths[1])
     if args.demo:
@@ -1592,13 +1867,16 @@ def run(args: argparse.Namespace) -> str:
                                                                                               "refiner")):
             raise ValueError(f"--save_stage1: {args.weights} has no refiner/ (and no --refiner_root is given), so "
                              f"the video is stage 1's")
-        stage2 = None if args.no_refiner else release_refiner(args.weights, dtype, device, args.refiner_root)
+        stage2 = None if args.no_refiner else release_refiner(args.weights, dtype, "cpu" if plan else device,
+                                                              args.refiner_root)
         models_device = "cpu" if args.offload else device  # generate() moves each onto the device when it runs
         dit, vae, tokenizer, text_encoder = load_release(
             args.weights, dtype, models_device, args.text_encoder,
             vae_device="cpu" if args.offload_vae else models_device, dit_path=args.model_path,
             official=teacher)
 
+    if plan is not None and stage2 is not None:
+        stage2 = stream_stage2(stage2, device, plan.gemma3_streamed, plan.refiner_streamed)
     with _threads(1 if args.demo else torch.get_num_threads()):
         result = generate(dit, vae, tokenizer, text_encoder, image, prompt, refiner=stage2, c2w=c2w,
                           intrinsics=intrinsics, num_frames=args.num_frames, steps=args.steps,
@@ -1608,7 +1886,7 @@ def run(args: argparse.Namespace) -> str:
                           offload_refiner=args.offload_refiner and not args.demo,
                           part_frames=LOW_MEMORY_PART_FRAMES if args.low_memory else None,
                           decode_stage1=args.save_stage1, sampler=sampler, chunk_interval_k=args.chunk_interval_k,
-                          group=group, **size)
+                          stream_dit_blocks=plan.dit_streamed if plan else 0, group=group, **size)
     if group is not None and dist.get_rank(group) != 0:
         return path                                         # rank 0 writes the outputs
 
@@ -1638,12 +1916,26 @@ def run(args: argparse.Namespace) -> str:
     return path
 
 
+def _memory_plan(args) -> MemoryPlan | None:
+    """--gpu_memory's plan (None without it), the flags it sets (--offload, --low_memory) set in args."""
+    if args.gpu_memory is None:
+        return None
+    for flag in ("offload", "offload_vae", "offload_refiner", "low_memory"):
+        if getattr(args, flag):
+            raise ValueError(f"--{flag}: --gpu_memory chooses the memory flags itself; drop one of them")
+    if not args.demo and not args.device.startswith("cuda"):
+        raise ValueError(f"--gpu_memory: plans the memory of a GPU, but --device is {args.device}")
+    plan = plan_memory(args.gpu_memory, args.num_frames, refiner=not args.no_refiner)
+    args.offload, args.low_memory = plan.offload, plan.part_frames is not None
+    return plan
+
+
 def _torchrun_group(args):
     """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL for CUDA, gloo on the CPU), take the GPU
     LOCAL_RANK, and return the group over which stage 1's frames are split (parallel.py); None in one process."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
-    for flag in ("stream", "low_memory"):
+    for flag in ("stream", "gpu_memory", "low_memory"):
         if getattr(args, flag):
             raise ValueError(f"--{flag}: runs in one process; under torchrun stage 1's frames are split instead")
     cuda = not args.demo and args.device.startswith("cuda")
@@ -1684,8 +1976,8 @@ def main(argv=None) -> int:
         args = parse_args(argv)
         run(args)
     except torch.OutOfMemoryError:
-        print(f"error: out of GPU memory at --num_frames {args.num_frames}: try --offload (only the running model "
-              f"on the GPU), --low_memory, fewer --num_frames"
+        print(f"error: out of GPU memory at --num_frames {args.num_frames}: try --gpu_memory with your GPU's GiB "
+              f"(or --offload: only the running model on the GPU; --low_memory), fewer --num_frames"
               + ("" if args.no_refiner else ", or --no_refiner (stage 1 only)"), file=sys.stderr)
         return 2
     except (ValueError, OSError, ImportError) as e:

@@ -317,10 +317,7 @@ class VAE(nn.Module):
     @torch.no_grad()
     def decode(self, z: torch.Tensor, tiling: Tiling | None = SANA_WM_TILING) -> torch.Tensor:
         """z (B, 128, T, h, w) -> video (B, 3, 1 + 8(T - 1), 32h, 32w), nominally in [-1, 1], not clamped."""
-        cfg = self.cfg
-        if z.dim() != 5 or z.shape[1] != cfg.latent_channels:
-            raise ValueError(f"z: expected (B, {cfg.latent_channels}, T, h, w), got {tuple(z.shape)}")
-        z = z.to(self.latents_mean)
+        z = _check_latents(self, z)
         return self.decoder(z) if tiling is None else _tiled_decode(self, z, tiling)
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
@@ -341,8 +338,8 @@ class VAE(nn.Module):
 
 
 # ================================================================================================================
-# Machinery below this line: config checks and parsing, tiled encode/decode (bounded memory), the streamed
-# causal decode and loading.
+# Machinery below this line: config checks and parsing, tiled encode/decode (bounded memory; decode_pieces hands
+# the decoded video on piece by piece), the streamed causal decode and loading.
 # The VAE above is complete without it.
 # ================================================================================================================
 
@@ -378,6 +375,13 @@ def _check_config(cfg: VAEConfig) -> None:
     dec = [math.prod(s) for s in zip(*(STRIDES[k] for k in cfg.upsample_type))]
     if enc != dec or enc[1] != enc[2]:
         fail(f"encoder strides {enc} and decoder strides {dec} (t, h, w) must agree and be square")
+
+
+def _check_latents(vae: VAE, z: torch.Tensor) -> torch.Tensor:
+    """z checked as decode takes it, on the weights' device and dtype (as the reference pipeline moves it)."""
+    if z.dim() != 5 or z.shape[1] != vae.cfg.latent_channels:
+        raise ValueError(f"z: expected (B, {vae.cfg.latent_channels}, T, h, w), got {tuple(z.shape)}")
+    return z.to(vae.latents_mean)
 
 
 def _config_from_dict(d: dict) -> VAEConfig:
@@ -465,9 +469,24 @@ def _tile_space(x, net, window: int, step: int, keep: int, blend: int, out_hw: t
 
 
 def _tile_time(x, fn, window: int, step: int, keep: int, blend: int, out_len: int):
-    """Run `fn` on windows of `window` frames every `step` (input units). Every window after the first
-    drops its first output frame, the one that repeats the previous window's last kept frame, is blended
-    with the previous window over `blend` frames and keeps `keep` frames; the first keeps keep + 1 (§7.4).
+    """Run `fn` on windows of `window` frames every `step` (input units) and write the frames each keeps
+    (_time_pieces) into one output of out_len frames."""
+    out, pos = None, 0
+    for piece in _time_pieces(x, fn, window, step, keep, blend):
+        if out is None:
+            out = piece.new_empty(*piece.shape[:2], out_len, *piece.shape[3:])
+        out[:, :, pos:pos + piece.shape[2]] = piece
+        pos += piece.shape[2]
+        del piece  # free this window before the next one is computed
+    return out
+
+
+def _time_pieces(x, fn, window: int, step: int, keep: int, blend: int):
+    """Run `fn` on windows of `window` frames every `step` (input units) and yield the frames each keeps, in
+    order. Every window after the first drops its first output frame, the one that repeats the previous window's
+    last kept frame, is blended with the previous window over `blend` frames and keeps `keep` frames; the first
+    keeps keep + 1 (§7.4). A yielded piece is final: the next window blends into its own first frames, with a copy
+    of this one's tail.
 
     Decode differs from the reference here on purpose: diffusers drops a decoded window's
     *last* frame instead, so from the first seam on its output lags one frame behind (a window starting at
@@ -475,8 +494,7 @@ def _tile_time(x, fn, window: int, step: int, keep: int, blend: int, out_len: in
     Dropping the first frame, as its encoder does, keeps every frame in place; output frames before the
     first seam (the first frame_stride + 1) are identical to the reference. tests/test_vae.py shows both.
     """
-    out = tail = None
-    pos = 0
+    tail = None
     for k, (t0, nt) in enumerate(_spans(x.shape[2], window, step)):
         if k > 0 and nt == 1:
             break  # one input frame gives one output frame, which is dropped (the reference computes it anyway)
@@ -484,14 +502,9 @@ def _tile_time(x, fn, window: int, step: int, keep: int, blend: int, out_len: in
         if k > 0:
             y = y[:, :, 1:]
             _blend_(tail, y, blend, dim=2)
-        piece = y[:, :, :keep + (k == 0)]
-        if out is None:
-            out = y.new_empty(*y.shape[:2], out_len, *y.shape[3:])
-        out[:, :, pos:pos + piece.shape[2]] = piece
-        pos += piece.shape[2]
         tail = _tail(y, blend, 2)
-        del y, piece  # free this window before the next one is computed
-    return out
+        yield y[:, :, :keep + (k == 0)]
+        del y  # with the caller's piece, frees this window before the next one is computed
 
 
 def _check_tiling(cfg: VAEConfig, tiling: Tiling) -> None:
@@ -524,6 +537,15 @@ def _tiled_encode(vae: VAE, video: torch.Tensor, tiling: Tiling) -> torch.Tensor
 
 def _tiled_decode(vae: VAE, z: torch.Tensor, tiling: Tiling) -> torch.Tensor:
     """The decoded video of `z`, tile by tile as SANA-WM runs it (§7)."""
+    space, temporal = _decode_tiles(vae, z, tiling)
+    if temporal is None:
+        return space(z)
+    return _tile_time(z, space, *temporal, 1 + (z.shape[2] - 1) * vae.cfg.temporal_compression_ratio)
+
+
+def _decode_tiles(vae: VAE, z: torch.Tensor, tiling: Tiling):
+    """The tiled decode's pieces: (space, temporal), space(window) decoding latent frames tile by tile in space,
+    temporal the (window, step, keep, blend) of _time_pieces, or None when z fits one temporal window."""
     cfg = vae.cfg
     r, rt = cfg.spatial_compression_ratio, cfg.temporal_compression_ratio
     _check_tiling(cfg, tiling)
@@ -537,9 +559,26 @@ def _tiled_decode(vae: VAE, z: torch.Tensor, tiling: Tiling) -> torch.Tensor:
         return vae.decoder(x)
 
     if T > tiling.frames // rt:
-        return _tile_time(z, space, tiling.frames // rt + 1, tiling.frame_stride // rt, tiling.frame_stride,
-                          tiling.frames - tiling.frame_stride, 1 + (T - 1) * rt)
-    return space(z)
+        return space, (tiling.frames // rt + 1, tiling.frame_stride // rt, tiling.frame_stride,
+                       tiling.frames - tiling.frame_stride)
+    return space, None
+
+
+@torch.no_grad()
+def decode_pieces(vae: VAE, z: torch.Tensor, tiling: Tiling | None = SANA_WM_TILING):
+    """vae.decode(z, tiling) as consecutive pieces of frames, in order: (B, 3, n, H, W) each, the frames of one
+    temporal window as soon as they are final (one piece when z fits one window, or tiling=None). Concatenated they
+    are vae.decode(z, tiling) bit for bit; a caller that hands each piece on (generate.py: uint8 frames to the host)
+    never holds the whole decoded video on the device."""
+    z = _check_latents(vae, z)
+    if tiling is None:
+        yield vae.decoder(z)
+        return
+    space, temporal = _decode_tiles(vae, z, tiling)
+    if temporal is None:
+        yield space(z)
+    else:
+        yield from _time_pieces(z, space, *temporal)
 
 
 # ------------------------------------------------------------------------------------------------------------

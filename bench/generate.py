@@ -20,21 +20,40 @@ refinement loop (seconds and seconds per 3-frame block; model loading not counte
 memory of each stage (torch.cuda.max_memory_allocated, resident weights included) and the run's wall time.
 diffusers is not run here: its pipeline at this size is compared step by step in bench/dit_step.py,
 bench/vae.py and bench/refiner.py.
+
+Memory runs (issue 22), `--gpu_memory G [G ...]`: one run per budget, each with generate.py --gpu_memory's plan
+(generate.plan_memory: --offload, --low_memory, the DiT / Gemma-3 / refiner blocks streamed from pinned host memory)
+and the caching allocator capped at G GiB (torch.cuda.set_per_process_memory_fraction: a card of G GiB, emulated; a
+real one keeps ~1 GiB for the CUDA context outside the cap, which the plan's margin allows for); `none` is the
+unconstrained run (no cap, every model on the GPU: generate.py's defaults). The TEXT ENCODERS RUN at their real
+sizes here, with random weights: Gemma-2-2b (transformers' Gemma2Model) for stage 1, Gemma-3-12B
+(Gemma3ForConditionalGeneration, vision tower included) + the refiner's text connectors for stage 2 (--refiner),
+from transformers configs of the released sizes, built on the meta device and drawn on the GPU; Gemma-3 and the
+refiner are then kept in host memory, and each run loads fresh copies from there as the CLI loads the release (to
+the GPU, or to the host to be streamed). A word-level demo tokenizer stands in for Gemma's (the prompt's length
+stays the recipe's: 300 tokens for Gemma-2, 1024 for Gemma-3). Per run: the plan, s/step, the refiner loop,
+decode, each stage's peak (Gemma-3's prompt encoding apart) and the peak over the whole run, the wall time of the
+generate() call (models already built; the stage-2 models loaded inside it) and its ratio to the unconstrained run's.
+    python bench/generate.py --refiner --frames 961 --steps 2 --gpu_memory none 24   # issue 22: <= 24 GiB, <= 1.3x
+    python bench/generate.py --frames 961 --steps 2 --gpu_memory 8                   # stage 1 + decode <= 8 GiB
+    python bench/generate.py --tiny --refiner --gpu_memory none 24 16                # CPU: the plans on tiny models
 """
 import argparse
+import copy
 import math
 import pathlib
 import sys
 import time
 
 import torch
+import torch.nn as nn
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import generate as G  # noqa: E402
 from dit import DiT, DiTConfig  # noqa: E402
 from reference import randomize_  # noqa: E402
-from refiner import Refiner, RefinerConfig  # noqa: E402
+from refiner import ConnectorsConfig, PromptEncoder, Refiner, RefinerConfig, TextConnectors  # noqa: E402
 from vae import VAE, VAEConfig  # noqa: E402
 
 
@@ -56,12 +75,118 @@ def random_stage2(cfg: RefinerConfig, text_length: int, device, dtype) -> G.Stag
     return G.Stage2(lambda: encode, lambda: random_model(Refiner, cfg, device, dtype, seed=4))
 
 
+def budget(value: str):
+    """--gpu_memory's values: GiB, or none (the unconstrained run)."""
+    if value == "none":
+        return None
+    gib = float(value)
+    if not (math.isfinite(gib) and gib > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number of GiB or none, got {value!r}")
+    return gib
+
+
+def twin(model: nn.Module) -> nn.Module:
+    """A copy of `model` on the same tensors, with Parameter objects of its own: a run may move or stream it without
+    touching `model` (the host copy kept for the next run); buffers are shared (a move replaces them, not changes)."""
+    memo = {id(p): nn.Parameter(p.data, p.requires_grad) for p in model.parameters()}
+    memo.update({id(b): b for b in model.buffers()})
+    return copy.deepcopy(model, memo)
+
+
+def real_text_encoders(tiny: bool, device, dtype):
+    """(tokenizer, Gemma-2 decoder on `device`, stage-2 prompt encoder in host memory): the released sizes with
+    random weights (tiny: the demo's models). The big ones are drawn on the GPU, then moved to the host."""
+    import transformers
+
+    if tiny:
+        tokenizer, gemma2 = G.demo_text_encoder(hidden_size=G.DEMO_DIT.caption_channels)
+        return tokenizer, gemma2, G.demo_refiner().load_prompt_encoder()
+    tokenizer = G.demo_tokenizer()
+    gemma2_cfg = transformers.Gemma2Config(  # google/gemma-2-2b-it
+        vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+        num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256, sliding_window=4096,
+        final_logit_softcapping=30.0, attn_logit_softcapping=50.0, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    gemma3_cfg = transformers.Gemma3Config(  # google/gemma-3-12b-it, as the refiner's text_encoder/
+        text_config=dict(vocab_size=262208, hidden_size=3840, intermediate_size=15360, num_hidden_layers=48,
+                         num_attention_heads=16, num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256,
+                         sliding_window=1024, rope_scaling={"rope_type": "linear", "factor": 8.0}),
+        vision_config=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                           image_size=896, patch_size=14), mm_tokens_per_image=256)
+    built = []
+    for cls, cfg, seed in ((transformers.Gemma2Model, gemma2_cfg, 5), (transformers.Gemma3ForConditionalGeneration,
+                                                                          gemma3_cfg, 6)):
+        with torch.device("meta"):
+            model = cls(cfg)
+        built.append(randomize_(model.to(dtype).to_empty(device=device), seed).eval())
+    connectors = random_model(TextConnectors, ConnectorsConfig(), device, dtype, seed=7)
+    return tokenizer, built[0], PromptEncoder(tokenizer, built[1].cpu(), connectors.cpu())
+
+
+def memory_runs(args, dit, vae, device, dtype, common, refiner_cfg):
+    """The runs of --gpu_memory (the module docstring); returns the table's rows."""
+    tokenizer, gemma2, encoder = real_text_encoders(args.tiny, device, dtype)
+    refiner_host = random_model(Refiner, refiner_cfg, device, dtype, seed=4).cpu() if args.refiner else None
+    G._free_memory(device)
+    total = torch.cuda.get_device_properties(device).total_memory if device == "cuda" else None
+    rows, unconstrained = [], None
+    for gib in args.gpu_memory:
+        plan = None if gib is None else G.plan_memory(gib, args.frames, refiner=args.refiner)
+        name = "unconstrained" if plan is None else f"{gib:g} GiB"
+        print(f"# {name}: " + ("no cap, every model on the GPU" if plan is None else plan.describe()))
+        offload = plan is not None and plan.offload
+        for model in (dit, vae, gemma2):
+            model.to("cpu" if offload else device)
+        G._free_memory(device)
+        if total is not None:
+            torch.cuda.set_per_process_memory_fraction(1.0 if gib is None else min(1.0, gib * 2**30 / total))
+        settings = dict(offload=offload, part_frames=plan and plan.part_frames,
+                        stream_dit_blocks=plan.dit_streamed if plan else 0)
+        stage2 = None
+        if args.refiner:  # loaded from the host copies, as the CLI loads the release (Gemma-3's vision tower stays)
+            host = G.Stage2(lambda: PromptEncoder(tokenizer, twin(encoder.text_encoder), twin(encoder.connectors)),
+                            lambda: twin(refiner_host))
+            stage2 = G.stream_stage2(host, device, *((plan.gemma3_streamed, plan.refiner_streamed) if plan else (0, 0)))
+        try:
+            G.generate(dit, vae, tokenizer, gemma2, common["image"], G.DEMO_PROMPT, steps=1, decode=False,
+                       **settings, **common["kwargs"])  # warm-up: compiles this plan's kernels
+            G._free_memory(device)
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            r = G.generate(dit, vae, tokenizer, gemma2, common["image"], G.DEMO_PROMPT, refiner=stage2,
+                           steps=args.steps, **settings, **common["kwargs"])
+            wall = time.perf_counter() - start
+            peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+        except torch.OutOfMemoryError as e:
+            r, failure = None, str(e).splitlines()[0]
+        G._free_memory(device)
+        if r is None:
+            print(f"# {name}: out of GPU memory ({failure})")
+            rows.append((name, "OOM") + ("",) * 9)
+            continue
+        unconstrained = wall if plan is None else unconstrained
+        blocks = math.ceil(((args.frames - 1) // 8) / 3)
+        mem = {k: f"{v:.1f}" for k, v in r.peak_memory_gib.items()}
+        rows.append((name, f"{r.seconds_per_step:.2f}",
+                     f"{r.refine_seconds:.1f} ({r.refine_seconds / blocks:.2f}/block)" if args.refiner else "-",
+                     f"{r.decode_seconds:.1f}", mem.get("stage 1", "-"), mem.get("refiner prompt", "-"),
+                     mem.get("stage 2", "-"), mem.get("decode", "-"), "-" if peak is None else f"{peak:.1f}",
+                     f"{wall:.1f}", f"{wall / unconstrained:.2f}x" if unconstrained else "-"))
+    if total is not None:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--refiner", action="store_true", help="also run stage 2 in the no-offload run")
+    p.add_argument("--refiner", action="store_true",
+                   help="also run stage 2 (in the no-offload run; in every --gpu_memory run)")
     p.add_argument("--tiny", action="store_true", help="CPU smoke test with the demo's tiny models")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--frames", type=int, default=161)
+    p.add_argument("--gpu_memory", type=budget, nargs="+", metavar="GiB",
+                   help="memory runs (issue 22), one per budget: GiB, or none for the unconstrained run; the text "
+                        "encoders at their real sizes")
     args = p.parse_args()
 
     if args.tiny:
@@ -86,15 +211,26 @@ def main():
     device_name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     print(f"# {device_name}, torch {torch.__version__}, {str(dtype).removeprefix('torch.')}; RANDOM weights: DiT "
           f"{params[0]:.3g} B + VAE {params[1]:.3g} B parameters, built in {build:.1f} s")
-    print(f"# TEXT ENCODERS SKIPPED: a 2-layer random Gemma-2 stands in (random text embeddings (1, 300, "
-          f"{dit_cfg.caption_channels})); stage 2 reads random (1, {refiner_text}, {refiner_cfg.caption_channels}) "
-          f"embeddings instead of Gemma-3 + connectors")
 
     image = G.demo_image(H, W)
     fx = W / (2 * math.tan(math.radians(G.DEFAULT_FOV_DEG) / 2))
     moves = frames - 1  # camera: forward, then forward while turning left
     common = dict(action=f"w-{moves // 2},jw-{moves - moves // 2}", intrinsics=[fx, fx, W / 2, H / 2],
                   num_frames=frames, guidance_scale=5.0, negative_prompt="blurry", height=H, width=W, device=device)
+    if args.gpu_memory:
+        print("# TEXT ENCODERS AT REAL SIZES, RANDOM weights: Gemma-2-2b, Gemma-3-12B + connectors"
+              + (" (--tiny: the demo's)" if args.tiny else ""))
+        args.frames = frames
+        rows = memory_runs(args, dit, vae, device, dtype, dict(image=image, kwargs=common), refiner_cfg)
+        header = ("run", "s/step", "refine s", "decode s", "peak GiB st.1", "Gemma-3", "refiner", "decode",
+                  "whole run", "wall s", "wall / unconstrained")
+        print_table(f"bench/generate.py --gpu_memory: {frames} frames, {args.steps} steps, guidance 5, "
+                    f"{device_name}, RANDOM weights, text encoders "
+                    + ("the demo's (--tiny)" if args.tiny else "at real sizes"), header, rows)
+        return
+    print(f"# TEXT ENCODERS SKIPPED: a 2-layer random Gemma-2 stands in (random text embeddings (1, 300, "
+          f"{dit_cfg.caption_channels})); stage 2 reads random (1, {refiner_text}, {refiner_cfg.caption_channels}) "
+          f"embeddings instead of Gemma-3 + connectors")
 
     # Warm-up: the Triton kernels compile on their first call, at these very shapes.
     G.generate(dit, vae, tokenizer, text_encoder, image, G.DEMO_PROMPT, steps=1, decode=False, **common)
@@ -126,9 +262,13 @@ def main():
                      mem.get("decode", "-"), f"{wall:.1f}"))
 
     header = ("run", "frames", "s/step", "refine s", "decode s", "peak GiB st.1", "st.2", "decode", "wall s")
+    print_table(f"bench/generate.py: {frames} frames, {args.steps} steps, guidance 5, {device_name}, RANDOM weights, "
+                f"text encoders skipped", header, rows)
+
+
+def print_table(title: str, header, rows):
     widths = [max(len(str(row[i])) for row in rows + [header]) for i in range(len(header))]
-    print(f"\nbench/generate.py: {frames} frames, {args.steps} steps, guidance 5, {device_name}, RANDOM weights, "
-          f"text encoders skipped")
+    print(f"\n{title}")
     for row in [header] + rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
 

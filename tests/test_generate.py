@@ -1,5 +1,7 @@
 """generate.py: stage 1 end to end against diffusers' SanaWMPipeline, the stage-1 -> refiner hand-off against
-SanaWMPipeline + SanaWMLTX2Refiner, their parts, and the command line."""
+SanaWMPipeline + SanaWMLTX2Refiner, their parts, the memory machinery (weight streaming, --gpu_memory) and the command
+line."""
+import dataclasses
 import os
 import re
 import shutil
@@ -689,6 +691,12 @@ def _bad_inputs(tmp):
         (["--demo", "--no_refiner", "--save_stage1"], ["--save_stage1", "--no_refiner"]),
         (["--weights", str(stage1_only)] + unloadable[2:-1] + ["--save_stage1"], ["--save_stage1", "no refiner/"]),
         (["--demo", "--text_encoder", str(tmp)], ["--demo", "drop --text_encoder"]),
+        (["--demo", "--gpu_memory", "0"], ["--gpu_memory", "positive"]),
+        (["--demo", "--gpu_memory", "nan"], ["--gpu_memory", "finite"]),
+        (["--demo", "--gpu_memory", "24", "--offload"], ["--offload", "--gpu_memory chooses"]),
+        (["--demo", "--gpu_memory", "24", "--low_memory"], ["--low_memory", "--gpu_memory chooses"]),
+        (["--demo", "--gpu_memory", "8"], ["--gpu_memory 8", "refiner needs", "--no_refiner"]),
+        (unloadable + ["--gpu_memory", "24", "--device", "cpu"], ["--gpu_memory", "--device is cpu"]),
     ]
 
 
@@ -943,7 +951,8 @@ def test_demo_stream_mp4_plays_while_it_grows(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("argv,flag", [(["--save_stage1"], "--save_stage1"), (["--low_memory"], "--low_memory"),
-                                       (["--num_frames", "17"], "--num_frames")])
+                                       (["--num_frames", "17"], "--num_frames"), (["--gpu_memory", "24"],
+                                                                                  "--gpu_memory")])
 def test_stream_refuses_flags(tmp_path, capsys, argv, flag):
     assert G.main(["--demo", "--stream", "--output_dir", str(tmp_path / "out")] + argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -1078,3 +1087,180 @@ def test_model_path_replaces_the_release_dit(tmp_path, capsys):
                    "--output_dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "dit/" not in err[0] and "--text_encoder" in err[0], err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory: block-wise weight streaming, the streamed decode, --gpu_memory
+
+def _watch_stream(blocks):
+    """Record, as each block of a WeightStream starts, whether its weights are device copies (not the host tensors)
+    and which streamed blocks have copies then. Returns (log, remove)."""
+    log, hooks = [], []
+    for i, block in enumerate(blocks):  # (iterating a plain list: no stream yet)
+        def seen(module, args, kwargs, i=i):
+            stream = blocks._weight_stream
+            host = [h for *_, h in stream._host.get(i, [])]
+            copied = [p.data_ptr() != h.data_ptr() for p, h in zip(module.parameters(), host)]
+            log.append((i, all(copied) and bool(copied), sorted(stream._copies)))
+        hooks.append(block.register_forward_pre_hook(seen, with_kwargs=True))
+    return log, lambda: [h.remove() for h in hooks]
+
+
+@pytest.mark.parametrize("streamed", [1, 3, 5, 9])
+def test_weight_stream_refiner_is_exact(streamed):
+    """refine() with k of the refiner's 5 blocks streamed (9: more than it has, so all) is the resident refine() bit
+    for bit; while a streamed block runs its weights are copies, at most two streamed blocks have copies, and
+    afterwards the streamed blocks hold their host tensors; close() leaves a plain model that gives the same."""
+    from reference import randomize_
+
+    torch.manual_seed(0)
+    model = randomize_(R.Refiner(dataclasses.replace(G.DEMO_REFINER, num_layers=5)).eval(), seed=3)
+    g = torch.Generator().manual_seed(1)
+    latents, text = torch.randn(1, 8, 7, 4, 6, generator=g), torch.randn(1, 6, 16, generator=g)
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1]])
+    run = lambda: R.refine(model, latents, text, mask, fps=16, generator=torch.Generator().manual_seed(5))  # noqa
+    resident = run()
+    blocks = model.transformer_blocks
+    hosts = [p for p in blocks.parameters()]
+    stream = G.WeightStream(model, blocks, "cpu", streamed)
+    log, unwatch = _watch_stream(blocks)
+    assert torch.equal(run(), resident)
+    unwatch()
+    k = min(streamed, 5)
+    assert len(stream.streamed) == k and len(log) == 9 * 5  # 9 forwards (sink, 2 blocks x 4) of 5 blocks
+    assert all(copied == (i in stream.streamed) for i, copied, _ in log)
+    assert all(len(copies) <= 2 for *_, copies in log)
+    assert all(p.data_ptr() == h.data_ptr() for i in stream.streamed for (*_, h), p in
+               zip(stream._host[i], blocks[i].parameters()))
+    with pytest.raises(ValueError, match="runs whole"):
+        blocks[1:]
+    assert blocks[:5] is blocks
+    stream.close()
+    assert type(blocks) is torch.nn.ModuleList and [p for p in blocks.parameters()] == hosts
+    assert torch.equal(run(), resident)
+    with pytest.raises(ValueError, match="streamed"):
+        G.WeightStream(model, blocks, "cpu", 0)
+    with pytest.raises(ValueError, match="blocks"):
+        G.WeightStream(model, torch.nn.ModuleList(), "cpu", 1)
+
+
+def test_generate_with_weight_streaming_is_exact():
+    """generate() with the DiT streaming, and stage 2 with Gemma-3's layers and the refiner's blocks streaming
+    (stream_stage2), makes the same latents and frames as with every model resident; so does the DiT's memory mode
+    and a streaming chunk (dit.forward_chunk) with the blocks streamed."""
+    dit, vae, tokenizer, gemma = G.demo_models()
+    common = dict(action="w-8", num_frames=9, steps=2, height=G.DEMO_SIZE[0], width=G.DEMO_SIZE[1])
+    plain = G.generate(dit, vae, tokenizer, gemma, G.demo_image(), G.DEMO_PROMPT, refiner=G.demo_refiner(),
+                       **common)
+    stage2 = G.stream_stage2(G.demo_refiner(), "cpu", 1, 2)
+    streamed = G.generate(dit, vae, tokenizer, gemma, G.demo_image(), G.DEMO_PROMPT, refiner=stage2,
+                          stream_dit_blocks=3, **common)
+    assert torch.equal(streamed.latents, plain.latents) and torch.equal(streamed.frames, plain.frames)
+    assert type(dit.blocks) is torch.nn.ModuleList  # the stream ended with stage 1
+    with pytest.raises(ValueError, match="stream_dit_blocks"):
+        G.generate(dit, vae, tokenizer, gemma, G.demo_image(), G.DEMO_PROMPT, stream_dit_blocks=-1, **common)
+
+    dit, x, text, mask, raymap, plucker = _tiny_stage1(4)
+    t = torch.tensor([[0.0, 500.0, 500.0, 500.0]])
+    with torch.no_grad():
+        parts = dit(x, t, text, mask, raymap, plucker, part_frames=1)
+        chunk = G.forward_chunk(dit, x[:, :, :2], t[:, :2], text, mask, raymap, plucker, cache=G.StreamCache())
+        with G.WeightStream(dit, dit.blocks, "cpu", 2):
+            assert torch.equal(dit(x, t, text, mask, raymap, plucker, part_frames=1), parts)
+            assert torch.equal(G.forward_chunk(dit, x[:, :, :2], t[:, :2], text, mask, raymap, plucker,
+                                               cache=G.StreamCache()), chunk)
+
+
+def test_streamed_decode_equals_decode():
+    """generate's decode hands the video to the host window by window (vae.decode_pieces): the same uint8 frames
+    as converting the whole decoded video (two temporal windows here: 14 latent frames, windows of 13)."""
+    _, vae, _, _ = G.demo_models()
+    latents = torch.randn(1, 8, 14, 4, 6, generator=torch.Generator().manual_seed(2))
+    pieces = []
+    hook = vae.decoder.register_forward_hook(lambda m, i, out: pieces.append(out.shape[2]))
+    frames = G._decode(vae, latents, torch.float32)
+    hook.remove()
+    whole = G._uint8_frames(vae.decode(vae.denormalize(latents)))
+    assert len(pieces) == 2 and frames.shape == (105, 128, 192, 3) and torch.equal(frames, whole)
+
+
+def test_gpu_memory_plans():
+    """--gpu_memory's choices at the README's GPU sizes: everything resident on 48 GB and up; --offload and the
+    refiner partly streamed on 24 GB (every expected peak under 24 - MARGIN); the DiT streamed on 16 GB; the memory
+    mode on 12 GB; the memory mode and the DiT streamed on 8 GB, where the refiner does not fit in bf16."""
+    for gib in (48, 80):
+        plan = G.plan_memory(gib)
+        assert not plan.offload and plan.part_frames is None
+        assert (plan.dit_streamed, plan.gemma3_streamed, plan.refiner_streamed) == (0, 0, 0)
+    plan = G.plan_memory(24)
+    assert plan.offload and plan.part_frames is None and plan.dit_streamed == 0
+    assert 0 < plan.refiner_streamed < G.REFINER_BLOCKS and 0 < plan.gemma3_streamed < G.GEMMA3_LAYERS
+    assert max(plan.peaks.values()) <= 24 - G.MARGIN_GIB
+    assert set(plan.peaks) == {"Gemma-2", "stage 1", "refiner prompt", "refiner", "decode"}
+    assert "--offload" in plan.describe() and f"refiner {plan.refiner_streamed} of 48 blocks" in plan.describe()
+    plan16 = G.plan_memory(16)
+    assert plan16.part_frames is None and 0 < plan16.dit_streamed < G.DIT_BLOCKS
+    assert plan16.refiner_streamed > plan.refiner_streamed
+    plan = G.plan_memory(12, refiner=False)
+    assert plan.offload and plan.part_frames == G.LOW_MEMORY_PART_FRAMES and plan.dit_streamed == 0
+    plan = G.plan_memory(8, refiner=False)
+    assert plan.part_frames == G.LOW_MEMORY_PART_FRAMES and plan.dit_streamed > 0 and "refiner" not in plan.peaks
+    assert G.plan_memory(16, num_frames=1921).part_frames is not None  # two minutes: more working memory
+    for gib in (8, 12):
+        with pytest.raises(ValueError, match=rf"--gpu_memory {gib}: refiner needs .*--no_refiner"):
+            G.plan_memory(gib)
+    with pytest.raises(ValueError, match="--gpu_memory 4: decode needs at least 7.6 GiB"):
+        G.plan_memory(4, refiner=False)
+
+
+def test_demo_gpu_memory_prints_its_plan(tmp_path, capsys):
+    assert G.main(["--demo", "--no_refiner", "--steps", "1", "--gpu_memory", "8", "--output_dir",
+                   str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "--gpu_memory 8: --offload; --low_memory; DiT" in out and "applied to the tiny models" in out
+
+
+@pytest.mark.gpu
+def test_weight_stream_on_cuda(monkeypatch):
+    """On CUDA (side-stream copies, events, record_stream; the DiT's kernels and compiled blocks, also in the memory
+    mode): generate() with the DiT, Gemma-3 and the refiner streaming is bit for bit the resident run, and a streamed
+    refiner's forwards hold at most IN_FLIGHT blocks beyond its resident weights."""
+    import fast
+    from reference import randomize_
+
+    monkeypatch.setattr(fast, "COMPILE_MIN_ELEMENTS", 0)  # compile the tiny blocks, as the release's are
+    common = dict(action="w-8", num_frames=9, steps=2, height=G.DEMO_SIZE[0], width=G.DEMO_SIZE[1], device="cuda",
+                  offload=True)
+    for part_frames in (None, 1):
+        runs = []
+        for dit_blocks, gemma3_layers, refiner_blocks in ((0, 0, 0), (3, 1, 2)):
+            dit, vae, tokenizer, gemma = G.demo_models()
+            stage2 = G.stream_stage2(G.demo_refiner(), "cuda", gemma3_layers, refiner_blocks)
+            runs.append(G.generate(dit, vae, tokenizer, gemma, G.demo_image(), G.DEMO_PROMPT, refiner=stage2,
+                                   stream_dit_blocks=dit_blocks, part_frames=part_frames, **common))
+        assert torch.equal(runs[0].latents, runs[1].latents) and torch.equal(runs[0].frames, runs[1].frames)
+
+    cfg = dataclasses.replace(G.DEMO_REFINER, num_attention_heads=4, attention_head_dim=64, cross_attention_dim=256,
+                              caption_channels=64, num_layers=8)
+    model = randomize_(R.Refiner(cfg).eval(), seed=3).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(1)
+    latents, text = torch.randn(1, 8, 7, 8, 8, generator=g), torch.randn(1, 16, 64, generator=g)
+    block_bytes = sum(p.numel() * p.element_size() for p in model.transformer_blocks[0].parameters())
+    peaks, outputs = [], []
+    for streamed in (0, 8):
+        copy = R.Refiner(cfg).eval().to(torch.bfloat16)
+        copy.load_state_dict(model.state_dict())
+        if streamed:
+            G.WeightStream(copy, copy.transformer_blocks, "cuda", streamed)  # held by copy.transformer_blocks
+        else:
+            copy.cuda()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        outputs.append(R.refine(copy, latents.cuda(), text.cuda(), fps=16,
+                                generator=torch.Generator("cuda").manual_seed(5)))
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated())
+        del copy
+        G._free_memory("cuda")
+    assert torch.equal(outputs[0], outputs[1])
+    assert peaks[1] <= peaks[0] - (8 - G.IN_FLIGHT) * block_bytes, (peaks, block_bytes)
