@@ -26,7 +26,7 @@ from attention import (CrossAttention, RMSNorm, SoftmaxSelfAttention, camera_rop
                        frame_spans, rope_table, softmax_chunk, softmax_in_parts)
 from camera import ray_matrices, se3_inverse
 from gdn import GDNSelfAttention, check_chunk_size, gdn_chunk, gdn_in_parts
-from quantize import nvfp4_layer_names, quantize_model
+from quantize import quantize_like, stored_as_is
 
 
 @dataclass
@@ -293,8 +293,8 @@ class DiT(nn.Module):
         directory (config.json + *.safetensors, sharded with an index) or the streaming release's torch pickle
         (sana_dit/model.pt or its folder; any file not named *.safetensors is read as one, tensors only).
         A single file or a directory without config.json uses `config` (default: the release). Built on the meta
-        device; tensors are assigned. An NVFP4 file written by quantize.py loads too: its quantised layers become
-        NVFP4 modules first."""
+        device; tensors are assigned. A file written by quantize.py loads too: its quantised layers become NVFP4 or
+        FP8 modules first."""
         return load_pretrained(cls, path, dtype, device, config)
 
 
@@ -389,8 +389,8 @@ def _check_inputs(cfg, x, timestep, text, text_mask, raymap, plucker, chunk_size
 # Loading (find the files, read them, check keys and shapes, assign).
 
 def load_pretrained(cls, path, dtype, device, config):
-    """DiT.from_pretrained's work: config, then the model on the meta device, NVFP4 layers swapped in where the file
-    holds them, then the tensors assigned."""
+    """DiT.from_pretrained's work: config, then the model on the meta device, quantised layers (NVFP4 or FP8) swapped
+    in where the file holds them (quantize.quantize_like), then the tensors assigned."""
     cfg_dict, files = find_checkpoint(path)
     if cfg_dict is not None and config is not None:
         raise ValueError(f"config: {path} has its own config.json; pass config only for a file or folder "
@@ -404,9 +404,7 @@ def load_pretrained(cls, path, dtype, device, config):
         state.pop(key, None)
     with torch.device("meta"):
         model = cls(cfg)
-        nvfp4_layers = nvfp4_layer_names(state)
-        if nvfp4_layers:
-            quantize_model(model, include=nvfp4_layers, exclude=())
+        quantize_like(model, state)
     load_strict(model, state)
     return model.eval()
 
@@ -440,10 +438,10 @@ def find_checkpoint(path) -> tuple[dict | None, list[Path]]:
 
 
 def _cast(key: str, t: torch.Tensor, dtype, device, copy: bool = False) -> torch.Tensor:
-    """t on device in dtype, except the packed parts of NVFP4 layers (uint8 values, float8 block scales, fp32
-    `weight_scale_2`), which keep their dtype. copy: a new tensor even where nothing changes."""
-    packed = t.dtype in (torch.uint8, torch.float8_e4m3fn) or key.endswith(".weight_scale_2")
-    return t.to(device=device, copy=copy) if packed else t.to(device=device, dtype=dtype, copy=copy)
+    """t on device in dtype, except the quantised layers' weights and scales (quantize.stored_as_is), which keep
+    their dtype. copy: a new tensor even where nothing changes."""
+    kept = stored_as_is(key, t)
+    return t.to(device=device, copy=copy) if kept else t.to(device=device, dtype=dtype, copy=copy)
 
 
 def read_safetensors(file: Path, dtype, device) -> dict:

@@ -46,8 +46,9 @@ import fast
 import parallel
 from attention import chunk_starts
 from dit import (CHI_PROMPT, OFFICIAL_SWITCHES, RELEASE_LAYOUT, DiT, DiTConfig, StreamCache, check_model_folder,
-                 crop_text, encode_negative_prompt, encode_prompt, forward_chunk, load_gemma2, require_transformers,
-                 text_encoder_folder, tokenizer_folder)
+                 crop_text, encode_negative_prompt, encode_prompt, find_checkpoint, forward_chunk, load_gemma2,
+                 require_transformers, text_encoder_folder, tokenizer_folder)
+from quantize import PRESETS, REFINER_EXCLUDE, REFINER_INCLUDE, check_fp8_device, checkpoint_precision, set_precision
 from refiner import (ConnectorsConfig, PromptEncoder, Refiner, RefinerConfig, RefinerStream, TextConnectors,
                      refine)
 from vae import VAE, CausalDecodeStream, VAEConfig, decode_pieces
@@ -1143,16 +1144,17 @@ def load_release(weights: str, dtype: torch.dtype, device, text_encoder: str | N
     return dit, vae, tokenizer, gemma
 
 
-def streaming_refiner(weights: str, dtype: torch.dtype, device) -> Stage2:
+def streaming_refiner(weights: str, dtype: torch.dtype, device, precision: str | None = None) -> Stage2:
     """The streaming release's refiner (refiner_diffusers/ transformer/ + connectors/, Gemma-3 in gemma3_12b/ with
-    its tokenizer): its files checked now, the models loaded when generate_stream reaches them."""
+    its tokenizer): its files checked now, the models loaded when generate_stream reaches them (the transformer's
+    block linears at `precision`, refiner.Refiner.from_pretrained)."""
     folder, gemma3 = os.path.join(weights, "refiner_diffusers"), os.path.join(weights, "gemma3_12b")
     for part, what in (("transformer", "LTX-2 refiner"), ("connectors", "refiner text connectors")):
         check_model_folder(os.path.join(folder, part), what)
     check_model_folder(gemma3, "Gemma-3-12B")
     tokenizer_folder(gemma3, "--weights")
     return Stage2(lambda: PromptEncoder.from_pretrained(folder, dtype=dtype, device=device, text_encoder=gemma3),
-                  lambda: Refiner.from_pretrained(folder, dtype=dtype, device=device))
+                  lambda: Refiner.from_pretrained(folder, dtype=dtype, device=device, precision=precision))
 
 
 def load_streaming_release(weights: str, dtype: torch.dtype, device, text_encoder: str | None = None):
@@ -1174,12 +1176,14 @@ def load_streaming_release(weights: str, dtype: torch.dtype, device, text_encode
     return dit, vae, tokenizer, gemma
 
 
-def release_refiner(weights: str, dtype: torch.dtype, device, refiner_root: str | None = None) -> Stage2 | None:
+def release_refiner(weights: str, dtype: torch.dtype, device, refiner_root: str | None = None,
+                    precision: str | None = None) -> Stage2 | None:
     """Stage 2 from refiner_root (default: the release's refiner/ folder), which holds transformer/, connectors/,
     text_encoder/ (Gemma-3) and tokenizer/: its files are checked now, the models are loaded only when
     generate() reaches stage 2, straight onto `device`, one after the other: Gemma-3 + connectors
     (PromptEncoder), then the transformer without its unused audio branch. None, with a warning, if refiner_root
-    is not given and the release has no refiner/."""
+    is not given and the release has no refiner/. precision: the transformer's block linears (Refiner.from_pretrained).
+    """
     flag = "--weights" if refiner_root is None else "--refiner_root"
     folder = os.path.join(weights, "refiner") if refiner_root is None else refiner_root
     if not os.path.isdir(folder):
@@ -1193,7 +1197,7 @@ def release_refiner(weights: str, dtype: torch.dtype, device, refiner_root: str 
         check_model_folder(os.path.join(folder, part), what, flag)
     tokenizer_folder(os.path.join(folder, "text_encoder"), flag)
     return Stage2(lambda: PromptEncoder.from_pretrained(folder, dtype=dtype, device=device),
-                  lambda: Refiner.from_pretrained(folder, dtype=dtype, device=device))
+                  lambda: Refiner.from_pretrained(folder, dtype=dtype, device=device, precision=precision))
 
 
 DEMO_PROMPT = "a quiet desert road at dusk, the camera drives forward and turns right"
@@ -1253,9 +1257,10 @@ def demo_models(seed: int = 0, official: bool = False, causal_vae: bool = False)
     return dit, vae, tokenizer, text_encoder
 
 
-def demo_refiner(seed: int = 0) -> Stage2:
+def demo_refiner(seed: int = 0, precision: str | None = None) -> Stage2:
     """A tiny random-weight stage 2, fp32 on the CPU: the refiner and connectors of DEMO_REFINER's sizes and a
-    2-layer Gemma-3 (with the tiny vision tower its transformers class requires) reading the demo tokenizer."""
+    2-layer Gemma-3 (with the tiny vision tower its transformers class requires) reading the demo tokenizer; the
+    refiner's block linears at `precision` (quantize.set_precision)."""
     transformers = require_transformers()
     tokenizer = demo_tokenizer()
     torch.manual_seed(seed)
@@ -1269,6 +1274,7 @@ def demo_refiner(seed: int = 0) -> Stage2:
         mm_tokens_per_image=4)).eval()
     encoder = PromptEncoder(tokenizer, gemma3, TextConnectors(DEMO_CONNECTORS).eval())
     refiner = Refiner(DEMO_REFINER).eval()
+    set_precision(refiner, precision, REFINER_INCLUDE, REFINER_EXCLUDE)
     return Stage2(lambda: encoder, lambda: refiner)
 
 
@@ -1563,6 +1569,7 @@ def _save_npy(array: np.ndarray) -> Callable[[str], None]:
 # Command line
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PRECISIONS = {"bf16": "bf16", "fp8": "fp8", "nvfp4": "nvfp4", "fp4": "nvfp4"}  # fp4: the official script's name
 
 
 def _looks_like_path(value: str) -> bool:
@@ -1718,6 +1725,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also write stage 1's video, decoded before the refiner, as <name>_stage1.mp4 (needs the "
                         "refiner; the main video is unchanged)")
     p.add_argument("--dtype", choices=DTYPES, default="bf16", help="the models' dtype")
+    for flag, layers in (("--stage1_precision", "the stage-1 DiT's block linears (attention, cross-attention, "
+                                                "FFN 1x1 convs; the camera path, embedders, final layer stay in "
+                                                "--dtype)"),
+                         ("--refiner_precision", "the refiner's block linears (attention, cross-attention, "
+                                                 "feed-forward; its embedders and projections stay in --dtype)")):
+        p.add_argument(flag, choices=PRECISIONS, default=None,
+                       help=f"{layers}: bf16 = unquantised (in --dtype); fp8 = E4M3 weights and activations, a "
+                            f"scale per channel and per token (W8A8, torch._scaled_mm: needs an sm_89+ GPU, Ada or "
+                            f"Hopper, and bf16); nvfp4 (fp4, the official script's name) = quantize.py's 4-bit "
+                            f"weights. A bf16 checkpoint is quantised as it loads; default: the checkpoint's own "
+                            f"(the release's bf16, a quantize.py file's format)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the models run")
     p.add_argument("--offload", action="store_true",
                    help="keep only the running model on the GPU (implies --offload_vae and --offload_refiner)")
@@ -1750,6 +1768,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="chunk_flow_euler: each chunk starts this fraction of the steps after the one before; when "
                         "not given, 1 / the number of chunks")
     args = p.parse_args(argv)
+    args.stage1_precision, args.refiner_precision = map(PRECISIONS.get, (args.stage1_precision, args.refiner_precision))
     streaming = args.stream or (args.weights is not None and _release_kind(args.weights) == "streaming")
     args.stream = streaming
     args.num_frames = args.num_frames if args.num_frames is not None else (241 if streaming else 161)
@@ -1842,6 +1861,7 @@ def run(args: argparse.Namespace) -> str:
                overlay=args.action is not None and not args.no_action_overlay, stream=args.stream,
                model_path=args.model_path and os.path.realpath(args.model_path), sampler=sampler,
                chunk_interval_k=args.chunk_interval_k)
+    key.update({flag: getattr(args, flag) for flag in ("stage1_precision", "refiner_precision") if getattr(args, flag)})
     stem = "demo" if args.image is None else os.path.splitext(os.path.basename(args.image))[0]
     path = os.path.join(args.output_dir, output_stem(stem, args.seed, key) + ("_streaming" * args.stream) + ".mp4")
     paths = [path, path[:-4] + "_c2w.npy"] + [path[:-4] + "_stage1.mp4"] * args.save_stage1
@@ -1857,23 +1877,25 @@ def run(args: argparse.Namespace) -> str:
         return _run_stream(args, image, prompt, c2w, intrinsics, path, paths[1])
     if args.demo:
         dit, vae, tokenizer, text_encoder = demo_models(official=teacher)
-        stage2 = None if args.no_refiner else demo_refiner()
+        stage2 = None if args.no_refiner else demo_refiner(precision=args.refiner_precision)
         device, size = "cpu", {"height": DEMO_SIZE[0], "width": DEMO_SIZE[1]}
     else:
         device, size = args.device, {}
         dtype = DTYPES[args.dtype]
         _check_release(args.weights, args.text_encoder, args.model_path)
+        _check_precisions(args, args.model_path or os.path.join(args.weights, "dit"))
         if args.save_stage1 and args.refiner_root is None and not os.path.isdir(os.path.join(args.weights,
                                                                                               "refiner")):
             raise ValueError(f"--save_stage1: {args.weights} has no refiner/ (and no --refiner_root is given), so "
                              f"the video is stage 1's")
         stage2 = None if args.no_refiner else release_refiner(args.weights, dtype, "cpu" if plan else device,
-                                                              args.refiner_root)
+                                                              args.refiner_root, args.refiner_precision)
         models_device = "cpu" if args.offload else device  # generate() moves each onto the device when it runs
         dit, vae, tokenizer, text_encoder = load_release(
             args.weights, dtype, models_device, args.text_encoder,
             vae_device="cpu" if args.offload_vae else models_device, dit_path=args.model_path,
             official=teacher)
+    set_precision(dit, args.stage1_precision, *PRESETS["default"])
 
     if plan is not None and stage2 is not None:
         stage2 = stream_stage2(stage2, device, plan.gemma3_streamed, plan.refiner_streamed)
@@ -1947,17 +1969,39 @@ def _torchrun_group(args):
     return dist.group.WORLD
 
 
+def _check_precisions(args, dit_path: str) -> None:
+    """--stage1_precision / --refiner_precision against the GPU and the stage-1 checkpoint, before any model loads:
+    fp8 needs an sm_89+ GPU and bf16; a quantize.py file holds its own format (quantising again only loses more)."""
+    for flag in ("--stage1_precision", "--refiner_precision"):
+        if getattr(args, flag[2:]) == "fp8" and torch.device(args.device).type == "cuda":
+            try:
+                check_fp8_device(args.device)
+            except ValueError as e:
+                raise ValueError(f"{flag} {e}") from None
+            if args.dtype != "bf16":
+                raise ValueError(f"{flag} fp8: the FP8 matmul takes bf16 activations on CUDA; drop --dtype "
+                                 f"{args.dtype}")
+    if args.stage1_precision is not None and os.path.exists(dit_path):  # (a missing one: the loader says so)
+        held = checkpoint_precision(find_checkpoint(dit_path)[1])
+        if held not in ("bf16", args.stage1_precision):
+            raise ValueError(f"--stage1_precision {args.stage1_precision}: {dit_path} holds {held} layers (a "
+                             f"quantize.py file); pass --stage1_precision {held}, or a bf16 checkpoint")
+
+
 def _run_stream(args, image, prompt, c2w, intrinsics, path, camera_path) -> str:
     """run() for --stream: the streaming release written into the mp4 as it is made (stage 1, the refiner unless
     --no_refiner, the causal decoder)."""
     if args.demo:
         dit, vae, tokenizer, text_encoder = demo_models(official=True, causal_vae=True)
-        stage2 = None if args.no_refiner else demo_refiner()
+        stage2 = None if args.no_refiner else demo_refiner(precision=args.refiner_precision)
         device, size = "cpu", {"height": DEMO_SIZE[0], "width": DEMO_SIZE[1]}
     else:
         device, size, dtype = args.device, {}, DTYPES[args.dtype]
-        stage2 = None if args.no_refiner else streaming_refiner(args.weights, dtype, device)  # checked, not loaded
+        _check_precisions(args, os.path.join(args.weights, "sana_dit"))
+        stage2 = None if args.no_refiner else streaming_refiner(args.weights, dtype, device,
+                                                                args.refiner_precision)  # checked, not loaded
         dit, vae, tokenizer, text_encoder = load_streaming_release(args.weights, dtype, device, args.text_encoder)
+    set_precision(dit, args.stage1_precision, *PRESETS["default"])
     height, width = size.get("height", HEIGHT), size.get("width", WIDTH)
     with _threads(1 if args.demo else torch.get_num_threads()), StreamingMp4Writer(path, args.fps, height,
                                                                                     width) as writer:

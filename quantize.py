@@ -1,11 +1,11 @@
-"""NVFP4 weights for the DiT: the paper's distilled SANA-WM runs its DiT in NVFP4 to fit small GPUs.
+"""NVFP4 and FP8 weights for the transformers: the paper's distilled SANA-WM runs its DiT in NVFP4 to fit small GPUs.
 
 1. the format (E2M1 values, an E4M3 scale per 16 values, an FP32 scale per tensor): quantize/dequantize_nvfp4;
 2. the matmul y = x W^T + b with W in NVFP4: dequantise, then an ordinary linear;
 3. NVFP4Linear / NVFP4Conv2d (drop-ins for nn.Linear / nn.Conv2d) and quantize_model, which swaps them in.
-Machinery after the marker line: the Triton dequantising matmul (sm_89+), the "small" layer set, checkpoint files
-and the CLI `python quantize.py --in <dit file or release folder> --out dit_nvfp4.safetensors` (which alone
-imports another project file, dit.py)."""
+Right after the marker line, FP8 (W8A8: E4M3 weights and tokens, a scale per row) and FP8Linear; then the machinery:
+Triton kernels (NVFP4 matmul, FP8 token quantiser), the layer sets, checkpoint files and the CLI `python quantize.py
+--in <release> --out q.safetensors [--precision fp8] [--model refiner]` (which alone imports dit.py / refiner.py)."""
 import fnmatch
 
 import torch
@@ -168,58 +168,148 @@ def _quantisable(module: nn.Module) -> bool:  # what NVFP4Linear / NVFP4Conv2d r
                                          and module.padding_mode == "zeros" and isinstance(module.padding, tuple))
 
 
-def _to_nvfp4(module: nn.Module, kernel: str) -> NVFP4Linear:
+def _quantized_layer(module: nn.Module, kernel: str, precision: str) -> nn.Module:
+    linear, conv = (NVFP4Linear, NVFP4Conv2d) if precision == "nvfp4" else (FP8Linear, FP8Conv2d)  # FP8: below
     bias = module.bias is not None
     kw = dict(bias=bias, device=module.weight.device, dtype=module.bias.dtype if bias else None, kernel=kernel)
-    new = NVFP4Linear(module.in_features, module.out_features, **kw) if isinstance(module, nn.Linear) else \
-        NVFP4Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
-                    module.dilation, **kw)
+    new = linear(module.in_features, module.out_features, **kw) if isinstance(module, nn.Linear) else \
+        conv(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+             module.dilation, **kw)
     new.set_weight(module.weight)
     new.bias = module.bias  # the original bias itself (None when it has none)
     return new
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, include=DEFAULT_INCLUDE, exclude=DEFAULT_EXCLUDE, kernel: str = "auto") -> list:
-    """Replace, in place, every nn.Linear / nn.Conv2d (groups=1) whose qualified name matches a glob in
-    `include` and none in `exclude` by its NVFP4 version; returns the replaced names. Each include pattern must
-    match at least one such module. On the meta device only the structure changes (for loading NVFP4 files)."""
+def quantize_model(model: nn.Module, include=DEFAULT_INCLUDE, exclude=DEFAULT_EXCLUDE, kernel: str = "auto",
+                   precision: str = "nvfp4") -> list:
+    """Replace, in place, every nn.Linear / nn.Conv2d (groups=1) named by a glob in `include` and none in `exclude`
+    by its NVFP4 (or precision="fp8": FP8) version; returns their names. Each include pattern must match at least
+    one such module. On the meta device only the structure changes (for loading quantised files)."""
     include, exclude = _globs(include), _globs(exclude)
     candidates = [name for name, m in model.named_modules() if _quantisable(m)
                   and not any(fnmatch.fnmatchcase(name, p) for p in exclude)]
     names = [name for name in candidates if any(fnmatch.fnmatchcase(name, p) for p in include)]
-    _check_swap(model, include, exclude, candidates, names)  # every layer is checked before any is changed
+    _check_swap(model, include, exclude, candidates, names, precision)  # all checked before any is changed
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, _to_nvfp4(getattr(parent, child), kernel))
+        setattr(parent, child, _quantized_layer(getattr(parent, child), kernel, precision))
     return names
 
 
 # ================================================================================================================
-# Machinery below this line: checks, the Triton dequantising matmul, the "small" layer set, checkpoints, the CLI.
-# The format, the NVFP4 layers and quantize_model above are complete without it.
+# Machinery below this line: first the second format, FP8 (its reference in plain torch, as sections 1-3 for
+# NVFP4), then checks, the Triton kernels, the layer sets, checkpoints, the CLI. The NVFP4 format, its layers and
+# quantize_model above are complete without it.
 # ================================================================================================================
-# The imports of the machinery alone: the reading path above needs only torch.
+
+# ------------------------------------------------------------------------------------------------------------
+# FP8 (W8A8): the format, the matmul and the layers, in plain torch (the reading path above is full).
+# E4M3 as in section 1 (largest 448, no inf). Every row of a tensor gets one fp32 scale: the weight (out, in) per
+# output channel, once; an activation (tokens, in) per token, at every call:
+#     s[r] = max(amax(|T[r, :]|) / 448, FP8_MIN_SCALE),    T8[r, :] = e4m3(clamp(T[r, :] / s[r], -448, 448))
+# (to nearest, ties to even), so each row's largest value lands on E4M3's top. Then y[t, o] = (x8[t] . w8[o]) *
+# s_x[t] * s_w[o] + b[o]. The product of two E4M3 values is exact in fp32, so the tensor cores' FP8 matmul
+# (torch._scaled_mm, sm_89+: Ada, Hopper) is the fp32 matmul of the dequantised operands up to the order of its
+# sums: that matmul is the reference. Which layers are FP8 is the layer sets' business (below): as the official
+# releases, the blocks' linears, the camera path, embedders and final layers staying in bf16.
+# ------------------------------------------------------------------------------------------------------------
+FP8_MIN_SCALE = torch.finfo(torch.float32).tiny  # the scale of an all-zero row (its values stay 0)
+
+
+def quantize_fp8(t: torch.Tensor):
+    """T (..., n) -> (E4M3 values (..., n), fp32 scales (...)): one scale per row, computed in fp32."""
+    t = t.float()
+    scale = (t.abs().amax(-1) / E4M3_MAX).clamp_min(FP8_MIN_SCALE)
+    return (t / scale[..., None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
+
+
+def dequantize_fp8(values: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(E4M3 values (..., n), scales (...)) -> T (..., n) in `dtype`: values * scale, in fp32."""
+    return (values.float() * scale.float()[..., None]).to(dtype)
+
+
+def fp8_linear_torch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference: x quantised per token, both operands dequantised, an fp32 linear; the result in x's dtype."""
+    w = dequantize_fp8(weight, scale)
+    y = F.linear(dequantize_fp8(*quantize_fp8(x)), w, None if bias is None else bias.float())
+    return y.to(x.dtype)
+
+
+class FP8Linear(nn.Module):
+    """Drop-in for nn.Linear with the weight in FP8 and its input quantised per token at every call. State dict:
+    weight (float8_e4m3fn, out x in), weight_scale (fp32, out), bias (as the original linear's).
+
+    `kernel` picks the matmul (see fp8_linear). Module.to(dtype) casts the bias only, as the format says."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
+                 dtype: torch.dtype | None = None, kernel: str = "auto"):
+        super().__init__()
+        _check_fp8_layer(in_features, out_features, kernel)
+        self.in_features, self.out_features, self.kernel = in_features, out_features, kernel
+        self.register_buffer("weight", torch.zeros(out_features, in_features, device=device).to(torch.float8_e4m3fn))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+
+    @torch.no_grad()
+    def set_weight(self, weight: torch.Tensor) -> None:
+        """Quantise a float weight (out, in) (a conv's (out, in, 1, 1) flattened) into the buffers (no-op on meta)."""
+        if not weight.is_meta:
+            _check_weight(weight.flatten(1))
+            self.weight, self.weight_scale = quantize_fp8(weight.flatten(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, self.weight, self.weight_scale, self.bias, self.kernel)
+
+
+class FP8Conv2d(FP8Linear):
+    """Drop-in for a 1x1 nn.Conv2d (stride 1, no padding), a linear over channels: the weight (out, in, 1, 1) held
+    as (out, in). A wider conv has no matrix of tokens to quantise row by row; quantize_model refuses it for FP8."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size=1, stride=1, padding=0, dilation=1,
+                 bias: bool = True, device=None, dtype=None, kernel: str = "auto"):
+        if (_pair(kernel_size), _pair(stride), _pair(padding)) != ((1, 1), (1, 1), (0, 0)):
+            raise ValueError(f"kernel_size, stride, padding: FP8Conv2d is a 1x1 conv (stride 1, no padding), got "
+                             f"{kernel_size}, {stride}, {padding}")
+        super().__init__(in_channels, out_channels, bias, device, dtype, kernel)
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, (1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (n, C, h, w): channels-last, the token rows are a view
+        return FP8Linear.forward(self, x.movedim(1, -1)).movedim(-1, 1)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Machinery: checks, the layer sets, the layers' dispatch, the Triton kernels, checkpoints, the CLI
+# ------------------------------------------------------------------------------------------------------------
+# The imports of the machinery alone: the formats above need only torch.
 import argparse  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Optional  # noqa: E402  (torch.library reads the custom operator's schema from typing's names)
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-KERNELS = ("auto", "triton", "torch")  # NVFP4Linear's matmul choices (see nvfp4_linear)
+KERNELS = ("auto", "triton", "torch")  # the layers' matmul choices (see nvfp4_linear, fp8_linear)
+PRECISIONS = ("nvfp4", "fp8")  # quantize_model's formats; "bf16" names a model or file without them
 
 # The layer set of the CLI's --preset small (1.57 GB, under issue 8's 1.6 GB goal): also the camera projections,
 # plucker_proj and the FFN temporal conv (3x1 over frames): every large layer of the blocks. This goes AGAINST the
 # release's advice (the camera path's 4-bit rounding costs action-following); it is for GPUs whose memory cannot
-# spare the default's 2.73 GB.
+# spare the default's 2.73 GB. NVFP4 only: FP8 takes linears and 1x1 convs (W8A8 needs a matrix of tokens).
 SMALL_INCLUDE = DEFAULT_INCLUDE + ("blocks.*.attn.*_proj_cam", "blocks.*.plucker_proj", "blocks.*.mlp.t_conv")
 SMALL_EXCLUDE = ()
 PRESETS = {"default": (DEFAULT_INCLUDE, DEFAULT_EXCLUDE), "small": (SMALL_INCLUDE, SMALL_EXCLUDE)}
+# The refiner's layer set (refiner.py's names), as the official code quantises it: every linear of the blocks'
+# self-attention, text cross-attention and feed-forward; proj_in, proj_out, the timestep embedder and the caption
+# projection stay in bf16.
+REFINER_INCLUDE = ("transformer_blocks.*.attn1.*", "transformer_blocks.*.attn2.*", "transformer_blocks.*.ff.*")
+REFINER_EXCLUDE = ()
 
 
 @functools.cache
@@ -234,28 +324,47 @@ def _check_layer(in_features: int, kernel: str) -> None:
         raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
 
 
+def _check_fp8_layer(in_features: int, out_features: int, kernel: str) -> None:
+    if in_features % 16 or out_features % 16:
+        raise ValueError(f"in_features, out_features: FP8's matmul (torch._scaled_mm) needs multiples of 16, got "
+                         f"{in_features}, {out_features}")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
+
+
 def _globs(patterns) -> list[str]:
     return [patterns] if isinstance(patterns, str) else list(patterns)
 
 
-def _check_swap(model: nn.Module, include: list, exclude: list, candidates: list[str], names: list[str]) -> None:
+def _check_swap(model: nn.Module, include: list, exclude: list, candidates: list[str], names: list[str],
+                precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
     for pattern in include:
         if not any(fnmatch.fnmatchcase(name, pattern) for name in candidates):
             raise ValueError(f"include: pattern {pattern!r} matches no nn.Linear/nn.Conv2d of the model "
                              f"(outside exclude={exclude})")
     for name in names:
-        fan_in = model.get_submodule(name).weight[0].numel()
+        module = model.get_submodule(name)
+        fan_in, fan_out = module.weight[0].numel(), module.weight.shape[0]
         if fan_in % BLOCK:
             raise ValueError(f"include: cannot quantise {name!r}: its input width {fan_in} is not a multiple of "
-                             f"{BLOCK} (the NVFP4 block)")
+                             f"{BLOCK} (the NVFP4 block, FP8's matmul tile)")
+        if precision == "fp8" and isinstance(module, nn.Conv2d) and \
+                (module.kernel_size, module.stride, module.padding) != ((1, 1), (1, 1), (0, 0)):
+            raise ValueError(f"include: cannot quantise {name!r} to FP8: a {module.kernel_size} conv; FP8 takes "
+                             f"linears and 1x1 convs (the activation quantised per token needs a matrix of tokens)")
+        if precision == "fp8" and fan_out % 16:
+            raise ValueError(f"include: cannot quantise {name!r} to FP8: its output width {fan_out} is not a "
+                             f"multiple of 16 (FP8's matmul tile)")
 
 
 def _check_weight(weight: torch.Tensor) -> None:
     if weight.dim() != 2:
         raise ValueError(f"weight: expected a 2-D (out_features, in_features) tensor, got shape {tuple(weight.shape)}")
     if weight.shape[1] % BLOCK != 0:
-        raise ValueError(f"weight: in_features (dim 1) must be a multiple of {BLOCK} (the NVFP4 block), "
-                         f"got shape {tuple(weight.shape)}")
+        raise ValueError(f"weight: in_features (dim 1) must be a multiple of {BLOCK} (the NVFP4 block, FP8's "
+                         f"matmul tile), got shape {tuple(weight.shape)}")
     if not weight.is_floating_point() or not torch.isfinite(weight).all():
         raise ValueError("weight: expected finite floating-point values")
 
@@ -285,11 +394,12 @@ def nvfp4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, sca
 
 
 def _apply_keeping_format(self, fn, recurse=True):
-    # Module.to(dtype) / .half() cast every floating tensor, but the scales are float8_e4m3fn and fp32 by
-    # definition of the format: let them follow device moves only (the bias is cast as in nn.Linear).
-    scales = {"weight_scale": self.weight_scale, "weight_scale_2": self.weight_scale_2}
+    # Module.to(dtype) / .half() cast every floating tensor (float8 ones too), but the quantised weights and their
+    # scales have their dtypes by definition of the format: let them follow device moves only (the bias is cast as
+    # in nn.Linear).
+    kept = {name: getattr(self, name) for name in self.format_tensors}
     nn.Module._apply(self, fn, recurse)
-    for name, old in scales.items():
+    for name, old in kept.items():
         new = getattr(self, name)
         if new.dtype != old.dtype:
             setattr(self, name, old.to(new.device))
@@ -305,7 +415,9 @@ def _pair(v) -> tuple:
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
-NVFP4Linear._apply, NVFP4Linear.extra_repr = _apply_keeping_format, _extra_repr
+NVFP4Linear._apply = FP8Linear._apply = _apply_keeping_format
+NVFP4Linear.extra_repr = FP8Linear.extra_repr = _extra_repr
+NVFP4Linear.format_tensors, FP8Linear.format_tensors = ("weight_scale", "weight_scale_2"), ("weight", "weight_scale")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -398,82 +510,288 @@ def nvfp4_linear_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tens
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Checkpoint files: ModelOpt-style keys (`<layer>.weight` uint8, `<layer>.weight_scale` float8_e4m3fn,
-# `<layer>.weight_scale_2` fp32) plus a JSON header in the safetensors metadata.
-#
-# Loading an NVFP4 file into a model (the recipe for a model's from_pretrained; read the file's tensors without
-# casting them: the packed weights are uint8, the scales float8_e4m3fn and fp32 by definition):
-#     layers = nvfp4_layer_names(state_dict)            # [] for a bf16 file
-#     if layers: quantize_model(model, include=layers, exclude=())   # works on a meta-device model
-#     model.load_state_dict(state_dict, strict=True, assign=True)
+# FP8's fast path: the activation quantised by one Triton pass over it, then torch._scaled_mm
 # ------------------------------------------------------------------------------------------------------------
-HEADER_KEY = "nvfp4"
+# Quantising the activations with separate eager kernels (abs, amax, divide, clamp, cast: a pass over the
+# activation each) cost more than the FP8 matmul saves (issue 22: 0.48-1.18x bf16 at the DiT's shapes); one pass
+# reads the bf16 row once and writes one byte a value and a scale.
+
+def check_fp8_device(device) -> None:
+    """Refuse a CUDA device on which torch._scaled_mm has no FP8 tensor cores (below sm_89: Ada, Hopper)."""
+    props = torch.cuda.get_device_properties(device)  # (constant to torch.compile: no graph break)
+    if (props.major, props.minor) < (8, 9):
+        raise ValueError(f"fp8: torch._scaled_mm needs an sm_89+ GPU (Ada, Hopper); {props.name} is "
+                         f"sm_{props.major}{props.minor}: use bf16 or nvfp4 there")
+
+
+def _check_fp8_input(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, kernel: str) -> None:
+    if weight.dtype != torch.float8_e4m3fn or weight.dim() != 2 or scale.shape != weight.shape[:1] \
+            or scale.dtype != torch.float32:
+        raise ValueError(f"weight, scale: expected float8_e4m3fn (out, in) and fp32 (out,), got {weight.dtype} "
+                         f"{tuple(weight.shape)} and {scale.dtype} {tuple(scale.shape)}")
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x: expected last dim {weight.shape[1]} (in_features), got shape {tuple(x.shape)}")
+    if kernel != "torch" and x.is_cuda:
+        check_fp8_device(x.device)
+    if kernel != "torch" and x.is_cuda and x.dtype != torch.bfloat16:
+        raise ValueError(f"x: the FP8 matmul on CUDA takes bf16 activations (torch._scaled_mm's row-wise scales), "
+                         f"got {x.dtype}")
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+               kernel: str) -> torch.Tensor:
+    """FP8Linear's matmul. kernel: "auto" = "triton" on CUDA (refused clearly below sm_89 or for activations not
+    in bf16), the torch reference elsewhere; "triton" = `quantize_fp8_triton` then torch._scaled_mm (on the CPU:
+    Triton's interpreter and PyTorch's CPU _scaled_mm, for the tests); "torch" = fp8_linear_torch."""
+    kernel = ("triton" if x.is_cuda else "torch") if kernel == "auto" else kernel
+    _check_fp8_input(x, weight, scale, kernel)
+    if kernel == "torch":
+        return fp8_linear_torch(x, weight, scale, bias)
+    # Inside a compiled block (fast.compiled_on_cuda) an operator, called as it is; eagerly a direct call.
+    return (_fp8_linear_op if torch.compiler.is_compiling() else _fp8_linear_launch)(x, weight, scale, bias)
+
+
+def _fp8_linear_launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                       bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """y = x W^T + b: x's tokens quantised (quantize_fp8_triton), then one torch._scaled_mm (fp32 accumulation; the
+    row scales and the bias applied to the accumulator; the result rounded once to x's dtype)."""
+    N, K = weight.shape
+    values, x_scale = quantize_fp8_triton(x.reshape(-1, K))
+    y = torch._scaled_mm(values, weight.t(), scale_a=x_scale[:, None], scale_b=scale[None, :], bias=bias,
+                         out_dtype=x.dtype)
+    return y.view(*x.shape[:-1], N)
+
+
+_fp8_linear_op = torch.library.custom_op("nano_sana_wm::fp8_linear", _fp8_linear_launch, mutates_args=())
+
+
+@_fp8_linear_op.register_fake
+def _fp8_linear_shape(x, weight, scale, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@triton.jit
+def _e4m3_nearest(y):
+    """y (fp32, |y| <= 448) rounded to the nearest E4M3 value, ties to even, kept in fp32 so that the cast after it
+    is exact (Triton's CPU interpreter rounds fp32 -> E4M3 casts wrongly where the rounding carries into the next
+    power of two). In y's binade [2^e, 2^(e+1)), e >= -6 (below, the subnormals share 2^-6's spacing), E4M3 values
+    are 2^(e-3) apart, the fp32 spacing of 2^(e+20): adding that and subtracting it again rounds |y| there."""
+    bits = y.to(tl.int32, bitcast=True)
+    binade = tl.maximum((bits >> 23) & 0xFF, 127 - 6)  # biased fp32 exponent
+    magic = ((binade + 20) << 23).to(tl.float32, bitcast=True)
+    rounded = (tl.abs(y) + magic) - magic
+    return tl.where(bits < 0, -rounded, rounded)  # the sign bit: -0 stays -0
+
+
+@triton.jit
+def _fp8_rows_kernel(x_ptr, values_ptr, scale_ptr, K, stride_xm, min_scale, BLOCK: tl.constexpr):
+    """One program per row (token): the row read once into registers, its amax, scale and E4M3 values as
+    quantize_fp8 computes them (fp32, correctly rounded divisions), one byte written a value."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < K
+    x = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), 0), 448.0), min_scale)
+    y = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0)
+    tl.store(values_ptr + row * K + cols, _e4m3_nearest(y).to(values_ptr.dtype.element_ty), mask=mask)
+    tl.store(scale_ptr + row, scale)
+
+
+def quantize_fp8_triton(x: torch.Tensor):
+    """quantize_fp8 of the rows of x (M, K), bf16/fp16/fp32, in one Triton pass (CUDA; any device in Triton's
+    interpreter): (E4M3 values (M, K), fp32 scales (M,))."""
+    if x.dim() != 2 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"x: expected a 2-D bf16/fp16/fp32 tensor, got {x.dtype} {tuple(x.shape)}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    M, K = x.shape
+    values = torch.empty(M, K, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(M, dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(K)  # the whole row in registers: 16 to 64 values a thread at the models' widths
+    _fp8_rows_kernel[(M,)](x, values, scale, K, x.stride(0), FP8_MIN_SCALE, BLOCK=block,
+                           num_warps=min(16, max(1, block // 1024)))
+    return values, scale
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Checkpoint files: a model's state dict as it is, with ModelOpt-style keys for the quantised layers,
+#     NVFP4: `<layer>.weight` uint8 (out, in/2), `<layer>.weight_scale` float8_e4m3fn (out, in/16),
+#            `<layer>.weight_scale_2` fp32 (a scalar);
+#     FP8:   `<layer>.weight` float8_e4m3fn (out, in), `<layer>.weight_scale` fp32 (out,);
+# (a 1x1 conv's weight flattened to (out, in)), every other tensor (biases included) as in the float model; one
+# format per file, named with its layers in a JSON header in the safetensors metadata, under the format's name:
+# {"format": "nvfp4" | "fp8", "layers": [...], NVFP4 also "group_size": 16}.
+#
+# Loading a file into a model (the models' from_pretrained; tensors for which `stored_as_is` holds keep their dtype,
+# the others are cast to the model's):
+#     quantize_like(model, state_dict.keys())          # on the meta device: the file's quantised layers swapped in
+#     model.load_state_dict(state_dict, strict=True, assign=True)
+# Quantising a float file as it is read (the refiner's from_pretrained: never the whole float model in memory):
+#     names = set_precision(model, "fp8", include, exclude)   # on the meta device
+#     for each name: state_dict.update(quantized_state(model, name, <its float weight>)) in place of the weight
+# ------------------------------------------------------------------------------------------------------------
+def layer_precisions(keys) -> dict[str, str]:
+    """{layer name: "nvfp4" | "fp8"} of the quantised layers among a state dict's keys: NVFP4 layers hold
+    `<layer>.weight_scale_2`, FP8 layers `<layer>.weight_scale` alone; {} for a float file."""
+    keys, suffix = set(keys), ".weight_scale"
+    return {k[:-len(suffix)]: "nvfp4" if k + "_2" in keys else "fp8" for k in keys if k.endswith(suffix)}
 
 
 def nvfp4_layer_names(state_dict) -> list[str]:
     """Names of the NVFP4 layers in a state dict (those with `<layer>.weight_scale_2`); [] for a float file."""
-    suffix = ".weight_scale_2"
-    return sorted(k[: -len(suffix)] for k in state_dict if k.endswith(suffix))
+    return sorted(name for name, precision in layer_precisions(state_dict).items() if precision == "nvfp4")
 
 
-def save_nvfp4(model: nn.Module, path: str) -> list[str]:
-    """Write a quantised model's state dict to safetensors with the header {format, group_size, layers}."""
+def _one_precision(precisions, what: str) -> str:
+    precisions = set(precisions)
+    if len(precisions) > 1:
+        raise ValueError(f"{what}: holds both NVFP4 and FP8 layers; expected one format")
+    return precisions.pop() if precisions else "bf16"
+
+
+def stored_as_is(key: str, t: torch.Tensor) -> bool:
+    """Whether a loader keeps a checkpoint tensor's dtype instead of casting it to the model's: the quantised
+    weights (uint8, float8_e4m3fn) and their scales (float8_e4m3fn, fp32) have the format's dtypes."""
+    return t.dtype in (torch.uint8, torch.float8_e4m3fn) or key.endswith((".weight_scale", ".weight_scale_2"))
+
+
+def quantize_like(model: nn.Module, keys) -> str:
+    """Swap into `model` (on the meta device, before a strict load) the quantised layers of a file with these
+    state-dict keys; returns the file's precision ("bf16" for a float file)."""
+    layers = layer_precisions(keys)
+    precision = _one_precision(layers.values(), "checkpoint")
+    if layers:
+        quantize_model(model, include=sorted(layers), exclude=(), precision=precision)
+    return precision
+
+
+def model_precision(model: nn.Module) -> str:
+    """"nvfp4" or "fp8" for a model holding such layers, "bf16" for one holding none (whatever its float dtype)."""
+    return _one_precision({"nvfp4" if isinstance(m, NVFP4Linear) else "fp8" for m in model.modules()
+                           if isinstance(m, (NVFP4Linear, FP8Linear))}, "model")
+
+
+def set_precision(model: nn.Module, precision: str | None, include, exclude, kernel: str = "auto") -> list[str]:
+    """Bring a model's layer set (include, exclude) to `precision` in place: "bf16" (unquantised), "nvfp4" or
+    "fp8"; None leaves the model as it is. A model without quantised layers is quantised (on the meta device only
+    its structure changes); one with some must hold `precision` already (quantising a quantised weight again only
+    loses more). Returns the names it quantised ([] when none)."""
+    if precision not in (None, "bf16") + PRECISIONS:
+        raise ValueError(f"precision: expected bf16, nvfp4 or fp8, got {precision!r}")
+    held = model_precision(model)
+    if precision is None or precision == held:
+        return []
+    if held != "bf16":
+        raise ValueError(f"precision {precision}: the model holds {held} layers (a quantised checkpoint); load a bf16 "
+                         f"checkpoint to run it in {precision}")
+    return quantize_model(model, include, exclude, kernel, precision)
+
+
+@torch.no_grad()
+def quantized_state(model: nn.Module, name: str, weight: torch.Tensor) -> dict:
+    """The state-dict entries of `model`'s quantised layer `name` (as quantize_model made it; the meta device is
+    fine) holding the float `weight`: what a loader reading a float file puts in place of `<name>.weight`."""
+    layer = model.get_submodule(name)
+    layer.set_weight(weight)
+    return {f"{name}.{key}": t for key, t in layer.named_buffers()}
+
+
+def checkpoint_precision(files) -> str:
+    """The precision of a checkpoint from its files' keys alone (no tensor is read): a quantize.py file's format,
+    "bf16" for float ones (torch pickles included: quantize.py writes safetensors only)."""
+    from safetensors import SafetensorError, safe_open
+
+    keys = []
+    for file in map(str, files):
+        if file.endswith(".safetensors"):
+            try:
+                with safe_open(file, framework="pt") as f:
+                    keys += list(f.keys())
+            except (SafetensorError, OSError) as e:
+                raise ValueError(f"checkpoint: {file} is not a readable safetensors file ({e})") from None
+    return _one_precision(layer_precisions(keys).values(), "checkpoint")
+
+
+def save_quantized(model: nn.Module, path: str) -> list[str]:
+    """Write a quantised model's state dict to safetensors with its header (above); returns the quantised layers."""
     from safetensors.torch import save_file
 
     state_dict = {k: v.contiguous() for k, v in model.state_dict().items()}
-    layers = nvfp4_layer_names(state_dict)
-    if not layers:
-        raise ValueError("model: has no NVFP4 layers; run quantize_model first")
-    header = {"format": "nvfp4", "group_size": BLOCK, "layers": layers}
-    save_file(state_dict, path, metadata={"format": "pt", HEADER_KEY: json.dumps(header)})
+    layers = sorted(layer_precisions(state_dict))
+    precision = _one_precision(layer_precisions(state_dict).values(), "model")
+    if precision == "bf16":
+        raise ValueError("model: has no NVFP4 or FP8 layers; run quantize_model first")
+    header = {"format": precision, "layers": layers, **({"group_size": BLOCK} if precision == "nvfp4" else {})}
+    save_file(state_dict, path, metadata={"format": "pt", precision: json.dumps(header)})
     return layers
 
 
-def read_nvfp4_header(path: str) -> dict | None:
-    """The JSON header of a safetensors file written by save_nvfp4, or None for another file."""
+save_nvfp4 = save_quantized  # its name from before FP8 (issue 8)
+
+
+def read_quantized_header(path: str) -> dict | None:
+    """The JSON header of a safetensors file written by save_quantized, or None for another file."""
     from safetensors import safe_open
 
     with safe_open(path, framework="pt") as f:
-        text = (f.metadata() or {}).get(HEADER_KEY)
+        metadata = f.metadata() or {}
+    text = next((metadata[p] for p in PRECISIONS if p in metadata), None)
     return None if text is None else json.loads(text)
 
 
-def _dit_path(src: str) -> Path:
+def read_nvfp4_header(path: str) -> dict | None:
+    """The header of an NVFP4 file written by save_quantized, or None for another file."""
+    header = read_quantized_header(path)
+    return header if header is not None and header["format"] == "nvfp4" else None
+
+
+MODELS = {"dit": "DiT", "refiner": "refiner"}  # the CLI's --model: the stage-1 DiT or the stage-2 refiner (LTX-2)
+
+
+def _source(src: str, model: str) -> Path:
+    """The file or folder holding `model`'s weights that `src` names: the release folder (dit/, vae/, refiner/),
+    the model's own folder (for the refiner: refiner/ or its transformer/), or a file."""
     path = Path(src)
-    if path.is_dir() and (path / "dit").is_dir():  # the release folder: dit/, vae/, refiner/
-        path = path / "dit"
+    if path.is_dir() and (path / model).is_dir():  # the release folder
+        path = path / model
+    if model == "refiner" and path.is_dir() and (path / "transformer").is_dir():
+        path = path / "transformer"
     return path
 
 
-def check_output(src: str, dst: str):
-    """Refuse a `dst` that would overwrite what `src` reads (the same file under any path) or land in the DiT
+def check_output(src: str, dst: str, model: str = "dit"):
+    """Refuse a `dst` that would overwrite what `src` reads (the same file under any path) or land in the model's
     folder it loads (whose every *.safetensors the next load reads as weights), or that cannot be written (a
     missing folder, a folder in the way)."""
-    path, out = _dit_path(src), Path(dst)
+    path, out = _source(src, model), Path(dst)
     if out.exists() and path.exists() and out.samefile(path):
         raise ValueError(f"--out {dst}: is the input file {src}; write elsewhere")
     if path.is_dir() and out.resolve().parent == path.resolve():
-        raise ValueError(f"--out {dst}: is inside the DiT folder {path} that --in reads (it would overwrite or join "
-                         f"its weights); write elsewhere")
+        raise ValueError(f"--out {dst}: is inside the {MODELS[model]} folder {path} that --in reads (it would "
+                         f"overwrite or join its weights); write elsewhere")
     if not out.parent.is_dir():
         raise ValueError(f"--out {dst}: the folder {out.parent} does not exist")
     if out.is_dir():
         raise ValueError(f"--out {dst}: is a folder; give a .safetensors file name")
 
 
-def quantize_checkpoint(src: str, dst: str, include=DEFAULT_INCLUDE, exclude=DEFAULT_EXCLUDE,
-                        device: str = "cpu") -> list[str]:
-    """Load the DiT from `src` (a safetensors file, a DiT folder, or the release folder holding dit/) in bf16,
-    quantise it, write `dst` (through a temporary file renamed when complete: a failure leaves no partial file)."""
-    from dit import DiT  # the only project import, and only here: the format itself needs no model
-
-    check_output(src, dst)
-    model = DiT.from_pretrained(_dit_path(src), dtype=torch.bfloat16, device=device)
-    quantize_model(model, include, exclude)
+def quantize_checkpoint(src: str, dst: str, include=DEFAULT_INCLUDE, exclude=DEFAULT_EXCLUDE, device: str = "cpu",
+                        precision: str = "nvfp4", model: str = "dit") -> list[str]:
+    """Load the DiT or the refiner (`model`) from `src` (the release folder, the model's folder or file) in bf16,
+    quantise its layers (include, exclude) to `precision`, write `dst` (through a temporary file renamed when
+    complete: a failure leaves no partial file). The refiner's file (the video transformer only) loads with
+    Refiner.from_pretrained(dst) (config: the release's unless given)."""
+    check_output(src, dst, model)
+    if model == "refiner":  # the project imports, only here: the formats themselves need no model
+        from refiner import Refiner as Model
+    else:
+        from dit import DiT as Model
+    loaded = Model.from_pretrained(_source(src, model), dtype=torch.bfloat16, device=device)
+    quantize_model(loaded, include, exclude, precision=precision)
     out = Path(dst)
     tmp = out.with_name(f".{out.name}.partial{os.getpid()}")
     try:
-        layers = save_nvfp4(model, str(tmp))
+        layers = save_quantized(loaded, str(tmp))
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -481,18 +799,26 @@ def quantize_checkpoint(src: str, dst: str, include=DEFAULT_INCLUDE, exclude=DEF
 
 
 def main(argv=None) -> None:
-    parser = _Parser(description="Quantise the SANA-WM DiT weights to NVFP4.")
-    parser.add_argument("--in", dest="src", required=True, help="DiT safetensors file or release folder")
+    parser = _Parser(description="Quantise the SANA-WM DiT or refiner weights to NVFP4 or FP8.")
+    parser.add_argument("--in", dest="src", required=True,
+                        help="the release folder, or the model's folder (dit/; refiner/ or its transformer/) or file")
     parser.add_argument("--out", required=True, help="output safetensors file (its folder must exist; never the input)")
+    parser.add_argument("--model", choices=sorted(MODELS), default="dit",
+                        help="dit: the stage-1 DiT; refiner: the stage-2 LTX-2 refiner (its blocks' linears)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="nvfp4",
+                        help="nvfp4: 4-bit weights (W4A16 on Hopper); fp8: E4M3 weights and activations (W8A8, "
+                             "torch._scaled_mm on sm_89+; linears and 1x1 convs only)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                        help="layer set: default (camera path kept bf16, as the release advises) or small "
+                        help="the DiT's layer set: default (camera path kept bf16, as the release advises) or small "
                              "(camera path and temporal conv too, against the release's advice: for small GPUs)")
     parser.add_argument("--include", nargs="+", help="module-name globs (replace the preset's)")
     parser.add_argument("--exclude", nargs="*", help="module-name globs (replace the preset's)")
     parser.add_argument("--device", default="cpu", help="where to quantise (cpu or cuda)")
     try:
         args = parser.parse_args(argv)
-        include, exclude = PRESETS[args.preset]
+        if args.model == "refiner" and args.preset != "default":
+            raise ValueError(f"--preset {args.preset}: the DiT's; the refiner has one layer set (its blocks' linears)")
+        include, exclude = PRESETS[args.preset] if args.model == "dit" else (REFINER_INCLUDE, REFINER_EXCLUDE)
         include = include if args.include is None else args.include
         exclude = exclude if args.exclude is None else args.exclude
         try:
@@ -501,11 +827,11 @@ def main(argv=None) -> None:
             raise ValueError(f"--device {args.device}: {e}") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {args.device}: no CUDA device here; use --device cpu")
-        layers = quantize_checkpoint(args.src, args.out, include, exclude, args.device)
+        layers = quantize_checkpoint(args.src, args.out, include, exclude, args.device, args.precision, args.model)
     except (ValueError, OSError) as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, even for a key list
         sys.exit(2)
-    print(f"wrote {args.out}: {len(layers)} NVFP4 layers")
+    print(f"wrote {args.out}: {len(layers)} {args.precision.upper()} layers")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -569,7 +569,7 @@ class TextConnectors(nn.Module):
     def from_pretrained(cls, path, dtype=torch.bfloat16, device="cpu", keep_audio=False) -> "TextConnectors":
         folder = _component_dir(path, "connectors")
         cfg = ConnectorsConfig.from_dict(_read_json(folder / "config.json"))
-        return _load(cls, (cfg,), folder, dtype, device, keep_audio)
+        return _load(cls, (cfg,), folder, sorted(folder.glob("*.safetensors")), dtype, device, keep_audio)
 
 class PromptEncoder:
     """Prompt → refiner text embeddings: Gemma-3 tokenizer (left padding to 1024, BOS) → Gemma-3 → connectors.
@@ -748,7 +748,8 @@ def _check_block(stream: RefinerStream, block) -> None:
 
 
 # Loading: build on the meta device, check every key and shape of the files against the full (audio included)
-# layout, read only what the module holds, load_state_dict(strict=True, assign=True).
+# layout, read only what the module holds, load_state_dict(strict=True, assign=True). A file written by quantize.py
+# (the video transformer only) loads with its NVFP4 or FP8 layers; a float one can be quantised as it is read.
 
 def _read_json(path: Path) -> dict:
     import json
@@ -762,45 +763,70 @@ def _component_dir(path, name: str) -> Path:
     return path / name if (path / name / "config.json").is_file() else path
 
 
-def _load(cls, args, folder: Path, dtype, device, keep_audio: bool):
+def _load(cls, args, where: Path, files: list[Path], dtype, device, keep_audio: bool, precision: str | None = None,
+          audio_in_files: bool = True):
+    """The model from the safetensors `files` of `where` (holding the audio branch too unless audio_in_files=False).
+    precision
+    (the Refiner only): the blocks' linears (quantize.REFINER_INCLUDE) in "bf16", "nvfp4" or "fp8", a float file's
+    quantised layer by layer as it is read (quantize.set_precision); None = as the files hold them."""
     from safetensors import SafetensorError, safe_open
-    files = sorted(folder.glob("*.safetensors"))
+
+    from quantize import REFINER_EXCLUDE, REFINER_INCLUDE, quantize_like, quantized_state, set_precision, stored_as_is
     if not files:
-        raise ValueError(f"no .safetensors files in {folder}")
-    with torch.device("meta"):
-        model = cls(*args, keep_audio=keep_audio)
-        full = model if keep_audio else cls(*args, keep_audio=True)
-    expected = {k: tuple(v.shape) for k, v in full.state_dict().items()}
-    wanted = set(model.state_dict())
-    state, found = {}, {}
+        raise ValueError(f"no .safetensors files in {where}")
+    found = {}
     for file in files:
         try:
             with safe_open(file, framework="pt", device=str(device)) as f:
-                for key in f.keys():
-                    found[key] = tuple(f.get_slice(key).get_shape())
-                    if key in wanted and found[key] == expected.get(key):
-                        state[key] = f.get_tensor(key).to(dtype)
+                found.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
         except (SafetensorError, OSError) as e:
             raise ValueError(f"path: {file} is not a readable safetensors file ({e})") from e
+    with torch.device("meta"):
+        model = cls(*args, keep_audio=keep_audio)
+        full = model if keep_audio or not audio_in_files else cls(*args, keep_audio=True)
+    quantize_like(model, found)                             # the files' own NVFP4 / FP8 layers
+    if full is not model:
+        quantize_like(full, found)
+    expected = {k: tuple(v.shape) for k, v in full.state_dict().items()}
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     wrong = sorted(f"{k}: file {found[k]} vs model {expected[k]}" for k in set(found) & set(expected)
                    if found[k] != expected[k])
     if missing or unexpected or wrong:
         show = lambda xs: ", ".join(xs[:20]) + (f" ... ({len(xs)} in all)" if len(xs) > 20 else "")  # noqa: E731
-        raise ValueError(f"{folder} does not match {cls.__name__}: missing keys [{show(missing)}]; "
+        raise ValueError(f"{where} does not match {cls.__name__}: missing keys [{show(missing)}]; "
                          f"unexpected keys [{show(unexpected)}]; wrong shapes [{show(wrong)}]")
+    # The layers to quantise as they are read (on the meta model; none without a precision).
+    to_quantise = {f"{name}.weight": name for name in set_precision(model, precision, REFINER_INCLUDE, REFINER_EXCLUDE)}
+    wanted, state = set(model.state_dict()) | set(to_quantise), {}
+    for file in files:
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            for key in set(f.keys()) & wanted:
+                t = f.get_tensor(key)
+                if key in to_quantise:
+                    state.update(quantized_state(model, to_quantise[key], t.to(dtype)))
+                else:
+                    state[key] = t if stored_as_is(key, t) else t.to(dtype)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 
 
 @classmethod
-def _refiner_from_pretrained(cls, path, dtype=torch.bfloat16, device="cpu", keep_audio: bool = False) -> Refiner:
+def _refiner_from_pretrained(cls, path, dtype=torch.bfloat16, device="cpu", keep_audio: bool = False,
+                             precision: str | None = None, config: RefinerConfig | None = None) -> Refiner:
     """Load the release `refiner/` folder (or its `transformer/` subfolder). By default the 2 295 audio-branch
-    tensors (5.8 B parameters, 11.7 GB in bf16) are checked but not read; `keep_audio=True` keeps them."""
+    tensors (5.8 B parameters, 11.7 GB in bf16) are checked but not read; `keep_audio=True` keeps them. `path` may
+    also be a file written by quantize.py (`--model refiner`: the video transformer, no config: `config`, default
+    the release's). precision: the blocks' linears in "bf16", "nvfp4" or "fp8" (a float checkpoint quantised layer
+    by layer as it is read: never the whole bf16 model in memory); None = as the checkpoint holds them."""
+    path = Path(path)
+    if path.is_file():
+        return _load(cls, (config or RefinerConfig(),), path, [path], dtype, device, keep_audio, precision, False)
+    if config is not None:
+        raise ValueError(f"config: {path} is a folder with its own config.json; pass config only with a file")
     folder = _component_dir(path, "transformer")
     cfg = RefinerConfig.from_dict(_read_json(folder / "config.json"))
-    return _load(cls, (cfg,), folder, dtype, device, keep_audio)
+    return _load(cls, (cfg,), folder, sorted(folder.glob("*.safetensors")), dtype, device, keep_audio, precision)
 
 
 Refiner.from_pretrained = _refiner_from_pretrained

@@ -625,7 +625,20 @@ def _bad_inputs(tmp):
                   "--no_refiner"]
     stage1_only = tmp / "release_without_refiner"
     shutil.copytree(no_connectors, stage1_only, ignore=lambda folder, names: ["refiner"])
+    # quantize.py files (only their keys are read before loading): an NVFP4 DiT and an FP8 one
+    from safetensors.torch import save_file
+    layer = "blocks.0.attn.qkv"
+    save_file({f"{layer}.weight": torch.zeros(48, 8, dtype=torch.uint8), f"{layer}.weight_scale_2": torch.ones(()),
+               f"{layer}.weight_scale": torch.ones(48, 1).to(torch.float8_e4m3fn)}, str(tmp / "dit_nvfp4.safetensors"))
+    save_file({f"{layer}.weight": torch.zeros(48, 16).to(torch.float8_e4m3fn), f"{layer}.weight_scale": torch.ones(48)},
+              str(tmp / "dit_fp8.safetensors"))
     return [
+        (["--demo", "--stage1_precision", "fp16"], ["--stage1_precision", "invalid choice", "'fp16'"]),
+        (["--demo", "--refiner_precision", "int8"], ["--refiner_precision", "invalid choice", "'int8'"]),
+        (unloadable + ["--model_path", str(tmp / "dit_nvfp4.safetensors"), "--stage1_precision", "fp8"],
+         ["--stage1_precision fp8", "dit_nvfp4.safetensors holds nvfp4 layers", "--stage1_precision nvfp4"]),
+        (unloadable + ["--model_path", str(tmp / "dit_fp8.safetensors"), "--stage1_precision", "bf16"],
+         ["--stage1_precision bf16", "holds fp8 layers"]),
         (unloadable + ["--steps", "0"], ["--steps", "[1, 1000]", "got 0"]),
         (unloadable + ["--prompt", "  "], ["--prompt", "empty"]),
         (unloadable + ["--num_frames", "3"], ["--num_frames must be >= 9 (8k+1), got 3"]),
@@ -1087,6 +1100,43 @@ def test_model_path_replaces_the_release_dit(tmp_path, capsys):
                    "--output_dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "dit/" not in err[0] and "--text_encoder" in err[0], err
+
+
+def test_fp8_flags_refused_without_fp8_tensor_cores(tmp_path, capsys, monkeypatch):
+    """fp8 on a CUDA GPU below sm_89 (an A100), or with fp16 activations, is refused before any model loads (the
+    GPU simulated: torch.cuda's answers patched)."""
+    from types import SimpleNamespace
+
+    _no_models(monkeypatch)
+    gpu = SimpleNamespace(name="NVIDIA A100", major=8, minor=0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: gpu)
+    argv = next(a for a, words in _bad_inputs(tmp_path) if "--no_refiner" in a and "--steps" in a)[:-2]
+    argv += ["--device", "cuda", "--output_dir", str(tmp_path / "out")]
+    for extra, words in ((["--refiner_precision", "fp8"], ["--refiner_precision fp8", "sm_89+", "A100 is sm_80"]),
+                         (["--stage1_precision", "fp8", "--dtype", "fp16"], ["--stage1_precision fp8", "bf16",
+                                                                             "--dtype fp16"])):
+        assert G.main(argv + extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and all(w in err[0] for w in words), err
+        gpu.major = 9  # the second case: a Hopper GPU
+
+
+def test_precision_flags_quantise_the_models(tmp_path, monkeypatch):
+    """--stage1_precision fp8 --refiner_precision fp4 (the official name of nvfp4): the demo's DiT runs with FP8
+    block linears, its refiner with NVFP4 ones, end to end to the mp4."""
+    from quantize import model_precision
+
+    seen, real = {}, G.generate
+
+    def spy(dit, vae, tokenizer, text_encoder, image, prompt, refiner=None, **kwargs):
+        seen.update(dit=model_precision(dit), refiner=model_precision(refiner.load_refiner()))
+        return real(dit, vae, tokenizer, text_encoder, image, prompt, refiner=refiner, **kwargs)
+    monkeypatch.setattr(G, "generate", spy)
+    assert G.main(["--demo", "--stage1_precision", "fp8", "--refiner_precision", "fp4", "--num_frames", "9",
+                   "--steps", "1", "--no_action_overlay", "--output_dir", str(tmp_path)]) == 0
+    assert seen == {"dit": "fp8", "refiner": "nvfp4"}
+    assert len(list(tmp_path.glob("*.mp4"))) == 1
 
 
 # ---------------------------------------------------------------------------------------------------------------

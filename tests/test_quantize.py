@@ -1,6 +1,8 @@
 """quantize.py: the NVFP4 format bit by bit, the Triton matmul against the torch reference, model surgery and
-checkpoint round trips. Oracles: E2M1/E4M3 decoded from their bit definitions, and torch's own reference for
-torch.float4_e2m1fn_x2 (RNE rounding + nibble packing) and for the cuBLAS block-scale layout."""
+checkpoint round trips; FP8 (W8A8): its rounding, the Triton token quantiser and the fast matmul against the torch
+reference, the FP8 layers in models, the refiner quantised as it loads, set_precision. Oracles: E2M1/E4M3 decoded
+from their bit definitions, and torch's own reference for torch.float4_e2m1fn_x2 (RNE rounding + nibble packing)
+and for the cuBLAS block-scale layout."""
 import ast
 import math
 from pathlib import Path
@@ -10,10 +12,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quantize import (DEFAULT_EXCLUDE, DEFAULT_INCLUDE, PRESETS, SMALL_EXCLUDE, SMALL_INCLUDE, NVFP4Conv2d,
-                      NVFP4Linear, dequantize_nvfp4, e2m1_encode, nvfp4_layer_names,
-                      nvfp4_linear_torch, nvfp4_linear_triton, pack_nibbles, quantize_model, quantize_nvfp4,
-                      read_nvfp4_header, save_nvfp4, unpack_nibbles)
+from quantize import (DEFAULT_EXCLUDE, DEFAULT_INCLUDE, FP8_MIN_SCALE, PRECISIONS, PRESETS, REFINER_EXCLUDE,
+                      REFINER_INCLUDE, SMALL_EXCLUDE, SMALL_INCLUDE, FP8Conv2d, FP8Linear, NVFP4Conv2d, NVFP4Linear,
+                      check_fp8_device, dequantize_fp8, dequantize_nvfp4, e2m1_encode, fp8_linear, fp8_linear_torch,
+                      layer_precisions, model_precision, nvfp4_layer_names, nvfp4_linear_torch, nvfp4_linear_triton,
+                      pack_nibbles, quantize_fp8, quantize_fp8_triton, quantize_model, quantize_nvfp4,
+                      read_nvfp4_header, read_quantized_header, save_nvfp4, set_precision, unpack_nibbles)
 from reference import max_rel_err
 
 
@@ -466,9 +470,10 @@ def test_release_dit_weight_bytes():
     assert weight_bytes(SMALL_INCLUDE, SMALL_EXCLUDE) == 1_572_946_056 <= 1.6e9
 
 
-@pytest.mark.parametrize("preset,n_layers", [("default", 32), ("small", 56)])
+@pytest.mark.parametrize("preset,precision,n_layers", [("default", "nvfp4", 32), ("small", "nvfp4", 56),
+                                                      ("default", "fp8", 32)])
 @torch.no_grad()
-def test_cli_round_trip_through_dit_checkpoint(tmp_path, capsys, preset, n_layers):
+def test_cli_round_trip_through_dit_checkpoint(tmp_path, capsys, preset, precision, n_layers):
     import json
 
     from dit import DiT
@@ -482,15 +487,17 @@ def test_cli_round_trip_through_dit_checkpoint(tmp_path, capsys, preset, n_layer
     model = tiny_dit().to(torch.bfloat16)
     save_file(model.state_dict(), str(dit_dir / "diffusion_pytorch_model.safetensors"))
     (dit_dir / "config.json").write_text(json.dumps({**TINY_DIT, "_class_name": "SanaWMTransformer3DModel"}))
-    out = tmp_path / "dit_nvfp4.safetensors"
-    main(["--in", str(tmp_path / "release"), "--out", str(out)] + ([] if preset == "default" else ["--preset", preset]))
-    assert f"{n_layers} NVFP4 layers" in capsys.readouterr().out
+    out = tmp_path / f"dit_{precision}.safetensors"
+    main(["--in", str(tmp_path / "release"), "--out", str(out), "--preset", preset, "--precision", precision])
+    assert f"{n_layers} {precision.upper()} layers" in capsys.readouterr().out
     state_dict = load_file(str(out))
-    assert read_nvfp4_header(str(out))["layers"] == nvfp4_layer_names(state_dict)
+    assert read_quantized_header(str(out)) == {"format": precision, "layers": sorted(layer_precisions(state_dict)),
+                                              **({"group_size": 16} if precision == "nvfp4" else {})}
+    assert set(layer_precisions(state_dict).values()) == {precision}
     assert ("blocks.0.mlp.t_conv.weight_scale" in state_dict) == (preset == "small")
-    # DiT.from_pretrained loads the NVFP4 file transparently (packed weights and scales keep their dtypes)
+    # DiT.from_pretrained loads the file transparently (quantised weights and scales keep their dtypes), strictly
     loaded = DiT.from_pretrained(out, dtype=torch.bfloat16, config=model.config)
-    quantize_model(model, *PRESETS[preset])
+    quantize_model(model, *PRESETS[preset], precision=precision)
     expected = model.state_dict()
     assert loaded.state_dict().keys() == expected.keys()
     bits = lambda t: t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t  # noqa: E731 (no fp8 equal)
@@ -576,8 +583,279 @@ def test_cli_failed_write_leaves_no_file(tmp_path, capsys, monkeypatch):
     def full_disk(model, path):
         Path(path).write_bytes(b"half a file")
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(quantize, "save_nvfp4", full_disk)
+    monkeypatch.setattr(quantize, "save_quantized", full_disk)
     out = tmp_path / "out"
     out.mkdir()
     err = _cli_error(["--in", str(tmp_path / "release"), "--out", str(out / "o.safetensors")], capsys)
     assert "No space left on device" in err and list(out.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------- FP8 (W8A8)
+def e4m3_grid() -> torch.Tensor:
+    """Every finite float8_e4m3fn value, ascending (decoded by torch)."""
+    positive = e4m3_positive_scales().float()
+    return torch.cat([-positive.flip(0), torch.zeros(1), positive])
+
+
+def e4m3_ties_row() -> torch.Tensor:
+    """448 (so the row's scale is exactly 1) then every midpoint between neighbouring positive E4M3 values,
+    subnormals included, negated every other one: each must round to the neighbour with the even code."""
+    positive = torch.cat([torch.zeros(1), e4m3_positive_scales().float()])
+    midpoints = (positive[1:] + positive[:-1]) / 2
+    signs = torch.ones(len(midpoints))
+    signs[1::2] = -1.0
+    return torch.cat([torch.tensor([448.0]), midpoints * signs])
+
+
+def test_fp8_rows_round_to_the_nearest_e4m3_value():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 96, generator=g) * torch.logspace(-30, 30, 64)[:, None]
+    x[5] = 0.0
+    values, scale = quantize_fp8(x)
+    assert values.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32 and scale.shape == (64,)
+    amax, nonzero = x.abs().amax(1), torch.arange(64) != 5
+    assert torch.equal(scale[nonzero], amax[nonzero] / 448) and scale[5] == FP8_MIN_SCALE
+    assert not values[5].float().any()
+    assert torch.equal(values.float().abs().amax(1)[nonzero], torch.full((63,), 448.0))  # each row's top is 448
+    # every value is a nearest E4M3 value to x / s (an oracle from the whole grid, by distance)
+    y = x / scale[:, None]
+    grid = e4m3_grid()
+    nearest = grid[(y[..., None] - grid).abs().argmin(-1)]
+    assert torch.equal((values.float() - y).abs(), (nearest - y).abs())
+    # exact ties go to the even code; dequantisation multiplies back
+    ties = e4m3_ties_row()
+    tied, tie_scale = quantize_fp8(ties[None])
+    assert tie_scale.item() == 1.0 and not (tied.view(torch.uint8)[0, 1:] & 1).any()
+    assert ((tied.float()[0, 1:] - ties[1:]).abs() == (grid[None] - ties[1:, None]).abs().min(1).values).all()
+    assert torch.equal(dequantize_fp8(values, scale), values.float() * scale[:, None])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fp8_triton_quantiser_is_bit_equal_to_torch(dtype):
+    """The one-pass Triton kernel (Triton's interpreter here) against quantize_fp8: the same scales and E4M3 bits,
+    for rows of many magnitudes, an all-zero row of -0.0 and 0.0, the ties row, a width (200) that is no power of
+    two, rows further apart than their width (a view)."""
+    g = torch.Generator().manual_seed(1)
+    rows = torch.randn(40, 200, generator=g) * torch.logspace(-4, 4, 40)[:, None]
+    rows[3] = 0.0
+    rows[3, ::2] = -0.0
+    ties = e4m3_ties_row()
+    rows[7, :len(ties)] = ties
+    x = torch.zeros(40, 256, dtype=dtype)[:, :200]
+    x.copy_(rows)
+    ref_values, ref_scale = quantize_fp8(x)
+    values, scale = quantize_fp8_triton(x)
+    assert torch.equal(scale, ref_scale)
+    assert torch.equal(values.view(torch.uint8), ref_values.view(torch.uint8))
+    with pytest.raises(ValueError, match="x: expected a 2-D"):
+        quantize_fp8_triton(x[None])
+
+
+@torch.no_grad()
+def test_fp8_linear_fast_path_equals_the_reference():
+    """fp8_linear's "triton" path (Triton's interpreter, then PyTorch's CPU torch._scaled_mm) and the torch reference
+    against the definition in fp64: tokens quantised, both operands dequantised, multiplied, the bias added."""
+    g = torch.Generator().manual_seed(2)
+    w, b = torch.randn(48, 64, generator=g) / 8, torch.randn(48, generator=g)
+    weight, scale = quantize_fp8(w)
+    x = torch.randn(2, 7, 64, generator=g) * 3
+    x8, x_scale = quantize_fp8(x)
+    product = (x8.double() * x_scale.double()[..., None]) @ (weight.double() * scale.double()[:, None]).T
+    for bias in (b, None):
+        expected = product + (0 if bias is None else bias.double())
+        for kernel in ("triton", "torch"):
+            out = fp8_linear(x, weight, scale, bias, kernel)
+            assert out.shape == (2, 7, 48) and out.dtype == torch.float32
+            assert max_rel_err(out, expected) < 1e-6, kernel  # fp32 sums in another order
+    # bf16 activations: the same, rounded once to bf16
+    xb = x.bfloat16()
+    fast, ref = fp8_linear(xb, weight, scale, b.bfloat16(), "triton"), fp8_linear_torch(xb, weight, scale, b.bfloat16())
+    assert fast.dtype == ref.dtype == torch.bfloat16 and max_rel_err(fast, ref) <= 2 ** -8
+    with pytest.raises(ValueError, match="last dim 64"):
+        fp8_linear(x[..., :32], weight, scale, b, "torch")
+    with pytest.raises(ValueError, match="weight, scale"):
+        fp8_linear(x, w, scale, b, "torch")
+
+
+def test_fp8_is_refused_below_sm89(monkeypatch):
+    from types import SimpleNamespace
+
+    gpu = SimpleNamespace(name="NVIDIA A100", major=8, minor=0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: gpu)
+    with pytest.raises(ValueError, match="fp8: torch._scaled_mm needs an sm_89\\+ GPU .*NVIDIA A100 is sm_80"):
+        check_fp8_device("cuda")
+    gpu.minor = 9  # Ada
+    check_fp8_device("cuda")
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_fp8_on_gpu_eager_and_compiled():
+    """At a DiT shape on an sm_89+ GPU: the Triton quantiser bit-equal to torch's, the layer (torch._scaled_mm)
+    equal to the reference up to bf16's rounding, and the same inside torch.compile without a graph break."""
+    g = torch.Generator(device="cuda").manual_seed(7)
+    layer = FP8Linear(2240, 6720, device="cuda", dtype=torch.bfloat16)
+    layer.set_weight(torch.randn(6720, 2240, device="cuda", generator=g) / 50)
+    layer.bias.copy_(torch.randn(6720, device="cuda", generator=g))
+    x = torch.randn(3, 1000, 2240, device="cuda", generator=g).bfloat16()
+    values, scale = quantize_fp8_triton(x.view(-1, 2240))
+    ref_values, ref_scale = quantize_fp8(x.view(-1, 2240))
+    assert torch.equal(scale, ref_scale) and torch.equal(values.view(torch.uint8), ref_values.view(torch.uint8))
+    eager = layer(x)
+    assert max_rel_err(eager, fp8_linear_torch(x, layer.weight, layer.weight_scale, layer.bias)) <= 2 ** -7
+    assert torch.equal(torch.compile(layer, fullgraph=True)(x), eager)
+
+
+@torch.no_grad()
+def test_fp8_layers_in_a_model():
+    """quantize_model(precision="fp8") swaps the same default layers as NVFP4 (linears, 1x1 convs as FP8Conv2d);
+    the fast and the reference kernels agree; .to(dtype) keeps the format; wider convs are refused."""
+    model = tiny_model()
+    x = torch.randn(2, 32, 3, 2, 4)
+    float_out = model(x)
+    names = quantize_model(model, kernel="triton", precision="fp8")
+    assert len(names) == 16 and model_precision(model) == "fp8"
+    for name in names:
+        assert type(model.get_submodule(name)) is (FP8Conv2d if "conv" in name else FP8Linear)
+    fast = model(x)
+    for m in model.modules():
+        if isinstance(m, FP8Linear):
+            m.kernel = "torch"
+    assert max_rel_err(fast, model(x)) < 1e-5
+    assert max_rel_err(model(x), float_out) < 0.2  # W8A8 against the float model, width 32: measured 8.3e-2
+    layer = model.blocks[0].mlp.inverted_conv.conv
+    assert layer.weight.shape == (192, 32) and layer.weight_scale.shape == (192,)
+    model.to(torch.bfloat16)
+    assert layer.bias.dtype == torch.bfloat16 and layer.weight.dtype == torch.float8_e4m3fn
+    assert layer.weight_scale.dtype == torch.float32
+    with pytest.raises(ValueError, match="t_conv.*to FP8: a \\(3, 1\\) conv"):
+        quantize_model(tiny_model(), SMALL_INCLUDE, SMALL_EXCLUDE, precision="fp8")
+    with pytest.raises(ValueError, match="precision: expected one of"):
+        quantize_model(tiny_model(), precision="int8")
+
+
+@torch.no_grad()
+def test_set_precision():
+    """None and the held precision change nothing; a float model is quantised; a quantised one refuses another
+    precision (bf16 included)."""
+    model = tiny_model()
+    assert model_precision(model) == "bf16"
+    assert set_precision(model, None, DEFAULT_INCLUDE, DEFAULT_EXCLUDE) == []
+    assert set_precision(model, "bf16", DEFAULT_INCLUDE, DEFAULT_EXCLUDE) == []
+    assert len(set_precision(model, "nvfp4", DEFAULT_INCLUDE, DEFAULT_EXCLUDE)) == 16
+    assert model_precision(model) == "nvfp4"
+    assert set_precision(model, "nvfp4", DEFAULT_INCLUDE, DEFAULT_EXCLUDE) == []
+    for other in ("fp8", "bf16"):
+        with pytest.raises(ValueError, match=f"precision {other}: the model holds nvfp4 layers"):
+            set_precision(model, other, DEFAULT_INCLUDE, DEFAULT_EXCLUDE)
+    with pytest.raises(ValueError, match="precision: expected bf16, nvfp4 or fp8"):
+        set_precision(model, "fp4", DEFAULT_INCLUDE, DEFAULT_EXCLUDE)
+    quantize_model(model, include=("blocks.*.attn.q_proj_cam",), exclude=(), precision="fp8")
+    with pytest.raises(ValueError, match="model: holds both NVFP4 and FP8 layers"):
+        model_precision(model)
+
+
+@torch.no_grad()
+def test_tiny_dit_in_fp8():
+    """The DiT's default layer set in FP8: the fast path (Triton's interpreter + CPU _scaled_mm) equals the torch
+    reference through the whole model, chunk-causal included; the error against the float DiT is reported."""
+    float_model = tiny_dit()
+    model = tiny_dit()
+    names = quantize_model(model, kernel="triton", precision="fp8")
+    assert len(names) == 8 * 4
+    args = tiny_dit_args()
+    fast = model(*args, chunk_size=2)
+    for name in names:
+        model.get_submodule(name).kernel = "torch"
+    assert max_rel_err(fast, model(*args, chunk_size=2)) < 1e-5
+    error = max_rel_err(model(*args), float_model(*args))
+    print(f"tiny DiT, FP8 (W8A8) against float: max rel err {error:.2e}")
+    assert error < 0.1  # measured 2.7e-2
+
+
+# ---------------------------------------------------------------------------------------------- the refiner
+def _refiner_release(root: Path):
+    """(the tiny refiner with its audio branch, the release refiner/ folder holding it as transformer/)."""
+    import json
+
+    import refiner as R
+    from reference import TINY_REFINER, randomize_
+    from safetensors.torch import save_file
+
+    model = randomize_(R.Refiner(R.RefinerConfig.from_dict(TINY_REFINER), keep_audio=True), seed=3).eval()
+    folder = root / "release" / "refiner" / "transformer"
+    folder.mkdir(parents=True)
+    save_file(model.state_dict(), str(folder / "diffusion_pytorch_model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({**TINY_REFINER, "_class_name": "SanaWMLTX2RefinerModel"}))
+    return model, root / "release" / "refiner"
+
+
+def _state_bits(model: nn.Module) -> dict:
+    return {k: t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t for k, t in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@torch.no_grad()
+def test_refiner_quantised_as_it_loads_and_through_quantize_py(tmp_path, capsys, precision):
+    """Refiner.from_pretrained(precision=) quantises the blocks' linears as it reads them: the same tensors as
+    loading in float and quantising after; quantize.py --model refiner writes a file that loads strictly (with
+    its config) into the same model; the file's format is kept and another precision refused."""
+    import refiner as R
+
+    from quantize import main
+
+    _, folder = _refiner_release(tmp_path)
+    loaded = R.Refiner.from_pretrained(folder, dtype=torch.float32, precision=precision)
+    after = R.Refiner.from_pretrained(folder, dtype=torch.float32)
+    names = quantize_model(after, REFINER_INCLUDE, REFINER_EXCLUDE, precision=precision)
+    assert len(names) == 10 * 2 and not any("audio" in n for n in names) and model_precision(loaded) == precision
+    assert {k: t.dtype for k, t in loaded.state_dict().items()} == {k: t.dtype for k, t in after.state_dict().items()}
+    assert all(torch.equal(t, _state_bits(after)[k]) for k, t in _state_bits(loaded).items())
+
+    out = tmp_path / f"refiner_{precision}.safetensors"
+    main(["--in", str(tmp_path / "release"), "--out", str(out), "--model", "refiner", "--precision", precision])
+    assert f"20 {precision.upper()} layers" in capsys.readouterr().out
+    assert read_quantized_header(str(out))["layers"] == sorted(names)
+    from_file = R.Refiner.from_pretrained(out, dtype=torch.bfloat16, config=loaded.cfg)  # the CLI reads bf16
+    bf16 = _state_bits(R.Refiner.from_pretrained(folder, dtype=torch.bfloat16, precision=precision))
+    assert from_file.state_dict().keys() == bf16.keys()
+    assert all(torch.equal(t, bf16[k]) for k, t in _state_bits(from_file).items())
+    assert model_precision(R.Refiner.from_pretrained(out, config=loaded.cfg, precision=precision)) == precision
+    for other in ("bf16",) + tuple(p for p in PRECISIONS if p != precision):
+        with pytest.raises(ValueError, match=f"precision {other}: the model holds {precision} layers"):
+            R.Refiner.from_pretrained(out, config=loaded.cfg, precision=other)
+    with pytest.raises(ValueError, match="config: .* its own config.json"):
+        R.Refiner.from_pretrained(folder, config=loaded.cfg)
+
+
+@torch.no_grad()
+def test_refiner_runs_in_nvfp4_and_fp8():
+    """refine() with the refiner's blocks in NVFP4 equals it with their dequantised weights; in FP8 the fast path
+    equals the reference; both stay close to float (the errors are printed: reported, not targets)."""
+    import copy
+
+    import refiner as R
+    from reference import TINY_REFINER, randomize_
+
+    g = torch.Generator().manual_seed(4)
+    base = randomize_(R.Refiner(R.RefinerConfig.from_dict(TINY_REFINER)), seed=3).eval()
+    z = torch.randn(1, 8, 7, 2, 3, generator=g)
+    text, mask = torch.randn(1, 16, 16, generator=g), torch.ones(1, 16, dtype=torch.int64)
+    run = lambda m: R.refine(m, z, text, mask, fps=16, generator=torch.Generator().manual_seed(42))  # noqa: E731
+    reference = run(base)
+    nvfp4, fp8 = copy.deepcopy(base), copy.deepcopy(base)
+    names = quantize_model(nvfp4, REFINER_INCLUDE, REFINER_EXCLUDE, kernel="triton")
+    dequantised = copy.deepcopy(base)
+    for name in names:
+        m = nvfp4.get_submodule(name)
+        dequantised.get_submodule(name).weight.copy_(dequantize_nvfp4(m.weight, m.weight_scale, m.weight_scale_2))
+    out_nvfp4 = run(nvfp4)
+    assert max_rel_err(out_nvfp4, run(dequantised)) < 1e-5
+    quantize_model(fp8, REFINER_INCLUDE, REFINER_EXCLUDE, kernel="triton", precision="fp8")
+    out_fp8 = run(fp8)
+    for name in names:
+        fp8.get_submodule(name).kernel = "torch"
+    assert max_rel_err(out_fp8, run(fp8)) < 1e-5
+    errors = {p: max_rel_err(out, reference) for p, out in (("nvfp4", out_nvfp4), ("fp8", out_fp8))}
+    print("tiny refiner, refine() against float: " + ", ".join(f"{p} {e:.2e}" for p, e in errors.items()))
+    assert errors["fp8"] < errors["nvfp4"] < 0.1  # measured fp8 3.6e-3, nvfp4 1.0e-2
