@@ -873,9 +873,8 @@ def stream_stage2(stage2: Stage2, device, gemma3_streamed: int, refiner_streamed
 
 # What each stage needs at its peak, GiB allocated (torch.cuda.max_memory_allocated), bf16, for a minute of video
 # (961 frames at 704x1280): the models' parameter counts x 2 bytes, and the working memory measured on an H200 (issue
-# 22: bench/generate.py --refiner --frames 961; BENCHMARKS.md: the memory mode, the VAE decode). Precision: the weight
-# sizes are bf16's; lower-precision transformers (--stage1_precision / --refiner_precision, when they exist) shrink
-# DIT_BLOCK_GIB / REFINER_BLOCK_GIB by their bytes per weight, which is all plan_memory needs to know of them.
+# 22: bench/generate.py --refiner --frames 961; BENCHMARKS.md: the memory mode, the VAE decode). Precision: the sizes
+# are bf16's, but for the transformers' blocks in BLOCK_GIB below; the working memory is bf16's measurement throughout.
 GEMMA2_GIB = 4.87                                                           # Gemma-2-2b-it, 2.61 B parameters
 VAE_GIB = 2.28                                                              # encoder + decoder, 1.22 B
 DIT_BLOCKS, DIT_BLOCK_GIB, DIT_REST_GIB = 20, 0.244, 0.087                  # 2.66 B in all
@@ -889,6 +888,13 @@ WORKING_GIB = {                              # beyond the weights
     "refiner": 9.63,              # 36.2 GiB (issue 22, the VAE on the GPU) - refiner - VAE: the KV window is 7.1
     "decode": 3.86,               # bench/vae.py at 121 latent frames: 10.98 GiB - the whole video (4.84) - VAE
 }
+# A block's weights by --stage1_precision / --refiner_precision: quantize.py's formats on the blocks' linears of
+# PRESETS["default"] / REFINER_INCLUDE (fp8: a byte a weight + an fp32 scale per output channel; nvfp4: half a byte +
+# an E4M3 scale per 16 + an fp32 scale per layer); the rest of a block (norms, the camera path, the FFN's temporal
+# and depthwise convs) stays bf16, as do the models outside their blocks. tests/test_generate.py counts the bytes of
+# the quantised models built on the meta device.
+BLOCK_GIB = {"DiT": {"bf16": DIT_BLOCK_GIB, "fp8": 0.160, "nvfp4": 0.123},
+             "refiner": {"bf16": REFINER_BLOCK_GIB, "fp8": 0.250, "nvfp4": 0.141}}
 MARGIN_GIB = 1.5  # the CUDA context and workspaces outside PyTorch's allocator (~1 GiB) and its fragmentation
 IN_FLIGHT = 3     # streamed blocks on the device at once: computing, being copied, freed but not yet reusable
 MINUTE = 961      # frames the table is for; longer videos scale stage 1's working memory, shorter ones need less
@@ -897,7 +903,8 @@ MINUTE = 961      # frames the table is for; longer videos scale stage 1's worki
 @dataclass
 class MemoryPlan:
     """--gpu_memory's choice: generate()'s offload and memory mode, how many blocks of each model stream (0: none),
-    and the peak (GiB) each stage is expected to reach. Decoding always streams (generate._decode)."""
+    and the peak (GiB) each stage is expected to reach, for the transformers' precisions it was planned for.
+    Decoding always streams (generate._decode)."""
     gpu_memory: float
     offload: bool = False
     part_frames: int | None = None
@@ -905,30 +912,42 @@ class MemoryPlan:
     gemma3_streamed: int = 0
     refiner_streamed: int = 0
     peaks: dict = field(default_factory=dict)
+    stage1_precision: str = "bf16"
+    refiner_precision: str = "bf16"
 
     def describe(self) -> str:
         """The one line generate.py prints."""
-        def model(name, streamed, total, unit):
-            return f"{name} {streamed} of {total} {unit} streamed" if streamed else f"{name} on the GPU"
+        def model(name, streamed, total, unit, precision=""):
+            where = f"{streamed} of {total} {unit} streamed" if streamed else "on the GPU"
+            return f"{name} {where}" + (f" ({precision})" if precision else "")
         parts = ["--offload" if self.offload else "no offload"] + ["--low_memory"] * (self.part_frames is not None)
-        parts.append(model("DiT", self.dit_streamed, DIT_BLOCKS, "blocks"))
+        parts.append(model("DiT", self.dit_streamed, DIT_BLOCKS, "blocks", self.stage1_precision))
         if "refiner" in self.peaks:
             parts += [model("Gemma-3", self.gemma3_streamed, GEMMA3_LAYERS, "layers"),
-                      model("refiner", self.refiner_streamed, REFINER_BLOCKS, "blocks")]
+                      model("refiner", self.refiner_streamed, REFINER_BLOCKS, "blocks", self.refiner_precision)]
         peaks = ", ".join(f"{stage} {gib:.1f}" for stage, gib in self.peaks.items())
         return (f"--gpu_memory {self.gpu_memory:g}: {'; '.join(parts)}; decoded frames streamed to the host; "
                 f"expected peak GiB: {peaks}")
 
 
-def plan_memory(gpu_memory: float, num_frames: int = MINUTE, refiner: bool = True) -> MemoryPlan:
+def plan_memory(gpu_memory: float, num_frames: int = MINUTE, refiner: bool = True, stage1_precision: str | None = None,
+                refiner_precision: str | None = None) -> MemoryPlan:
     """The fastest settings whose expected peaks (the table above) fit a GPU of gpu_memory GiB with MARGIN_GIB to
     spare. Stage 1: everything on the GPU; else --offload (one model on the GPU at a time) with as few DiT blocks
     streamed as fit (cheap: a block's copy takes ~5 ms over PCIe, its compute ~0.3 s at 961 frames); else the memory
     mode (--low_memory, 1.14x the step) too. Gemma-3 and the refiner stream as few blocks as fit (spread evenly,
-    so the copies overlap the resident blocks' compute). ValueError naming --gpu_memory when a stage cannot fit."""
+    so the copies overlap the resident blocks' compute). stage1_precision / refiner_precision: the DiT's and the
+    refiner's blocks in "bf16", "fp8" or "nvfp4" (BLOCK_GIB; None: bf16). ValueError naming --gpu_memory when a
+    stage cannot fit (for the refiner: at which precision it would)."""
     if not (isinstance(gpu_memory, (int, float)) and math.isfinite(gpu_memory) and gpu_memory > 0):
         raise ValueError(f"--gpu_memory: expected a positive number of GiB, got {gpu_memory!r}")
+    for flag, precision in (("--stage1_precision", stage1_precision), ("--refiner_precision", refiner_precision)):
+        if precision not in (None, "bf16", "fp8", "nvfp4"):
+            raise ValueError(f"{flag}: expected bf16, fp8 or nvfp4, got {precision!r}")
     usable, scale = gpu_memory - MARGIN_GIB, max(1.0, num_frames / MINUTE)
+    plan = MemoryPlan(gpu_memory, stage1_precision=stage1_precision or "bf16",
+                      refiner_precision=refiner_precision or "bf16")
+    dit_block, refiner_block = BLOCK_GIB["DiT"][plan.stage1_precision], BLOCK_GIB["refiner"][plan.refiner_precision]
 
     def fewest_streamed(rest: float, n: int, block: float, working: float):
         """(blocks streamed, peak): the fewest of n blocks streamed that fit, else all n (and a peak too high)."""
@@ -938,15 +957,14 @@ def plan_memory(gpu_memory: float, num_frames: int = MINUTE, refiner: bool = Tru
                 break
         return k, peak
 
-    plan = MemoryPlan(gpu_memory)
-    stage1 = GEMMA2_GIB + VAE_GIB + DIT_REST_GIB + DIT_BLOCKS * DIT_BLOCK_GIB + WORKING_GIB["stage 1"] * scale
+    stage1 = GEMMA2_GIB + VAE_GIB + DIT_REST_GIB + DIT_BLOCKS * dit_block + WORKING_GIB["stage 1"] * scale
     if stage1 > usable:
         plan.offload, plan.peaks["Gemma-2"] = True, GEMMA2_GIB
-        plan.dit_streamed, stage1 = fewest_streamed(DIT_REST_GIB, DIT_BLOCKS, DIT_BLOCK_GIB,
+        plan.dit_streamed, stage1 = fewest_streamed(DIT_REST_GIB, DIT_BLOCKS, dit_block,
                                                     WORKING_GIB["stage 1"] * scale)
         if stage1 > usable:
             plan.part_frames = LOW_MEMORY_PART_FRAMES
-            plan.dit_streamed, stage1 = fewest_streamed(DIT_REST_GIB, DIT_BLOCKS, DIT_BLOCK_GIB,
+            plan.dit_streamed, stage1 = fewest_streamed(DIT_REST_GIB, DIT_BLOCKS, dit_block,
                                                         WORKING_GIB["stage 1 low_memory"] * scale)
     plan.peaks["stage 1"] = stage1
     if refiner:
@@ -954,12 +972,18 @@ def plan_memory(gpu_memory: float, num_frames: int = MINUTE, refiner: bool = Tru
         plan.gemma3_streamed, plan.peaks["refiner prompt"] = fewest_streamed(
             vae + GEMMA3_REST_GIB, GEMMA3_LAYERS, GEMMA3_LAYER_GIB, WORKING_GIB["refiner prompt"])
         plan.refiner_streamed, plan.peaks["refiner"] = fewest_streamed(
-            vae + REFINER_REST_GIB, REFINER_BLOCKS, REFINER_BLOCK_GIB, WORKING_GIB["refiner"])
+            vae + REFINER_REST_GIB, REFINER_BLOCKS, refiner_block, WORKING_GIB["refiner"])
     plan.peaks["decode"] = VAE_GIB + WORKING_GIB["decode"]
     stage, peak = max(plan.peaks.items(), key=lambda item: item[1])
     if peak > usable:
-        raise ValueError(f"--gpu_memory {gpu_memory:g}: {stage} needs at least {peak + MARGIN_GIB:.1f} GiB in bf16"
-                         + ("; add --no_refiner" if stage.startswith("refiner") else ""))
+        precision = {"stage 1": plan.stage1_precision, "refiner": plan.refiner_precision}.get(stage, "bf16")
+        hint = "; add --no_refiner" if stage.startswith("refiner") else ""
+        if stage == "refiner":  # all its blocks streamed, IN_FLIGHT on the GPU: smaller blocks may fit
+            least = {p: peak + MARGIN_GIB - IN_FLIGHT * (refiner_block - b) for p, b in BLOCK_GIB["refiner"].items()}
+            fits = [f"--refiner_precision {p} ({gib:.1f} GiB)" for p, gib in least.items() if gib <= gpu_memory]
+            hint = f"; add {' or '.join(fits + ['--no_refiner'])}"
+        raise ValueError(f"--gpu_memory {gpu_memory:g}: {stage} needs at least {peak + MARGIN_GIB:.1f} GiB in "
+                         f"{precision}" + hint)
     return plan
 
 
@@ -1746,8 +1770,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "always leave it, and the refiner's models are always freed before decoding)")
     p.add_argument("--gpu_memory", type=_finite_float, default=None, metavar="GiB",
                    help="the GPU's memory: picks --offload, --low_memory and the block-wise weight streaming of the "
-                        "DiT, Gemma-3 and the refiner (exact, slower) to fit it, and prints what it chose (README: "
-                        "a table by GPU size); the decoded frames always stream to the host")
+                        "DiT, Gemma-3 and the refiner (exact, slower) to fit it, their blocks counted at "
+                        "--stage1_precision / --refiner_precision (bf16 without them), and prints what it chose "
+                        "(README: a table by GPU size); the decoded frames always stream to the host")
     p.add_argument("--low_memory", action="store_true",
                    help=f"the DiT's memory mode: {LOW_MEMORY_PART_FRAMES} latent frames at a time, CFG halves one "
                         f"after the other (slower; a 961-frame step fits a 12 GiB GPU, BENCHMARKS.md)")
@@ -1947,7 +1972,9 @@ def _memory_plan(args) -> MemoryPlan | None:
             raise ValueError(f"--{flag}: --gpu_memory chooses the memory flags itself; drop one of them")
     if not args.demo and not args.device.startswith("cuda"):
         raise ValueError(f"--gpu_memory: plans the memory of a GPU, but --device is {args.device}")
-    plan = plan_memory(args.gpu_memory, args.num_frames, refiner=not args.no_refiner)
+    # The precision flags as given: without one, the plan counts bf16 blocks (a quantize.py checkpoint's are smaller)
+    plan = plan_memory(args.gpu_memory, args.num_frames, refiner=not args.no_refiner,
+                       stage1_precision=args.stage1_precision, refiner_precision=args.refiner_precision)
     args.offload, args.low_memory = plan.offload, plan.part_frames is not None
     return plan
 

@@ -37,6 +37,13 @@ generate() call (models already built; the stage-2 models loaded inside it) and 
     python bench/generate.py --refiner --frames 961 --steps 2 --gpu_memory none 24   # issue 22: <= 24 GiB, <= 1.3x
     python bench/generate.py --frames 961 --steps 2 --gpu_memory 8                   # stage 1 + decode <= 8 GiB
     python bench/generate.py --tiny --refiner --gpu_memory none 24 16                # CPU: the plans on tiny models
+
+Precision (issue 22), `--stage1_precision` / `--refiner_precision` bf16|fp8|nvfp4: the random DiT's / refiner's block
+linears quantised as generate.py's flags quantise them (quantize.set_precision on PRESETS["default"] /
+REFINER_INCLUDE; fp8 needs an sm_89+ GPU, --tiny runs quantize.py's torch reference on the CPU), in every run, and
+passed to the --gpu_memory plans:
+    python bench/generate.py --refiner --frames 961 --steps 2 --gpu_memory none 16 --stage1_precision fp8 \
+        --refiner_precision fp8                                                     # issue 22: <= 16 GiB in fp8
 """
 import argparse
 import copy
@@ -52,6 +59,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import generate as G  # noqa: E402
 from dit import DiT, DiTConfig  # noqa: E402
+from quantize import PRESETS, REFINER_EXCLUDE, REFINER_INCLUDE, set_precision  # noqa: E402
 from reference import randomize_  # noqa: E402
 from refiner import ConnectorsConfig, PromptEncoder, Refiner, RefinerConfig, TextConnectors  # noqa: E402
 from vae import VAE, VAEConfig  # noqa: E402
@@ -65,14 +73,21 @@ def random_model(cls, cfg, device, dtype, seed):
     return randomize_(model.to(dtype).to_empty(device=device), seed).eval()
 
 
-def random_stage2(cfg: RefinerConfig, text_length: int, device, dtype) -> G.Stage2:
+def random_refiner(cfg: RefinerConfig, device, dtype, precision: str) -> Refiner:
+    """The random-weight video-only refiner, its blocks' linears in `precision` (as --refiner_precision makes them)."""
+    model = random_model(Refiner, cfg, device, dtype, seed=4)
+    set_precision(model, precision, REFINER_INCLUDE, REFINER_EXCLUDE)
+    return model
+
+
+def random_stage2(cfg: RefinerConfig, text_length: int, device, dtype, precision: str) -> G.Stage2:
     """Stage 2 with random text embeddings in place of Gemma-3 + connectors, and a random-weight video-only refiner
-    built when generate() asks for it (after the stage-1 models have left the GPU)."""
+    (random_refiner) built when generate() asks for it (after the stage-1 models have left the GPU)."""
     def encode(prompt: str):
         g = torch.Generator(device).manual_seed(3)
         text = torch.randn(1, text_length, cfg.caption_channels, generator=g, device=device, dtype=dtype)
         return text, torch.ones(1, text_length, dtype=torch.int64, device=device)
-    return G.Stage2(lambda: encode, lambda: random_model(Refiner, cfg, device, dtype, seed=4))
+    return G.Stage2(lambda: encode, lambda: random_refiner(cfg, device, dtype, precision))
 
 
 def budget(value: str):
@@ -125,12 +140,14 @@ def real_text_encoders(tiny: bool, device, dtype):
 def memory_runs(args, dit, vae, device, dtype, common, refiner_cfg):
     """The runs of --gpu_memory (the module docstring); returns the table's rows."""
     tokenizer, gemma2, encoder = real_text_encoders(args.tiny, device, dtype)
-    refiner_host = random_model(Refiner, refiner_cfg, device, dtype, seed=4).cpu() if args.refiner else None
+    refiner_host = random_refiner(refiner_cfg, device, dtype, args.refiner_precision).cpu() if args.refiner else None
     G._free_memory(device)
     total = torch.cuda.get_device_properties(device).total_memory if device == "cuda" else None
     rows, unconstrained = [], None
     for gib in args.gpu_memory:
-        plan = None if gib is None else G.plan_memory(gib, args.frames, refiner=args.refiner)
+        plan = None if gib is None else G.plan_memory(gib, args.frames, refiner=args.refiner,
+                                                      stage1_precision=args.stage1_precision,
+                                                      refiner_precision=args.refiner_precision)
         name = "unconstrained" if plan is None else f"{gib:g} GiB"
         print(f"# {name}: " + ("no cap, every model on the GPU" if plan is None else plan.describe()))
         offload = plan is not None and plan.offload
@@ -187,6 +204,9 @@ def main():
     p.add_argument("--gpu_memory", type=budget, nargs="+", metavar="GiB",
                    help="memory runs (issue 22), one per budget: GiB, or none for the unconstrained run; the text "
                         "encoders at their real sizes")
+    for flag, model in (("--stage1_precision", "DiT"), ("--refiner_precision", "refiner")):
+        p.add_argument(flag, choices=("bf16", "fp8", "nvfp4"), default="bf16",
+                       help=f"the {model}'s block linears, as generate.py's flag (fp8: an sm_89+ GPU)")
     args = p.parse_args()
 
     if args.tiny:
@@ -203,14 +223,17 @@ def main():
 
     start = time.perf_counter()
     dit = random_model(DiT, dit_cfg, device, dtype, seed=1)
+    params = sum(t.numel() for t in dit.parameters()) / 1e9  # (before quantisation turns weights into buffers)
+    set_precision(dit, args.stage1_precision, *PRESETS["default"])
     vae = random_model(VAE, vae_cfg, device, dtype, seed=2)
     tokenizer, text_encoder = G.demo_text_encoder(hidden_size=dit_cfg.caption_channels)
     text_encoder = text_encoder.to(device, dtype)
     build = time.perf_counter() - start
-    params = sum(t.numel() for t in dit.parameters()) / 1e9, sum(t.numel() for t in vae.parameters()) / 1e9
+    params = params, sum(t.numel() for t in vae.parameters()) / 1e9
+    precisions = f"DiT blocks {args.stage1_precision}" + f", refiner blocks {args.refiner_precision}" * args.refiner
     device_name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     print(f"# {device_name}, torch {torch.__version__}, {str(dtype).removeprefix('torch.')}; RANDOM weights: DiT "
-          f"{params[0]:.3g} B + VAE {params[1]:.3g} B parameters, built in {build:.1f} s")
+          f"{params[0]:.3g} B + VAE {params[1]:.3g} B parameters, built in {build:.1f} s; {precisions}")
 
     image = G.demo_image(H, W)
     fx = W / (2 * math.tan(math.radians(G.DEFAULT_FOV_DEG) / 2))
@@ -225,7 +248,7 @@ def main():
         header = ("run", "s/step", "refine s", "decode s", "peak GiB st.1", "Gemma-3", "refiner", "decode",
                   "whole run", "wall s", "wall / unconstrained")
         print_table(f"bench/generate.py --gpu_memory: {frames} frames, {args.steps} steps, guidance 5, "
-                    f"{device_name}, RANDOM weights, text encoders "
+                    f"{device_name}, RANDOM weights, {precisions}, text encoders "
                     + ("the demo's (--tiny)" if args.tiny else "at real sizes"), header, rows)
         return
     print(f"# TEXT ENCODERS SKIPPED: a 2-layer random Gemma-2 stands in (random text embeddings (1, 300, "
@@ -237,7 +260,8 @@ def main():
 
     rows = []
     for offload in (False, True):
-        stage2 = random_stage2(refiner_cfg, refiner_text, device, dtype) if args.refiner and not offload else None
+        stage2 = random_stage2(refiner_cfg, refiner_text, device, dtype, args.refiner_precision) \
+            if args.refiner and not offload else None
         for model in (dit, vae, text_encoder):  # offload: the models wait on the CPU; else all on the GPU
             model.to("cpu" if offload else device)
         G._free_memory(device)
@@ -263,7 +287,7 @@ def main():
 
     header = ("run", "frames", "s/step", "refine s", "decode s", "peak GiB st.1", "st.2", "decode", "wall s")
     print_table(f"bench/generate.py: {frames} frames, {args.steps} steps, guidance 5, {device_name}, RANDOM weights, "
-                f"text encoders skipped", header, rows)
+                f"{precisions}, text encoders skipped", header, rows)
 
 
 def print_table(title: str, header, rows):

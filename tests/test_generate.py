@@ -1194,6 +1194,38 @@ def test_weight_stream_refiner_is_exact(streamed):
         G.WeightStream(model, torch.nn.ModuleList(), "cpu", 1)
 
 
+@pytest.mark.parametrize("precision", ["fp8", "nvfp4"])
+def test_weight_stream_quantised_refiner_is_exact(precision):
+    """A refiner whose blocks' linears are FP8 / NVFP4 layers (their weights and scales are buffers) streams as a
+    bf16 one does: the streamed blocks' quantised buffers live in host memory, copies of them run, and refine() is
+    the resident quantised refine() bit for bit."""
+    from quantize import REFINER_EXCLUDE, REFINER_INCLUDE, set_precision
+    from reference import randomize_
+
+    cfg = dataclasses.replace(G.DEMO_REFINER, num_layers=4)
+    model = randomize_(R.Refiner(cfg).eval(), seed=4)
+    quantised = set_precision(model, precision, REFINER_INCLUDE, REFINER_EXCLUDE)
+    g = torch.Generator().manual_seed(2)
+    latents, text = torch.randn(1, 8, 4, 4, 6, generator=g), torch.randn(1, 6, 16, generator=g)
+    run = lambda: R.refine(model, latents, text, fps=16, generator=torch.Generator().manual_seed(6))  # noqa: E731
+    resident = run()
+    blocks = model.transformer_blocks
+    stream = G.WeightStream(model, blocks, "cpu", 2)
+    seen = []
+    hooks = [model.get_submodule(name).register_forward_pre_hook(
+        lambda m, args, name=name: seen.append((name, m.weight.data_ptr()))) for name in quantised]
+    assert torch.equal(run(), resident)
+    for h in hooks:
+        h.remove()
+    names = {m: name for name, m in model.named_modules()}
+    host = {names[m]: t.data_ptr() for i in stream.streamed for m, _, key, t in stream._host[i]
+            if names[m] in quantised and key == "weight"}
+    assert len(host) == len(quantised) // 2  # the quantised layers of the 2 streamed blocks (of 4), in host memory
+    assert all(ptr != host[name] for name, ptr in seen if name in host) and set(host) <= {n for n, _ in seen}
+    stream.close()
+    assert torch.equal(run(), resident)
+
+
 def test_generate_with_weight_streaming_is_exact():
     """generate() with the DiT streaming, and stage 2 with Gemma-3's layers and the refiner's blocks streaming
     (stream_stage2), makes the same latents and frames as with every model resident; so does the DiT's memory mode
@@ -1263,6 +1295,48 @@ def test_gpu_memory_plans():
         G.plan_memory(4, refiner=False)
 
 
+def test_gpu_memory_plans_by_precision():
+    """--stage1_precision / --refiner_precision into the plan: at 16 GB fp8 blocks stream fewer than bf16's (both
+    under 16 - MARGIN), nvfp4 fewer still; at 12 GB the refiner fits in nvfp4 alone, and bf16's and fp8's refusals say
+    so; describe() names each transformer's precision; the CLI passes its flags (fp4: nvfp4) to the plan."""
+    bf16, fp8, nvfp4 = (G.plan_memory(16, stage1_precision=p, refiner_precision=p) for p in ("bf16", "fp8", "nvfp4"))
+    assert G.plan_memory(16) == bf16  # None: bf16
+    assert bf16.dit_streamed > fp8.dit_streamed > nvfp4.dit_streamed == 0
+    assert bf16.refiner_streamed > fp8.refiner_streamed > nvfp4.refiner_streamed > 0
+    assert max(fp8.peaks.values()) <= 16 - G.MARGIN_GIB and fp8.offload and fp8.part_frames is None
+    assert "DiT 5 of 20 blocks streamed (fp8)" in fp8.describe() and "refiner 33 of 48 blocks streamed (fp8)" in \
+        fp8.describe() and "DiT on the GPU (nvfp4)" in nvfp4.describe()
+    plan = G.plan_memory(12, refiner_precision="nvfp4")
+    assert plan.refiner_streamed == G.REFINER_BLOCKS - 1 and plan.peaks["refiner"] <= 12 - G.MARGIN_GIB
+    for precision, least in (("bf16", 12.9), ("fp8", 12.2)):
+        with pytest.raises(ValueError, match=rf"--gpu_memory 12: refiner needs at least {least} GiB in {precision}; "
+                                             rf"add --refiner_precision nvfp4 \(11.8 GiB\) or --no_refiner"):
+            G.plan_memory(12, refiner_precision=precision)
+    with pytest.raises(ValueError, match=r"--gpu_memory 11: refiner needs at least 11.8 GiB in nvfp4; add --no_ref"):
+        G.plan_memory(11, refiner_precision="nvfp4")
+    with pytest.raises(ValueError, match="--stage1_precision: expected bf16, fp8 or nvfp4, got 'fp4'"):
+        G.plan_memory(16, stage1_precision="fp4")
+    args = G.parse_args(["--demo", "--gpu_memory", "12", "--refiner_precision", "fp4", "--stage1_precision", "fp8"])
+    assert G._memory_plan(args) == G.plan_memory(12, args.num_frames, stage1_precision="fp8", refiner_precision="nvfp4")
+
+
+@pytest.mark.parametrize("model", ["DiT", "refiner"])
+def test_block_gib_counts_the_quantised_blocks(model):
+    """BLOCK_GIB (the plan's block sizes by precision) is what one block of the release-sized model weighs with its
+    layer set quantised by quantize.py (built on the meta device: shapes, dtypes, no data), to 0.5 MiB."""
+    from quantize import PRESETS, REFINER_EXCLUDE, REFINER_INCLUDE, set_precision
+
+    cls, cfg, layers = ((DiT, DiTConfig(), PRESETS["default"]) if model == "DiT" else
+                        (R.Refiner, R.RefinerConfig(), (REFINER_INCLUDE, REFINER_EXCLUDE)))
+    for precision, gib in G.BLOCK_GIB[model].items():
+        with torch.device("meta"):
+            built = cls(cfg).to(torch.bfloat16)
+        set_precision(built, precision, *layers)
+        block = (built.blocks if model == "DiT" else built.transformer_blocks)[0]
+        weighed = sum(t.numel() * t.element_size() for t in [*block.parameters(), *block.buffers()]) / 2**30
+        assert abs(weighed - gib) <= 0.0005, (precision, weighed)
+
+
 def test_demo_gpu_memory_prints_its_plan(tmp_path, capsys):
     assert G.main(["--demo", "--no_refiner", "--steps", "1", "--gpu_memory", "8", "--output_dir",
                    str(tmp_path)]) == 0
@@ -1314,3 +1388,41 @@ def test_weight_stream_on_cuda(monkeypatch):
         G._free_memory("cuda")
     assert torch.equal(outputs[0], outputs[1])
     assert peaks[1] <= peaks[0] - (8 - G.IN_FLIGHT) * block_bytes, (peaks, block_bytes)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp8", "nvfp4"])
+def test_weight_stream_quantised_on_cuda(monkeypatch, precision):
+    """On CUDA in bf16 (pinned float8 / uint8 host tensors, side-stream copies; the DiT's compiled blocks, also in
+    the memory mode; the FP8 and NVFP4 kernels): a DiT and a refiner with quantised block linears, most blocks
+    streamed, give the resident models' outputs bit for bit."""
+    import fast
+    from quantize import PRESETS, REFINER_EXCLUDE, REFINER_INCLUDE, set_precision
+    from reference import randomize_
+
+    monkeypatch.setattr(fast, "COMPILE_MIN_ELEMENTS", 0)  # compile the tiny blocks, as the release's are
+    dit, x, text, mask, raymap, plucker = _tiny_stage1(4)
+    dit = dit.to(torch.bfloat16)
+    set_precision(dit, precision, *PRESETS["default"])
+    inputs = [t.cuda() for t in (x.bfloat16(), torch.tensor([[0.0, 500.0, 500.0, 500.0]]), text.bfloat16(), mask,
+                                 raymap, plucker)]
+    cfg = dataclasses.replace(G.DEMO_REFINER, num_attention_heads=4, attention_head_dim=64, cross_attention_dim=256,
+                              caption_channels=64, num_layers=6)
+    refiner = randomize_(R.Refiner(cfg).eval(), seed=3).to(torch.bfloat16)
+    set_precision(refiner, precision, REFINER_INCLUDE, REFINER_EXCLUDE)
+    g = torch.Generator().manual_seed(1)
+    latents, caption = torch.randn(1, 8, 7, 8, 8, generator=g).cuda(), torch.randn(1, 16, 64, generator=g).cuda()
+    outputs = []
+    for streamed in (0, 4):
+        if streamed:
+            streams = [G.WeightStream(dit, dit.blocks, "cuda", streamed),
+                       G.WeightStream(refiner, refiner.transformer_blocks, "cuda", streamed)]
+        else:
+            dit.cuda(), refiner.cuda()
+        with torch.no_grad():
+            outputs.append([dit(*inputs, part_frames=p) for p in (None, 1)] + [R.refine(
+                refiner, latents, caption, fps=16, generator=torch.Generator("cuda").manual_seed(5))])
+        for stream in streams if streamed else ():
+            stream.close()
+        dit.cpu(), refiner.cpu()
+    assert all(torch.equal(a, b) for a, b in zip(*outputs))
