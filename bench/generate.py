@@ -173,7 +173,10 @@ def memory_runs(args, dit, vae, device, dtype, common, refiner_cfg):
             r = G.generate(dit, vae, tokenizer, gemma2, common["image"], G.DEMO_PROMPT, refiner=stage2,
                            steps=args.steps, **settings, **common["kwargs"])
             wall = time.perf_counter() - start
-            peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+            # generate() resets the peak counter at each stage's end (GenerateResult.peak_memory_gib): the whole
+            # run's peak is the largest stage's, or what came after the last stage.
+            peak = max(torch.cuda.max_memory_allocated() / 2**30, *r.peak_memory_gib.values()) \
+                if device == "cuda" else None
         except torch.OutOfMemoryError as e:
             r, failure = None, str(e).splitlines()[0]
         G._free_memory(device)
