@@ -12,12 +12,16 @@ quantize.quantize_model swaps layers:
     FastBlock, FastFinalLayer                         compiled (torch.compile fuses the fp32 pointwise islands),
                                                       the Plücker embedder folded into each block's projection
 
+and `accelerate_refiner(stream)` does the same for the LTX-2 refiner in the stream (refiner.RefinerStream): its K/V
+window kept in place in per-layer buffers, the text's cross-attention K/V made once, the pointwise pieces compiled.
+
 Each fast method falls back to the readable one when autograd records (the kernels have no backward) or the
 tensors are not on CUDA, and each kernel is tested against the readable code it replaces (tests/, the Triton
 interpreter on the CPU). gdn.py keeps its own Triton scan (with a backward: training uses it). generate.py and the
-benchmarks call `accelerate`; measured speed: BENCHMARKS.md.
+benchmarks call `accelerate` (and `accelerate_refiner`); measured speed: BENCHMARKS.md.
 """
 import functools
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -29,6 +33,8 @@ import triton.language as tl
 from attention import CameraSelfAttention, SoftmaxSelfAttention, frame_spans
 from dit import Block, FinalLayer, GLUMBConvTemp, ffn_in_parts, ffn_middle_in_parts
 from gdn import GDNSelfAttention
+from refiner import (LayerKV, Refiner, RefinerBlock, RefinerStream, WindowKVCache, _check_forward, apply_rope,
+                     rms_norm)
 
 RECOMPILE_LIMIT = 64  # compiled graphs per function (compiled_on_cuda); Dynamo's default is 8
 # Below this many elements in its first tensor a call runs eagerly: a compiled call costs ~1 ms of CPU (its guards),
@@ -42,9 +48,11 @@ def use_kernels(x: torch.Tensor) -> bool:
     return x.is_cuda and not torch.is_grad_enabled()
 
 
-def compiled_on_cuda(fn):
+def compiled_on_cuda(fn=None, *, min_elements: Optional[int] = None):
     """Run fn through torch.compile when its tensors live on CUDA and no autograd graph is recorded (inference);
-    elsewhere (the CPU, the tests, training) as written.
+    elsewhere (the CPU, the tests, training) as written. A call whose first tensor has fewer than `min_elements`
+    elements runs eagerly too (default: COMPILE_MIN_ELEMENTS, read at each call). As a decorator, bare or
+    `@compiled_on_cuda(min_elements=...)`.
 
     Applied to the block, and to the pieces of it that the memory mode (dit.block_in_parts) calls one part at a
     time (inlined when called from a compiled block): its fp32 islands (as the official code: casts, modulation, gating,
@@ -56,6 +64,8 @@ def compiled_on_cuda(fn):
     batch, camera on or off and block kind is one graph: up to RECOMPILE_LIMIT of them). Training stays
     eager: compiling the blocks' backward (through the GDN operator and activation checkpointing) did not finish
     an 81-frame training step within five minutes on an H200, and was not pursued."""
+    if fn is None:
+        return functools.partial(compiled_on_cuda, min_elements=min_elements)
     compiled = None
 
     @functools.wraps(fn)
@@ -64,7 +74,8 @@ def compiled_on_cuda(fn):
         if torch.compiler.is_compiling():                   # called from compiled code: inlined there
             return fn(*args, **kwargs)
         first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
-        if first is None or not first.is_cuda or torch.is_grad_enabled() or first.numel() < COMPILE_MIN_ELEMENTS:
+        least = COMPILE_MIN_ELEMENTS if min_elements is None else min_elements
+        if first is None or not first.is_cuda or torch.is_grad_enabled() or first.numel() < least:
             return fn(*args, **kwargs)
         if compiled is None:  # made on first use, so that importing the module stays cheap
             # Sizes as constants (symbolic ones slow the indexing). No layout optimisation: made for conv nets, it
@@ -192,6 +203,239 @@ def accelerate(model: nn.Module) -> nn.Module:
         if fast is not None:
             module.__class__ = fast
     return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The refiner in the stream (refiner.RefinerStream: stage 2 of generate_stream, one block of 3 latent frames per
+# stage-1 chunk, each block 3 Euler forwards + 1 history pass of the 48-layer LTX-2 transformer).
+#
+# As written (refiner.py §4-§7), every layer of every forward re-rotates the sink's keys and concatenates
+# [sink; history; block] anew (at 704x1280 ~200 MB copied per layer), projects the constant text for the cross-
+# attention again, and runs its pointwise chains (modulation, norms, gates) op by op. `accelerate_refiner(stream)`
+# keeps the stream's state on the device in the form its forwards read:
+#   WindowBuffers                  per layer one K and one V buffer laid out as the window, [rotated sink | history |
+#                                  block], written in place: the sink rotated once per block, the block's K/V into
+#                                  the slot after the history (so the history pass appends by advancing a count),
+#                                  the history trimmed by moving it forward in place. Attention reads a view of the
+#                                  filled prefix: the keys in the reference's concatenation order, so the same
+#                                  attention bit for bit. Also the text's cross-attention K/V per layer, made once.
+#   FastRefiner, FastRefinerBlock  the forward over those buffers, its pointwise chains as compiled pieces on CUDA
+#                                  (between the matmuls and attention: the buffer writes stay eager).
+# The model's classes are swapped as `accelerate` swaps the DiT's; under any other cache (refine(), training, the
+# sink capture) they run the code as written.
+
+# The pieces compiled on CUDA. At any size (min_elements=0): the refiner's stream is GPU-bound (each layer's matmuls
+# take milliseconds at the release size), so the compiled calls' guards cost no time there.
+@compiled_on_cuda(min_elements=0)
+def _modulated_norm(x, table, temb, eps):
+    """The block's modulation (B, 1 or N, 6, D) = table + temb, and the self-attention input
+    rms_norm(x) * (1 + scale) + shift (RefinerBlock.forward)."""
+    mod = table + temb.unflatten(-1, (6, -1))   # shift, scale, gate (self-attention); shift, scale, gate (FF)
+    shift_msa, scale_msa = mod[:, :, 0], mod[:, :, 1]
+    return rms_norm(x, eps) * (1 + scale_msa) + shift_msa, mod
+
+
+@compiled_on_cuda(min_elements=0)
+def _gated_residual_norm(x, attended, mod, eps):
+    """x + gate * self-attention, and its rms_norm (the cross-attention's input)."""
+    x = x + attended * mod[:, :, 2]
+    return x, rms_norm(x, eps)
+
+
+@compiled_on_cuda(min_elements=0)
+def _residual_modulated_norm(x, attended, mod, eps):
+    """x + cross-attention (no gate), and the FF's input rms_norm(x) * (1 + scale) + shift."""
+    x = x + attended
+    return x, rms_norm(x, eps) * (1 + mod[:, :, 4]) + mod[:, :, 3]
+
+
+@compiled_on_cuda(min_elements=0)
+def _gated_residual(x, ff, mod):
+    return x + ff * mod[:, :, 5]
+
+
+@compiled_on_cuda(min_elements=0)
+def _normed_rotated(x, weight, eps, rope):
+    """A self-attention query or key: the Attention's RMSNorm (nn.RMSNorm's own call), then RoPE."""
+    return apply_rope(F.rms_norm(x, (x.shape[-1],), weight, eps), rope)
+
+
+_rotated = compiled_on_cuda(apply_rope, min_elements=0)     # the sink's keys, once per block
+
+
+@compiled_on_cuda(min_elements=0)
+def _final_norm(x, table, e):
+    """The output's layer norm and modulation (Refiner.forward)."""
+    shift, scale = (table + e[:, :, None]).unbind(2)
+    return F.layer_norm(x, (x.shape[-1],), eps=1e-6) * (1 + scale) + shift
+
+
+@dataclass(eq=False)
+class WindowLayer(LayerKV):
+    """One layer's state in WindowBuffers. LayerKV's fields keep their meaning: sink_k before RoPE (its own
+    tensor), sink_v, hist_k and hist_v views of the buffers."""
+    keys: Optional[torch.Tensor] = None     # (B, capacity, inner): [sink rotated | history | block | free]
+    values: Optional[torch.Tensor] = None
+    filled: int = 0                         # sink + history tokens
+    sink_rotated: bool = False              # keys' sink slot holds the sink at the current block's offset
+    text_k: Optional[torch.Tensor] = None   # (B, L, inner): the cross-attention's K/V of the stream's text
+    text_v: Optional[torch.Tensor] = None
+
+    def show(self) -> None:
+        """Point LayerKV's fields at the buffers' sink and history (after each change of them)."""
+        sink = self.sink_k.shape[1]
+        self.sink_v = self.values[:, :sink]
+        self.hist_k, self.hist_v = ((None, None) if self.filled == sink else
+                                    (self.keys[:, sink:self.filled], self.values[:, sink:self.filled]))
+
+
+class WindowBuffers(WindowKVCache):
+    """A RefinerStream's WindowKVCache kept as per-layer window buffers (see above), with the same window, history
+    and trimming; and the text's cross-attention K/V per layer, made at the first forward with the text.
+
+    The sink is rotated at the first forward after each history pass: in a RefinerStream every forward between two
+    history passes (one block's Euler steps and its history pass) has the same window, so the same sink offset."""
+
+    def __init__(self, cache: WindowKVCache, room: int):
+        """From `cache` (its sink captured, any history): buffers of sink + history + `room` tokens per layer."""
+        super().__init__(len(cache.layers), cache.sink_frames)
+        self.sink_rope = cache.sink_rope
+        self.text_source = self.text_bias = None    # the (text, text_mask) the layers' text K/V were made from
+        self.layers = [self._buffered(layer, room) for layer in cache.layers]
+
+    @staticmethod
+    def _buffered(layer: LayerKV, room: int) -> WindowLayer:
+        sink = layer.sink_k.shape[1]
+        hist = 0 if layer.hist_k is None else layer.hist_k.shape[1]
+        B, _, inner = layer.sink_k.shape
+        keys, values = (layer.sink_k.new_empty(B, sink + hist + room, inner) for _ in range(2))
+        values[:, :sink] = layer.sink_v
+        if hist:
+            keys[:, sink:sink + hist], values[:, sink:sink + hist] = layer.hist_k, layer.hist_v
+        buffered = WindowLayer(sink_k=layer.sink_k, keys=keys, values=values, filled=sink + hist)
+        buffered.show()
+        return buffered
+
+    def window(self, layer: WindowLayer, k: torch.Tensor, v: torch.Tensor):
+        """[sink (rotated now); history; current block] as views of the buffers, k and v written after the history."""
+        end = layer.filled + k.shape[1]
+        self._reserve(layer, end)
+        if not layer.sink_rotated:
+            layer.keys[:, :layer.sink_k.shape[1]] = _rotated(layer.sink_k.to(k.dtype), self.sink_rope)
+            layer.sink_rotated = True
+        layer.keys[:, layer.filled:end], layer.values[:, layer.filled:end] = k, v
+        return layer.keys[:, :end], layer.values[:, :end]
+
+    def append(self, layer: WindowLayer, tokens: int) -> None:
+        """The history pass: the block's K/V, written after the history by `window`, join it; the block is done."""
+        layer.filled += tokens
+        layer.sink_rotated = False
+        layer.show()
+
+    def trim_history(self, keep_tokens: int):
+        for layer in self.layers:
+            sink = layer.sink_k.shape[1]
+            drop = layer.filled - sink - keep_tokens
+            if drop <= 0:
+                continue
+            for buffer in (layer.keys, layer.values):
+                # The kept history moves `drop` tokens forward, in pieces of `drop` tokens: each piece's source lies
+                # after its destination and after what the pieces before it wrote. (One copy between overlapping
+                # ranges is refused by torch, or where it cannot tell, undefined: the GPU copies in parallel.)
+                for i in range(sink + drop, layer.filled, drop):
+                    j = min(i + drop, layer.filled)
+                    buffer[:, i - drop:j - drop] = buffer[:, i:j]
+            layer.filled -= drop
+            layer.show()
+
+    @staticmethod
+    def _reserve(layer: WindowLayer, tokens: int) -> None:
+        """Room for `tokens`: only a history that is never trimmed (kv_max_frames <= the sink's frames) outgrows
+        the buffers made for it; they then double (at least)."""
+        if tokens <= layer.keys.shape[1]:
+            return
+        for name in ("keys", "values"):
+            old = getattr(layer, name)
+            new = old.new_empty(old.shape[0], max(tokens, 2 * old.shape[1]), old.shape[2])
+            new[:, :layer.filled] = old[:, :layer.filled]
+            if old.is_cuda:     # the copy may run on another stream than old's: free old only after it
+                old.record_stream(torch.cuda.current_stream(old.device))
+            setattr(layer, name, new)
+        layer.show()
+
+    def text_inputs(self, model: "FastRefiner", text, text_mask, dtype):
+        """The cross-attention's text bias, and per layer its K/V in `text_k`/`text_v`: made at the first forward
+        with these (text, text_mask) tensors (a stream passes the same ones to every forward), as Refiner.forward
+        and Attention.qkv make them."""
+        if self.text_source is None or self.text_source[0] is not text or self.text_source[1] is not text_mask:
+            context = model.caption_projection(text)
+            for block, layer in zip(model.transformer_blocks, self.layers):
+                attn2 = block.attn2
+                layer.text_k, layer.text_v = attn2.norm_k(attn2.to_k(context)), attn2.to_v(context)
+            self.text_bias = None if text_mask is None else ((1 - text_mask.to(dtype)) * -10000.0)[:, None, None, :]
+            self.text_source = (text, text_mask)
+        return self.text_bias
+
+
+class FastRefinerBlock(RefinerBlock):
+    def window_forward(self, x, text_bias, temb, rope, kv: WindowLayer, cache: WindowBuffers, capture):
+        """RefinerBlock.forward over the window buffers: the same steps, the text's K/V from the cache, the pointwise
+        chains as the compiled pieces above."""
+        h, mod = _modulated_norm(x, self.scale_shift_table, temb, self.eps)
+        x, h = _gated_residual_norm(x, self.window_attention(h, rope, kv, cache, capture), mod, self.eps)
+        attn2 = self.attn2
+        attended = attn2.attend(attn2.norm_q(attn2.to_q(h)), kv.text_k, kv.text_v, text_bias)
+        x, h = _residual_modulated_norm(x, attended, mod, self.eps)
+        return _gated_residual(x, self.ff(h), mod)
+
+    def window_attention(self, h, rope, kv: WindowLayer, cache: WindowBuffers, capture):
+        """RefinerBlock.self_attention with a cache: the history pass appends by advancing the window's count."""
+        attn1 = self.attn1
+        q = _normed_rotated(attn1.to_q(h), attn1.norm_q.weight, attn1.norm_q.eps, rope)
+        k = _normed_rotated(attn1.to_k(h), attn1.norm_k.weight, attn1.norm_k.eps, rope)
+        keys, values = cache.window(kv, k, attn1.to_v(h))
+        if capture == "history":
+            cache.append(kv, k.shape[1])
+        return attn1.attend(q, keys, values)
+
+
+class FastRefiner(Refiner):
+    def forward(self, tokens, timestep, text, rope, text_mask=None, cache: WindowKVCache | None = None,
+                capture: str | None = None) -> torch.Tensor:
+        """Refiner.forward; over WindowBuffers by the blocks' window_forward, with the text's K/V made once."""
+        if not isinstance(cache, WindowBuffers):
+            return Refiner.forward(self, tokens, timestep, text, rope, text_mask, cache, capture)
+        _check_forward(self, cache, capture)
+        if capture == "sink":
+            raise ValueError("capture='sink': window buffers are made from a cache whose sink is captured")
+        B = tokens.shape[0]
+        x = self.proj_in(tokens)
+        temb, e = self.time_embed(timestep.flatten(), x.dtype)
+        temb, e = temb.view(B, -1, temb.shape[-1]), e.view(B, -1, e.shape[-1])
+        text_bias = cache.text_inputs(self, text, text_mask, tokens.dtype)
+        for block, kv in zip(self.transformer_blocks, cache.layers):
+            x = block.window_forward(x, text_bias, temb, rope, kv, cache, capture)
+        return self.proj_out(_final_norm(x, self.scale_shift_table, e))
+
+
+FAST_REFINER = {Refiner: FastRefiner, RefinerBlock: FastRefinerBlock}
+
+
+def accelerate_refiner(stream: RefinerStream) -> RefinerStream:
+    """Make `stream` (its sink captured, any number of blocks refined) run on WindowBuffers with its refiner's fast
+    classes, in place; returns it. The same results: on the CPU bit for bit (tests/test_fast.py), on CUDA up to the
+    compiled pieces' rounding. The refiner's classes change (as `accelerate` changes the DiT's): under any other
+    cache it runs as written. Calling it again changes nothing."""
+    if type(stream.refiner) not in (Refiner, FastRefiner):
+        raise ValueError(f"stream: its refiner must be a refiner.Refiner, got {type(stream.refiner).__name__}")
+    for module in stream.refiner.modules():
+        fast = FAST_REFINER.get(type(module))
+        if fast is not None:
+            module.__class__ = fast
+    if not isinstance(stream.cache, WindowBuffers):
+        h, w = stream.sink_shape[3:]        # room for the history up to max_hist frames, then a block
+        stream.cache = WindowBuffers(stream.cache, (max(stream.max_hist - stream.hist, 0) + stream.block_size) * h * w)
+    return stream
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -551,6 +551,8 @@ def generate_stream(dit, vae, tokenizer, text_encoder, image, prompt: str, write
         del encoder
         runner = RefinerStream(refiner.load_refiner(), image_latent, refiner_text, refiner_mask, fps=fps,
                                generator=torch.Generator(device).manual_seed(REFINER_SEED))
+        if torch.device(device).type == "cuda":
+            fast.accelerate_refiner(runner)  # K/V windows in place, the text's K/V once, compiled pieces (fast.py)
     latents = x.new_empty(x.shape, dtype=dtype if runner is None else runner.dtype)
     chunks = stream_sample(dit, x, text, text_mask, raymap, plucker, window=window, sink=sink)
     frames, seconds, first_frame = run_stream(chunks, runner, decoder, write, latents, fps=fps, overlap=overlap)

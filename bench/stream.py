@@ -4,13 +4,17 @@ CUDA kernels of fast.py) and the causal LTX-2 decoder (vae.CausalDecodeStream), 
 3-latent-frame chunk, CFG 1. Random text embeddings of the release's shape stand in for Gemma-2 (said in the
 output). With --refiner, also the LTX-2 refiner in the stream (refiner.RefinerStream: one block of 3 latent frames
 per chunk, 3 Euler steps + 1 history pass) on random full-size weights, random (1, 1024, 3840) embeddings standing
-in for Gemma-3 + the text connectors.
+in for Gemma-3 + the text connectors, run as generate.py runs it: fast.accelerate_refiner (K/V windows in place, the
+text's K/V made once, compiled pointwise pieces); --eager adds rows for the stream as written (refiner.py alone), and
+--refiner_precision gives rows for the refiner's block linears in bf16, fp8 and/or nvfp4 (quantize.set_precision on
+REFINER_INCLUDE, as generate.py's --refiner_precision; fp8 needs an sm_89+ GPU).
 
 Run from the repository root on a CUDA machine:
     python bench/stream.py                  # 241 and 961 frames
     python bench/stream.py --frames 241     # one length
     python bench/stream.py --refiner        # stage 1 + refiner + decode
     python bench/stream.py --refiner --overlap   # + a row for the overlapped stream (three CUDA streams)
+    python bench/stream.py --refiner --frames 241 --eager --refiner_precision bf16,fp8   # eager vs fast, 2 formats
     python bench/stream.py --refiner --frames 241 --sync_debug   # where the overlapped stream waits for the GPU
     python bench/stream.py --tiny           # CPU, the demo's tiny models: checks the script runs
 Per length and mode: the real-time factor of the whole stream at 16 fps (seconds of video over wall seconds), the
@@ -43,6 +47,7 @@ import fast  # noqa: E402
 import generate as G  # noqa: E402
 from dit import OFFICIAL_SWITCHES, DiT, DiTConfig  # noqa: E402
 from reference import randomize_  # noqa: E402
+from quantize import REFINER_EXCLUDE, REFINER_INCLUDE, set_precision  # noqa: E402
 from refiner import Refiner, RefinerConfig, RefinerStream  # noqa: E402
 from vae import VAE, CausalDecodeStream, VAEConfig  # noqa: E402
 
@@ -108,17 +113,19 @@ def stream_inputs(dit, frames, size, device, dtype):
     return x, text, mask, raymap[None].to(device, dtype), plucker[None].to(device, dtype)
 
 
-def refiner_runner(refiner, x, device, dtype):
-    """The refiner's stream (its sink captured: one forward), random embeddings of the connectors' output shape."""
+def refiner_runner(refiner, x, device, dtype, eager=False):
+    """The refiner's stream (its sink captured: one forward), random embeddings of the connectors' output shape;
+    accelerated (fast.accelerate_refiner) unless eager."""
     if refiner is None:
         return None
     rtext = torch.randn(1, 1024, refiner.cfg.caption_channels, generator=torch.Generator().manual_seed(43))
-    return RefinerStream(refiner, x[:, :, :1], rtext.to(device, dtype), torch.ones(1, 1024, dtype=torch.long,
-                         device=device), fps=FPS, generator=torch.Generator(device).manual_seed(42))
+    runner = RefinerStream(refiner, x[:, :, :1], rtext.to(device, dtype), torch.ones(1, 1024, dtype=torch.long,
+                           device=device), fps=FPS, generator=torch.Generator(device).manual_seed(42))
+    return runner if eager else fast.accelerate_refiner(runner)
 
 
 @torch.no_grad()
-def run(dit, vae, frames, size, device, dtype, refiner=None, overlap=False):
+def run(dit, vae, frames, size, device, dtype, refiner=None, overlap=False, eager=False):
     """One stream: overlap=False the sequential loop of generate.run_stream (refine_chunk, chunk_frames, the frames
     copied to the host), with marks between the parts; overlap=True generate.run_stream on three CUDA streams
     (its progress lines silenced). The clock starts before the refiner's sink capture; nothing is encoded."""
@@ -137,7 +144,7 @@ def run(dit, vae, frames, size, device, dtype, refiner=None, overlap=False):
 
     sync(device)
     start = time.perf_counter()
-    runner = refiner_runner(refiner, x, device, dtype)
+    runner = refiner_runner(refiner, x, device, dtype, eager)
     chunks = G.stream_sample(dit, x, text, mask, raymap, plucker)
     decoder = CausalDecodeStream(vae)
     latents = x.new_empty(x.shape)
@@ -170,7 +177,7 @@ def run(dit, vae, frames, size, device, dtype, refiner=None, overlap=False):
 
 
 @torch.no_grad()
-def profile(dit, frames, size, device, dtype, refiner=None):
+def profile(dit, frames, size, device, dtype, refiner=None, eager=False):
     """The kernels of one chunk's 5 forwards (the 4th chunk: the softmax window full), by total GPU time; with a
     refiner, then the kernels of its 4th block."""
     x, text, mask, raymap, plucker = stream_inputs(dit, frames, size, device, dtype)
@@ -184,7 +191,7 @@ def profile(dit, frames, size, device, dtype, refiner=None):
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60))
     if refiner is None:
         return
-    runner = refiner_runner(refiner, x, device, dtype)
+    runner = refiner_runner(refiner, x, device, dtype, eager)
     for i in range(3):
         runner.refine(x[:, :, 1 + 3 * i:4 + 3 * i])
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
@@ -194,7 +201,7 @@ def profile(dit, frames, size, device, dtype, refiner=None):
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60))
 
 
-def find_syncs(dit, vae, frames, size, device, dtype, refiner=None):
+def find_syncs(dit, vae, frames, size, device, dtype, refiner=None, eager=False):
     """Where the overlapped stream makes the host wait for the GPU without being asked (a read-back, a blocking
     copy: torch.cuda.set_sync_debug_mode), each such wait a gap in what the host enqueues: per call site (the
     innermost line of the project's files) over one stream, with its count. Explicit waits (the end of the
@@ -216,7 +223,7 @@ def find_syncs(dit, vae, frames, size, device, dtype, refiner=None):
         if device.type == "cuda":
             torch.cuda.set_sync_debug_mode("warn")
         try:
-            run(dit, vae, frames, size, device, dtype, refiner, overlap=True)
+            run(dit, vae, frames, size, device, dtype, refiner, overlap=True, eager=eager)
         finally:
             if device.type == "cuda":
                 torch.cuda.set_sync_debug_mode("default")
@@ -227,6 +234,14 @@ def find_syncs(dit, vae, frames, size, device, dtype, refiner=None):
         print("  none" + (" (on the CPU there is nothing to wait for)" if device.type != "cuda" else ""))
 
 
+def precisions(value: str) -> list[str]:
+    """--refiner_precision's comma-separated list."""
+    names = value.split(",")
+    if not names or any(n not in ("bf16", "fp8", "nvfp4") for n in names):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of bf16, fp8, nvfp4, got {value!r}")
+    return names
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--frames", default="241,961", help="comma-separated frame counts 24k+1")
@@ -235,6 +250,11 @@ def main():
     p.add_argument("--refiner", action="store_true", help="refine each chunk in the stream (random LTX-2 refiner)")
     p.add_argument("--overlap", action="store_true",
                    help="also run the overlapped stream (three CUDA streams), a row beside the sequential one")
+    p.add_argument("--refiner_precision", type=precisions, default=["bf16"], metavar="P[,P...]",
+                   help="with --refiner: rows for the refiner's block linears in each of bf16, fp8, nvfp4 "
+                        "(comma-separated; fp8 needs an sm_89+ GPU)")
+    p.add_argument("--eager", action="store_true",
+                   help="with --refiner: also rows for the refiner's stream as written (no fast.accelerate_refiner)")
     p.add_argument("--sync_debug", action="store_true",
                    help="list where the overlapped stream waits for the GPU implicitly (one run of the first length)")
     args = p.parse_args()
@@ -252,29 +272,41 @@ def main():
         refiner_cfg = RefinerConfig()
     dit = fast.accelerate(random_model(DiT, dit_cfg, device, dtype, seed=1))
     vae = random_model(VAE, vae_cfg, device, dtype, seed=2)
-    refiner = random_model(Refiner, refiner_cfg, device, dtype, seed=3) if args.refiner else None
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"device: {name}, torch {torch.__version__}, {str(dtype)[6:]}; text: random embeddings (1, 300, "
           f"{dit_cfg.caption_channels}) stand in for Gemma-2; switches {OFFICIAL_SWITCHES}", flush=True)
-    if refiner is not None:
+    if args.refiner:
         print("refiner: random weights; random (1, 1024, 3840) embeddings stand in for Gemma-3 + connectors")
-    run(dit, vae, frames[0], size, device, dtype, refiner)  # warm-up: compiles the kernels and blocks
-    rows = [run(dit, vae, f, size, device, dtype, refiner, overlap) for f in frames
-            for overlap in ((False, True) if args.overlap else (False,))]
-    if args.sync_debug:
-        find_syncs(dit, vae, frames[0], size, device, dtype, refiner)
-    if args.profile:
-        profile(dit, max(frames[0], 121), size, device, dtype, refiner)  # 5 chunks at least
-    print("\nmode       frames chunks | stage-1 s/chunk (first) | refiner s/chunk | decode s/chunk | first frame s | "
-          "real time: stage 1, all | peak GiB | cache GiB")
+    rows = []
+    for precision in args.refiner_precision if args.refiner else [None]:
+        refiner = None
+        if precision is not None:  # one refiner at a time on the device: the previous one is freed first
+            refiner = random_model(Refiner, refiner_cfg, device, dtype, seed=3)
+            set_precision(refiner, precision, REFINER_INCLUDE, REFINER_EXCLUDE)
+        for eager in ((False, True) if args.eager and args.refiner else (False,)):
+            label = "-" if refiner is None else f"{precision} {'eager' if eager else 'fast'}"
+            run(dit, vae, frames[0], size, device, dtype, refiner, eager=eager)  # warm-up: compiles kernels, pieces
+            rows += [dict(run(dit, vae, f, size, device, dtype, refiner, overlap, eager), refiner=label)
+                     for f in frames for overlap in ((False, True) if args.overlap else (False,))]
+            if len(rows) == len(frames) * (1 + args.overlap):  # with the first refiner variant only
+                if args.sync_debug:
+                    find_syncs(dit, vae, frames[0], size, device, dtype, refiner, eager)
+                if args.profile:
+                    profile(dit, max(frames[0], 121), size, device, dtype, refiner, eager)  # 5 chunks at least
+        del refiner
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print("\nrefiner     mode       frames chunks | stage-1 s/chunk (first) | refiner s/chunk | decode s/chunk | "
+          "first frame s | real time: stage 1, all | peak GiB | cache GiB")
     for r in rows:
         if r["mode"] == "sequential":
             parts = (f"{r['stage1_chunk']:8.3f} ({r['first_chunk']:6.3f})      | {r['refine_chunk']:8.3f}        | "
                      f"{r['decode_chunk']:8.3f}       |", f"{r['rt_stage1']:6.2f}x")
         else:
             parts = f"{'-':>8s} {'':8s}      | {'-':>8s}        | {'-':>8s}       |", f"{'-':>6s} "
-        print(f"{r['mode']:10s} {r['frames']:6d} {r['chunks']:6d} | {parts[0]} {r['first_frame']:8.3f}      | "
-              f"{parts[1]} {r['rt_total']:6.2f}x        | {r['peak']:7.2f}  | {r['cache_gib']:6.3f}")
+        print(f"{r['refiner']:11s} {r['mode']:10s} {r['frames']:6d} {r['chunks']:6d} | {parts[0]} "
+              f"{r['first_frame']:8.3f}      | {parts[1]} {r['rt_total']:6.2f}x        | {r['peak']:7.2f}  | "
+              f"{r['cache_gib']:6.3f}")
     print("per part: the median over chunks after the first, from CUDA events between the parts of the sequential "
           "loop;\nmeaningful there only: in the overlapped stream the parts run at once and share the GPU. first "
           "frame:\nseconds from the start (the refiner's sink capture included) to the first frames on the host. "

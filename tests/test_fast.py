@@ -1,14 +1,19 @@
 """fast.py: each CUDA inference kernel against the readable code it replaces (Triton's interpreter on the CPU, fp32),
-and the accelerated DiT against the DiT as written (CPU with the kernels forced on; CUDA with compiled blocks)."""
+the accelerated DiT against the DiT as written (CPU with the kernels forced on; CUDA with compiled blocks), and the
+accelerated refiner stream against the stream as written."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import dit
 import fast
+import refiner as R
 from attention import RMSNorm, camera_rope_table, rope_table
 from fast import head_stream
-from reference import max_rel_err, randomize_, readable_stream, tiny_dit_inputs, tiny_sana_wm_transformer
+from reference import (TINY_REFINER_VARIANTS, max_rel_err, randomize_, readable_stream, tiny_dit_inputs,
+                       tiny_sana_wm_transformer)
 from test_attention import ATOL, SELF_ATTENTION, C, D, HEADS, camera_transforms, gen, max_abs, ours_camera
 from test_dit import CONFIGS, MODEL_ATOL, ours_args, ours_from
 
@@ -285,3 +290,82 @@ def test_streaming_chunks_with_kernels(monkeypatch):
     monkeypatch.setattr(fast, "use_kernels", lambda x: True)
     monkeypatch.setitem(fast.HEAD_STREAM_LAUNCH, "tokens", 16)
     check_cached_chunks(*tiny_pair(4), "cpu")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The refiner in the stream (fast.accelerate_refiner)
+
+def refiner_streams(variant="spec", kv_max_frames=6, device="cpu", dtype=torch.float32):
+    """Two RefinerStreams over copies of one tiny random refiner (batch 2, a text mask with padding), the same
+    generator seed, and the stage-1 latents of 1 sink + 3 + 3 + 3 + 2 frames (the last block partial)."""
+    cfg = R.RefinerConfig.from_dict(TINY_REFINER_VARIANTS[variant][0])
+    model = randomize_(R.Refiner(cfg), seed=5).eval().to(device, dtype)
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(2, cfg.in_channels, 12, 2, 3, generator=g).to(device, dtype)
+    text = torch.randn(2, 5, cfg.caption_channels, generator=g).to(device, dtype)
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], device=device)
+    streams = [R.RefinerStream(m, z[:, :, :1], text, mask, fps=16, kv_max_frames=kv_max_frames,
+                               generator=torch.Generator(device).manual_seed(42))
+               for m in (model, copy.deepcopy(model))]
+    return streams, z
+
+
+REFINER_BLOCKS = [(1, 4), (4, 7), (7, 10), (10, 12)]
+
+
+@pytest.mark.parametrize("variant,kv_max_frames,accelerate_at", [
+    ("spec", 6, 0),      # history of 5 frames: trimmed after blocks 2, 3 and 4, kept history moved in pieces
+    ("other", 3, 1),     # interleaved RoPE; history of 2 frames, trimmed after every block; accelerated mid-stream
+    ("spec", 1, 2),      # kv_max_frames <= sink: the history is never trimmed, the buffers grow
+])
+def test_accelerated_refiner_stream_equals_the_stream_as_written(variant, kv_max_frames, accelerate_at, monkeypatch):
+    """The accelerated stream (window buffers, text K/V made once; on the CPU nothing compiled: torch.compile would
+    raise) gives the stream as written's blocks and history bit for bit (torch.equal), fp32, batch 2 with a text
+    mask, the history trimmed and the last block partial."""
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: pytest.fail("compiled on the CPU"))
+    (written, ours), z = refiner_streams(variant, kv_max_frames)
+    projections = []
+    ours.refiner.caption_projection.register_forward_hook(lambda *args: projections.append(1))
+    for i, (s, e) in enumerate(REFINER_BLOCKS):
+        if i == accelerate_at:
+            assert fast.accelerate_refiner(ours) is ours
+            projections.clear()
+        assert torch.equal(ours.refine(z[:, :, s:e]), written.refine(z[:, :, s:e]))
+        for a, b in zip(ours.cache.layers, written.cache.layers):
+            assert torch.equal(a.hist_k, b.hist_k) and torch.equal(a.hist_v, b.hist_v)
+    assert isinstance(ours.cache, fast.WindowBuffers) and type(ours.refiner).__name__ == "FastRefiner"
+    assert len(projections) == 1                                # the text projected once, by the first forward
+
+
+def test_accelerate_refiner_keeps_the_model():
+    """accelerate_refiner swaps classes in place (the same state dict; idempotent), and the swapped refiner runs
+    as written under any other cache: refine() equals the copy as written's."""
+    (written, ours), z = refiner_streams()
+    before = {k: v.clone() for k, v in ours.refiner.state_dict().items()}
+    cache = fast.accelerate_refiner(ours).cache
+    assert fast.accelerate_refiner(ours).cache is cache
+    after = ours.refiner.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert {type(b).__name__ for b in ours.refiner.transformer_blocks} == {"FastRefinerBlock"}
+    text, mask, fps = written.cond
+    refined = [R.refine(stream.refiner, z, text, mask, fps=fps) for stream in (ours, written)]
+    assert torch.equal(*refined)
+
+
+def refiner_stream_error(device, dtype):
+    """rel L2 of the accelerated stream's blocks against the stream as written's, the largest over the blocks."""
+    (written, ours), z = refiner_streams(device=device, dtype=dtype)
+    fast.accelerate_refiner(ours)
+    errors = []
+    for s, e in REFINER_BLOCKS:
+        a, b = ours.refine(z[:, :, s:e]).double(), written.refine(z[:, :, s:e]).double()
+        errors.append(((a - b).norm() / b.norm()).item())
+    return max(errors)
+
+
+@pytest.mark.gpu
+def test_accelerated_refiner_stream_on_cuda():
+    """On CUDA the accelerated stream's pointwise pieces are compiled: fp32 within the whole-model tolerance of the
+    stream as written; bf16 within bf16 rounding (the fused pieces keep fp32 where the eager ops round to bf16)."""
+    assert refiner_stream_error("cuda", torch.float32) <= MODEL_ATOL
+    assert refiner_stream_error("cuda", torch.bfloat16) <= 1e-2
