@@ -34,7 +34,7 @@ from attention import CameraSelfAttention, SoftmaxSelfAttention, frame_spans
 from dit import Block, FinalLayer, GLUMBConvTemp, ffn_in_parts, ffn_middle_in_parts
 from gdn import GDNSelfAttention
 from refiner import (LayerKV, Refiner, RefinerBlock, RefinerStream, WindowKVCache, _check_forward, apply_rope,
-                     rms_norm)
+                     rms_norm, text_bias)
 
 RECOMPILE_LIMIT = 64  # compiled graphs per function (compiled_on_cuda); Dynamo's default is 8
 # Below this many elements in its first tensor a call runs eagerly: a compiled call costs ~1 ms of CPU (its guards),
@@ -372,7 +372,7 @@ class WindowBuffers(WindowKVCache):
             for block, layer in zip(model.transformer_blocks, self.layers):
                 attn2 = block.attn2
                 layer.text_k, layer.text_v = attn2.norm_k(attn2.to_k(context)), attn2.to_v(context)
-            self.text_bias = None if text_mask is None else ((1 - text_mask.to(dtype)) * -10000.0)[:, None, None, :]
+            self.text_bias = text_bias(text_mask, dtype)
             self.text_source = (text, text_mask)
         return self.text_bias
 

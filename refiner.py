@@ -119,6 +119,11 @@ def apply_rope(x: torch.Tensor, rope) -> torch.Tensor:
 
 
 # 3. Layers. Module nesting mirrors the checkpoint keys (to_out.0, ff.net.0.proj, ff.net.2, linear_1/linear_2).
+def text_bias(text_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """The cross-attention's bias from the (B, L) 0/1 text mask: additive −10000 over the padded text keys."""
+    return None if text_mask is None else ((1 - text_mask.to(dtype)) * -10000.0)[:, None, None, :]
+
+
 def rms_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Parameter-free RMSNorm of the blocks: mean of squares in float32, product in float32, back to x's dtype."""
     xf = x.float()
@@ -300,9 +305,7 @@ class Refiner(nn.Module):
         Returns the velocity (B, N, out_channels)."""
         _check_forward(self, cache, capture)
         B = tokens.shape[0]
-        bias = None
-        if text_mask is not None:   # 0/1 mask → additive −10000 bias over the text keys
-            bias = ((1 - text_mask.to(tokens.dtype)) * -10000.0)[:, None, None, :]
+        bias = text_bias(text_mask, tokens.dtype)
         x = self.proj_in(tokens)
         temb, e = self.time_embed(timestep.flatten(), x.dtype)
         temb, e = temb.view(B, -1, temb.shape[-1]), e.view(B, -1, e.shape[-1])  # (B, 1 or N, ·): per sample/token

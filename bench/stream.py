@@ -47,7 +47,7 @@ import fast  # noqa: E402
 import generate as G  # noqa: E402
 from dit import OFFICIAL_SWITCHES, DiT, DiTConfig  # noqa: E402
 from reference import randomize_  # noqa: E402
-from quantize import REFINER_EXCLUDE, REFINER_INCLUDE, set_precision  # noqa: E402
+from quantize import PRECISIONS, REFINER_EXCLUDE, REFINER_INCLUDE, set_precision  # noqa: E402
 from refiner import Refiner, RefinerConfig, RefinerStream  # noqa: E402
 from vae import VAE, CausalDecodeStream, VAEConfig  # noqa: E402
 
@@ -236,9 +236,9 @@ def find_syncs(dit, vae, frames, size, device, dtype, refiner=None, eager=False)
 
 def precisions(value: str) -> list[str]:
     """--refiner_precision's comma-separated list."""
-    names = value.split(",")
-    if not names or any(n not in ("bf16", "fp8", "nvfp4") for n in names):
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list of bf16, fp8, nvfp4, got {value!r}")
+    names, known = value.split(","), ("bf16",) + PRECISIONS     # quantize.py's formats, and none
+    if any(n not in known for n in names):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(known)}, got {value!r}")
     return names
 
 
